@@ -1,0 +1,18 @@
+"""The error type for mistakes a user can fix, and the entry point that reports them cleanly."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class PipelineError(Exception):
+    """Bad input or configuration: reported as one line, without a traceback, with exit status 2."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

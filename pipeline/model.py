@@ -1,0 +1,97 @@
+"""The reference convolutional VAE and its loss.
+
+Encoder: 4 conv layers (stride 2 in the middle two) with LeakyReLU, then linear heads for the mean
+and log-variance of q(z|x). Decoder: a linear expand back to the last conv map, 4 transposed convs
+(LeakyReLU between them) and a sigmoid. For 28x28 inputs the conv map is hidden_dim x 7 x 7.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_SIZE = 28
+_FEATURE_SIZE = IMAGE_SIZE // 4  # two stride-2 convs: 28 -> 14 -> 7
+
+
+class VAE(nn.Module):
+    def __init__(self, input_dim: int = 1, hidden_dim: int = 64, latent_dim: int = 2, leaky_relu: float = 0.01):
+        super().__init__()
+        self.config = dict(input_dim=input_dim, hidden_dim=hidden_dim, latent_dim=latent_dim, leaky_relu=leaky_relu)
+        act = lambda: nn.LeakyReLU(leaky_relu)  # noqa: E731
+        h = hidden_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(input_dim, h, 3, stride=1, padding=1), act(),
+            nn.Conv2d(h, h, 3, stride=2, padding=1), act(),
+            nn.Conv2d(h, h, 3, stride=2, padding=1), act(),
+            nn.Conv2d(h, h, 3, stride=1, padding=1), act(),
+            nn.Flatten(),
+        )
+        flat = h * _FEATURE_SIZE * _FEATURE_SIZE
+        self.to_mean = nn.Linear(flat, latent_dim)
+        self.to_log_var = nn.Linear(flat, latent_dim)
+        self.expand = nn.Linear(latent_dim, flat)
+        self.decoder = nn.Sequential(
+            nn.Unflatten(1, (h, _FEATURE_SIZE, _FEATURE_SIZE)),
+            nn.ConvTranspose2d(h, h, 3, stride=1, padding=1), act(),
+            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1), act(),
+            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1), act(),
+            nn.ConvTranspose2d(h, input_dim, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(x)
+        return self.to_mean(features), self.to_log_var(features)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.expand(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruct x through a sample z ~ q(z|x) (the reparameterisation trick)."""
+        mean, log_var = self.encode(x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)
+        return self.decode(z), mean, log_var
+
+
+class LossParts(NamedTuple):
+    """Batch means of per-image sums, so numbers do not depend on the batch size."""
+
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    total: torch.Tensor
+
+
+def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> LossParts:
+    """Squared error summed over pixels plus KL(q(z|x) || N(0, I)) summed over latent dimensions.
+
+    Takes the model's outputs in the order it returns them: `vae_loss(x, *model(x))`.
+    """
+    batch = x.shape[0]
+    recon = F.mse_loss(reconstruction, x, reduction="sum") / batch
+    kl = -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp()) / batch
+    return LossParts(recon, kl, recon + kl)
+
+
+EVAL_BATCH_SIZE = 1024  # large batches for no-grad passes; the result does not depend on it beyond rounding
+
+
+def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (N x 28 x 28), on any device, as the model's float input in [0, 1] (N x 1 x 28 x 28)."""
+    x = images.unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you must)."""
+    model.eval()
+    sums = torch.zeros(3, device=images.device)
+    for batch in images.split(EVAL_BATCH_SIZE):
+        x = to_input(batch, channels_last)
+        sums += torch.stack(vae_loss(x, *model(x))) * len(batch)
+    model.train()
+    return sums / len(images)

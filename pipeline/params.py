@@ -1,0 +1,176 @@
+"""Typed, validated view of params.yaml.
+
+Every stage loads the whole file, so a typo anywhere stops the pipeline at its first stage with one
+message that names the key, before any download or training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(PipelineError):
+    """params.yaml holds an unknown key, a wrong type or an out-of-range value."""
+
+
+def _check(predicate, requirement: str) -> dict:
+    return {"check": predicate, "requirement": requirement}
+
+
+_positive = _check(lambda v: v > 0, "must be greater than 0")
+_non_negative = _check(lambda v: v >= 0, "must be 0 or more")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: Literal["mnist", "fashion_mnist"] = "mnist"
+    mirror: str | None = None
+    val_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1, "must be strictly between 0 and 1"))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    input_dim: int = field(default=1, metadata=_positive)
+    hidden_dim: int = field(default=64, metadata=_positive)
+    latent_dim: int = field(default=2, metadata=_positive)
+    leaky_relu: float = field(default=0.01, metadata=_non_negative)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    batch_size: int = field(default=64, metadata=_positive)
+    learning_rate: float = field(default=0.0005, metadata=_positive)
+    epochs: int = field(default=200, metadata=_positive)
+    device: str = field(
+        default="auto",
+        metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "must be auto, cpu, cuda or cuda:N"),
+    )
+    channels_last: bool = True
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class VisualizeParams:
+    num_images: int = field(default=10, metadata=_positive)
+    num_samples: int = field(default=100, metadata=_positive)
+    manifold_size: int = field(default=20, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment_name: str = "vae-pipeline"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=42, metadata=_non_negative)
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    visualize: VisualizeParams = VisualizeParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, the way DVC and MLflow name params."""
+        return _flatten(dataclasses.asdict(self))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, tp.__name__)
+
+
+def _matches(value, tp) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp)
+    if isinstance(tp, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:  # YAML reads 1 as int and 5e-4 as str; accept both spellings of a number
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls, raw: Any, prefix: str):
+    hints = typing.get_type_hints(cls)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params.yaml'}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise ParamsError(f"unknown key '{prefix}{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw.get(name, {}), f"{key}.")
+            continue
+        if name not in raw:
+            continue  # the dataclass default applies
+        value = raw[name]
+        if isinstance(value, str) and tp is float:
+            value = _parse_float(value, key)
+        if not _matches(value, tp):
+            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if tp is float:
+            value = float(value)
+        if "check" in f.metadata and value is not None and not f.metadata["check"](value):
+            raise ParamsError(f"{key}: {f.metadata['requirement']}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _parse_float(text: str, key: str) -> float:
+    """PyYAML reads '5e-4' (no dot) as a string; accept it as the number it plainly is."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ParamsError(f"{key}: expected a number, got {text!r}") from None
+
+
+def parse_params(raw: Any) -> Params:
+    return _build(Params, {} if raw is None else raw, "")
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run the stage from the project root, where params.yaml lives") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw)

@@ -1,0 +1,27 @@
+"""Where each stage reads and writes, relative to the project root (dvc.yaml names the same paths)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+SPLIT_DIR = Path("data/split")
+MODEL_FILE = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")  # not a DVC output: a run id differs on every run
+CHECKPOINT_FILE = Path("models/checkpoint.pt")
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_HISTORY = Path("metrics/history.csv")
+TEST_METRICS = Path("metrics/test.json")
+FIGURES_DIR = Path("figures")
+
+
+def project_root() -> Path:
+    """The user's repository, also when `dvc exp run --queue` runs us in a temporary copy of it."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def from_root(path: str | Path) -> Path:
+    """A user-given path made absolute against the project root (relative paths in params.yaml mean that)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path

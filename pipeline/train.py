@@ -1,0 +1,219 @@
+"""Stage train: fit the reference VAE on the split's training images, validating every epoch.
+
+The data lives on the device as uint8 and is converted per batch; each epoch's order is a seeded
+permutation drawn on the device; losses are summed on the device and read once per epoch. A
+checkpoint is written atomically at every epoch end, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from pipeline import atomic, tracking
+from pipeline.errors import PipelineError, run_stage
+from pipeline.model import VAE, dataset_loss, to_input, vae_loss
+from pipeline.params import Params, load_params
+from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, SPLIT_DIR, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.split import load_part
+
+LOSS_NAMES = ("reconstruction", "kl", "total")
+
+
+class DivergedError(PipelineError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"train.device is '{spec}' but PyTorch sees no CUDA device; set it to auto or cpu")
+    return torch.device(spec)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """CPU runs are bit-reproducible regardless; on CUDA this trades speed for identical runs."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_torch(obj, target: Path) -> None:
+    """Serialise in memory first: torch.save records the file name it writes to, and a temp name
+    would make every save of the same weights different bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic.write_bytes(target, buffer.getvalue())
+
+
+def train_epoch(model, optimizer, images, batch_size, generator, channels_last) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over `images` in a seeded order. Returns the mean loss parts and the first step whose
+    loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU."""
+    n = len(images)
+    order = torch.randperm(n, generator=generator, device=images.device)
+    sums = torch.zeros(3, device=images.device)
+    first_bad_step = torch.full((), -1, device=images.device)
+    for step, start in enumerate(range(0, n, batch_size)):
+        x = to_input(images[order[start : start + batch_size]], channels_last)
+        parts = vae_loss(x, *model(x))
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        sums += torch.stack(parts).detach() * len(x)
+        bad = ~torch.isfinite(parts.total.detach()) & (first_bad_step < 0)
+        first_bad_step = torch.where(bad, step, first_bad_step)
+    return sums / n, first_bad_step
+
+
+def _history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:
+    row: dict[str, float] = {"epoch": epoch}
+    for prefix, parts in (("train", train_parts), ("val", val_parts)):
+        row |= {f"{prefix}_{name}": value for name, value in zip(LOSS_NAMES, parts.tolist())}
+    return row
+
+
+def _history_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def _log_history(run_id: str, history: list[dict]) -> None:
+    """Log the epochs the run does not have yet, so a resumed run never holds a step twice."""
+    logged = mlflow.MlflowClient().get_metric_history(run_id, "train_total")
+    last_logged = max((m.step for m in logged), default=0)
+    for row in history:
+        if row["epoch"] > last_logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+def training_fingerprint(params: Params) -> dict:
+    """What a checkpoint must match to be resumed: every param that shapes the weights, and the data."""
+    return {
+        "seed": params.seed,
+        "model": dataclasses.asdict(params.model),
+        "train": dataclasses.asdict(params.train),
+        "data": file_sha256(SPLIT_DIR / "train_images.npy") + file_sha256(SPLIT_DIR / "val_images.npy"),
+    }
+
+
+def load_checkpoint(fingerprint: dict, device: torch.device) -> dict | None:
+    if not CHECKPOINT_FILE.exists():
+        return None
+    checkpoint = torch.load(CHECKPOINT_FILE, map_location=device, weights_only=True)
+    if checkpoint["fingerprint"] != fingerprint:
+        print(f"discarding {CHECKPOINT_FILE}: it was written with other params or data")
+        CHECKPOINT_FILE.unlink()
+        return None
+    return checkpoint
+
+
+def train(params: Params) -> None:
+    device = resolve_device(params.train.device)
+    configure_determinism(params.train.deterministic)
+    cfg = params.train
+    train_images = torch.from_numpy(load_part("train")[0]).to(device)
+    val_images = torch.from_numpy(load_part("val")[0]).to(device)
+    if cfg.batch_size > len(train_images):
+        raise PipelineError(
+            f"train.batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; lower it"
+        )
+    if params.model.input_dim != 1:
+        raise PipelineError(f"model.input_dim is {params.model.input_dim} but the images have 1 channel; set it to 1")
+
+    experiment_id = tracking.setup(params.mlflow)  # fails here, before training, if the store is unreachable
+    fingerprint = training_fingerprint(params)
+    torch.manual_seed(params.seed)
+    model = VAE(**dataclasses.asdict(params.model)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    history: list[dict] = []
+    run_id = None
+
+    checkpoint = load_checkpoint(fingerprint, device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        generator.set_state(checkpoint["rng"]["permutation"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        history, run_id = checkpoint["history"], checkpoint["run_id"]
+        print(f"resuming from epoch {len(history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
+
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
+        if run_id is None:
+            safe = {k: (tracking.redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()}
+            mlflow.log_params(safe)
+            mlflow.set_tags(tracking.runtime_tags(device) | tracking.git_tags())
+        _log_history(run.info.run_id, history)
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            train_parts, first_bad_step = train_epoch(model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last)
+            if first_bad_step.item() >= 0:
+                raise DivergedError(
+                    f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+                    f"train.learning_rate {cfg.learning_rate} may be too high. "
+                    f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}"
+                )
+            row = _history_row(epoch, train_parts, dataset_loss(model, val_images, cfg.channels_last))
+            history.append(row)
+            rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_torch(
+                {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": rng, "history": history, "run_id": run.info.run_id},
+                CHECKPOINT_FILE,
+            )
+            seconds = time.perf_counter() - started
+            _log_history(run.info.run_id, history)
+            mlflow.log_metric("epoch_seconds", seconds, step=epoch)
+            print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
+                  + f"  ({seconds:.1f} s)", flush=True)
+
+        write_outputs(model, history)
+        model_sha256 = file_sha256(MODEL_FILE)
+        mlflow.set_tag("model.sha256", model_sha256)
+        tracking.record_run(run.info.run_id, model_sha256)
+    CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
+
+
+def write_outputs(model: VAE, history: list[dict]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_torch({"config": model.config, "state_dict": state}, MODEL_FILE)
+    final = {k: round(v, 6) for k, v in history[-1].items() if k != "epoch"}
+    atomic.write_text(TRAIN_METRICS, json.dumps({"epochs": history[-1]["epoch"]} | final, indent=2) + "\n")
+    atomic.write_text(TRAIN_HISTORY, _history_csv(history))
+
+
+def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> VAE:
+    """The trained model, read without unpickling arbitrary objects."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    model = VAE(**saved["config"]).to(device)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def main() -> None:
+    train(load_params())
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,140 @@
+"""Stage visualize: figures of the trained model, tracked by DVC and logged to its MLflow run.
+
+reconstructions.png  test digits (top row) and their reconstructions (bottom row)
+prior_samples.png    decoded draws z ~ N(0, I)
+latent_space.png     test images' latent means, coloured by label
+manifold.png         decoded grid over the latent plane
+loss_curves.png      train and validation losses per epoch
+
+A latent space of more than 2 dimensions is shown in the plane of its first two principal
+components (of the test means): the scatter plots the projection, the manifold decodes the plane.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from pipeline import atomic, tracking  # noqa: E402
+from pipeline.errors import run_stage  # noqa: E402
+from pipeline.model import EVAL_BATCH_SIZE, VAE, to_input  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
+from pipeline.split import load_part  # noqa: E402
+from pipeline.train import LOSS_NAMES, file_sha256, load_model, resolve_device  # noqa: E402
+
+
+def save_figure(fig, name: str) -> None:
+    """PNG without a software version stamp, so the same figure is the same bytes."""
+    with atomic.atomic_path(FIGURES_DIR / name) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def image_grid(images: torch.Tensor, cols: int, title: str):
+    """One figure of the images tiled `cols` to a row."""
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=cols, padding=2, pad_value=1.0)[0]
+    rows = -(-len(images) // cols)
+    fig, ax = plt.subplots(figsize=(max(4.0, cols * 0.6), rows * 0.6 + 0.5))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    ax.set_title(title)
+    return fig
+
+
+@torch.no_grad()
+def latent_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model.encode(to_input(batch))[0] for batch in images.split(EVAL_BATCH_SIZE)])
+
+
+def latent_plane(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Origin and two orthonormal axes of the plane shown: the latent axes themselves in 2-D,
+    otherwise the first two principal components of the means."""
+    if means.shape[1] == 2:
+        return torch.zeros(2, device=means.device), torch.eye(2, device=means.device)
+    centre = means.mean(0)
+    _, _, v = torch.linalg.svd(means - centre, full_matrices=False)
+    axes = v[:2] * torch.sign(v[:2].sum(1, keepdim=True) + 1e-12)  # fix the SVD's arbitrary signs
+    return centre, axes
+
+
+def plot_latent_space(means: torch.Tensor, labels, origin, axes):
+    coords = ((means - origin) @ axes.T).cpu()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=2, vmin=-0.5, vmax=9.5)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="label")
+    projected = means.shape[1] > 2
+    ax.set_xlabel("principal component 1" if projected else "z[0]")
+    ax.set_ylabel("principal component 2" if projected else "z[1]")
+    ax.set_title("Test set in latent space (posterior means)")
+    return fig
+
+
+@torch.no_grad()
+def manifold(model: VAE, origin, axes, size: int) -> torch.Tensor:
+    """Decode a size x size grid at the standard normal's quantiles 5%..95% along each axis of the plane."""
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, size, device=origin.device))
+    u, v = torch.meshgrid(quantiles, quantiles.flip(0), indexing="xy")
+    z = origin + u.reshape(-1, 1) * axes[0] + v.reshape(-1, 1) * axes[1]
+    return model.decode(z)
+
+
+def plot_loss_curves(history_file: Path):
+    with open(history_file) as fh:
+        rows = list(csv.DictReader(fh))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name in zip(axes, LOSS_NAMES):
+        for split in ("train", "val"):
+            ax.plot(epochs, [float(r[f"{split}_{name}"]) for r in rows], marker="." if len(rows) < 30 else None, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.visualize
+    device = resolve_device(params.train.device)
+    experiment_id = tracking.setup(params.mlflow)
+    run_id = tracking.run_for_model(experiment_id, file_sha256(MODEL_FILE))
+    model = load_model(MODEL_FILE, device)
+    images, labels = load_part("test")
+    images = torch.from_numpy(images).to(device)
+    torch.manual_seed(params.seed)
+    os.makedirs(FIGURES_DIR, exist_ok=True)
+
+    with torch.no_grad():
+        originals = to_input(images[: cfg.num_images])
+        reconstructions = model.decode(model.encode(originals)[0])
+        samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=device))
+    save_figure(image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
+                           "Test digits (top) and their reconstructions (bottom)"), "reconstructions.png")
+    cols = max(1, round(cfg.num_samples**0.5))
+    save_figure(image_grid(samples, cols, "Samples from the prior"), "prior_samples.png")
+
+    means = latent_means(model, images)
+    origin, axes = latent_plane(means)
+    save_figure(plot_latent_space(means, labels, origin, axes), "latent_space.png")
+    grid = manifold(model, origin, axes, cfg.manifold_size)
+    save_figure(image_grid(grid, cfg.manifold_size, "Decoded latent manifold"), "manifold.png")
+    save_figure(plot_loss_curves(TRAIN_HISTORY), "loss_curves.png")
+
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(FIGURES_DIR), artifact_path="figures")
+    print(f"figures written to {FIGURES_DIR}/ and logged to MLflow run {run_id}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
