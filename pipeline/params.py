@@ -144,11 +144,9 @@ def _build(cls, raw: Any, prefix: str):
             value = _parse_float(value, key)
         if not _matches(value, tp):
             raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        if tp is float:
-            value = float(value)
         if "check" in f.metadata and value is not None and not f.metadata["check"](value):
-            raise ParamsError(f"{key}: {f.metadata['requirement']}, got {value!r}")
-        values[name] = value
+            raise ParamsError(f"{key}: {f.metadata['requirement']}, got {raw[name]!r}")
+        values[name] = float(value) if tp is float else value
     return cls(**values)
 
 

@@ -1,6 +1,6 @@
 """Stage visualize: figures of the trained model, tracked by DVC and logged to its MLflow run.
 
-reconstructions.png  test digits (top row) and their reconstructions (bottom row)
+reconstructions.png  test images (top row) and their reconstructions (bottom row)
 prior_samples.png    decoded draws z ~ N(0, I)
 latent_space.png     test images' latent means, coloured by label
 manifold.png         decoded grid over the latent plane
@@ -120,7 +120,7 @@ def main() -> None:
         reconstructions = model.decode(model.encode(originals)[0])
         samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=device))
     save_figure(image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
-                           "Test digits (top) and their reconstructions (bottom)"), "reconstructions.png")
+                           "Test images (top) and their reconstructions (bottom)"), "reconstructions.png")
     cols = max(1, round(cfg.num_samples**0.5))
     save_figure(image_grid(samples, cols, "Samples from the prior"), "prior_samples.png")
 

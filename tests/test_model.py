@@ -1,0 +1,77 @@
+import torch
+
+from pipeline.model import VAE, dataset_loss, to_input, vae_loss
+
+
+def test_shapes_follow_the_reference_architecture():
+    model = VAE(input_dim=1, hidden_dim=64, latent_dim=2, leaky_relu=0.01)
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    deconvs = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.stride[0] for c in convs] == [1, 2, 2, 1]
+    assert [d.stride[0] for d in deconvs] == [1, 2, 2, 1]
+    assert all(c.out_channels == 64 for c in convs)
+    assert all(m.negative_slope == 0.01 for m in model.modules() if isinstance(m, torch.nn.LeakyReLU))
+    assert isinstance(model.decoder[-1], torch.nn.Sigmoid)
+
+    x = torch.rand(5, 1, 28, 28)
+    reconstruction, mean, log_var = model(x)
+    assert reconstruction.shape == x.shape
+    assert mean.shape == log_var.shape == (5, 2)
+    assert model.encoder(x).shape == (5, 64 * 7 * 7)
+    assert 0 <= reconstruction.min() and reconstruction.max() <= 1
+
+
+def test_latent_dim_is_configurable():
+    model = VAE(latent_dim=8)
+    assert model.decode(torch.zeros(3, 8)).shape == (3, 1, 28, 28)
+    assert model.encode(torch.rand(3, 1, 28, 28))[0].shape == (3, 8)
+
+
+def test_loss_parts_are_per_image_sums_averaged_over_the_batch():
+    x = torch.rand(4, 1, 28, 28)
+    reconstruction = torch.rand(4, 1, 28, 28)
+    mean, log_var = torch.randn(4, 2), torch.randn(4, 2)
+    parts = vae_loss(x, reconstruction, mean, log_var)
+
+    expected_recon = ((reconstruction - x) ** 2).sum((1, 2, 3)).mean()
+    q = torch.distributions.Normal(mean, torch.exp(0.5 * log_var))
+    expected_kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(parts.reconstruction, expected_recon)
+    torch.testing.assert_close(parts.kl, expected_kl)
+    torch.testing.assert_close(parts.total, expected_recon + expected_kl)
+
+
+def test_loss_does_not_depend_on_batch_size():
+    x, reconstruction = torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
+    mean, log_var = torch.randn(3, 2), torch.randn(3, 2)
+    single = vae_loss(x, reconstruction, mean, log_var)
+    doubled = vae_loss(*(torch.cat([t, t]) for t in (x, reconstruction, mean, log_var)))
+    for a, b in zip(single, doubled):
+        torch.testing.assert_close(a, b)
+
+
+def test_perfect_reconstruction_at_the_prior_costs_nothing():
+    x = torch.rand(2, 1, 28, 28)
+    parts = vae_loss(x, x.clone(), torch.zeros(2, 2), torch.zeros(2, 2))
+    assert parts.reconstruction == 0 and parts.kl == 0 and parts.total == 0
+
+
+def test_to_input_scales_uint8_images_to_unit_floats():
+    images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    x = to_input(images)
+    assert x.shape == (1, 1, 2, 2) and x.dtype == torch.float32
+    torch.testing.assert_close(x.flatten(), torch.tensor([0.0, 1.0, 0.2, 0.4]))
+
+
+def test_dataset_loss_weights_a_ragged_last_batch_by_its_size():
+    torch.manual_seed(0)
+    model = VAE()
+    images = torch.randint(0, 256, (1100, 28, 28), dtype=torch.uint8)  # one full eval batch and 76 more
+    torch.manual_seed(1)
+    result = dataset_loss(model, images)
+
+    torch.manual_seed(1)  # the same noise, batch by batch
+    with torch.no_grad():
+        full, rest = (torch.stack(vae_loss(x, *model(x))) for x in (to_input(images[:1024]), to_input(images[1024:])))
+    torch.testing.assert_close(result, (full * 1024 + rest * 76) / 1100)
+    torch.testing.assert_close(result[2], result[0] + result[1])

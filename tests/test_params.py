@@ -1,0 +1,101 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(dotted: str, value) -> dict:
+    raw = committed_params()
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return raw
+
+
+def test_committed_params_hold_the_reference_values():
+    p = load_params(ROOT / "params.yaml")
+    assert (p.data.dataset, p.data.mirror, p.data.val_fraction) == ("mnist", None, 0.2)
+    assert (p.model.input_dim, p.model.hidden_dim, p.model.latent_dim, p.model.leaky_relu) == (1, 64, 2, 0.01)
+    assert (p.train.batch_size, p.train.learning_rate, p.train.epochs, p.train.device) == (64, 0.0005, 200, "auto")
+    assert p.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+    assert isinstance(p.seed, int)
+
+
+def test_flat_names_match_dvc_param_keys():
+    flat = parse_params(committed_params()).flat()
+    assert flat["train.learning_rate"] == 0.0005
+    assert flat["data.mirror"] is None
+    assert "seed" in flat
+
+
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("train.learning_rate", -0.001, "train.learning_rate: must be greater than 0, got -0.001"),
+        ("train.learning_rate", "fast", "train.learning_rate: expected a number, got 'fast'"),
+        ("train.epochs", 1.5, "train.epochs: expected an integer, got 1.5"),
+        ("train.epochs", True, "train.epochs: expected an integer, got True"),
+        ("train.batch_size", 0, "train.batch_size: must be greater than 0, got 0"),
+        ("data.val_fraction", 1.0, "data.val_fraction: must be strictly between 0 and 1, got 1.0"),
+        ("data.val_fraction", 0, "data.val_fraction: must be strictly between 0 and 1, got 0"),
+        ("data.dataset", "cifar10", "data.dataset: expected one of 'mnist', 'fashion_mnist', got 'cifar10'"),
+        ("data.mirror", 3, "data.mirror: expected str or null, got 3"),
+        ("train.device", "gpu", "train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("train.channels_last", "yes", "train.channels_last: expected true or false, got 'yes'"),
+        ("seed", -1, "seed: must be 0 or more, got -1"),
+        ("model", [1, 2], "model: expected a mapping of keys, got [1, 2]"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(dotted, value, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params(with_change(dotted, value))
+    assert str(error.value) == message
+
+
+def test_misspelt_key_gets_a_suggestion():
+    raw = committed_params()
+    raw["train"]["learning_rat"] = raw["train"].pop("learning_rate")
+    with pytest.raises(ParamsError, match=r"unknown key 'train.learning_rat'; did you mean 'train.learning_rate'\?"):
+        parse_params(raw)
+
+
+def test_unknown_section_lists_the_known_keys():
+    with pytest.raises(ParamsError, match=r"unknown key 'optimizer'; known keys: seed, data, model, train"):
+        parse_params(committed_params() | {"optimizer": {}})
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 5e-4 as a string; users write it anyway.
+    assert parse_params(yaml.safe_load("train: {learning_rate: 5e-4}")).train.learning_rate == 0.0005
+
+
+def test_missing_keys_take_the_reference_defaults():
+    params = parse_params({"train": {"epochs": 3}})
+    assert params.train.epochs == 3 and params.train.batch_size == 64 and params.model.latent_dim == 2
+
+
+@pytest.mark.parametrize("stage", ["download", "split", "train", "evaluate", "visualize"])
+def test_every_stage_stops_on_bad_params_before_any_work(tmp_path, stage):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("train.learning_rate", -1)))
+    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.learning_rate: must be greater than 0, got -1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing created
+
+
+def test_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(ParamsError, match="run the stage from the project root"):
+        load_params(tmp_path / "params.yaml")

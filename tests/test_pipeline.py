@@ -1,0 +1,103 @@
+"""The whole pipeline, as a user runs it: real `dvc repro` in a real git repo, a real MLflow store."""
+
+import csv
+import json
+import re
+
+import mlflow
+import pytest
+
+from tests.conftest import edit_params, make_project, run
+
+pytestmark = pytest.mark.slow
+EPOCHS = 2
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """One project, reproduced once; the tests below read it (and the last one edits it)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    from tests.synthetic import write_mirror
+
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS})
+    result = run(["dvc", "repro"], project)
+    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
+    return project
+
+
+def client_for(project) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+
+
+def only_run(project):
+    client = client_for(project)
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, f"expected one run, found {len(runs)}"
+    return client, runs[0]
+
+
+def test_every_output_is_written(reproduced):
+    p = reproduced
+    assert sorted(f.name for f in (p / "data/raw").iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    assert sorted(f.name for f in (p / "data/split").iterdir()) == [
+        f"{part}_{kind}.npy" for part in ("test", "train", "val") for kind in ("images", "labels")]
+    assert (p / "models/model.pt").stat().st_size > 100_000
+
+    train = json.loads((p / "metrics/train.json").read_text())
+    assert train["epochs"] == EPOCHS
+    assert set(train) >= {f"{s}_{n}" for s in ("train", "val") for n in ("reconstruction", "kl", "total")}
+    test = json.loads((p / "metrics/test.json").read_text())
+    assert set(test) == {"test_reconstruction", "test_kl", "test_total"}
+    assert test["test_total"] == pytest.approx(test["test_reconstruction"] + test["test_kl"], abs=1e-5)
+
+    with open(p / "metrics/history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in history] == list(range(1, EPOCHS + 1))
+    assert float(history[-1]["train_total"]) < float(history[0]["train_total"]), "training should lower the loss"
+
+    figures = sorted(f.name for f in (p / "figures").iterdir())
+    assert figures == ["latent_space.png", "loss_curves.png", "manifold.png", "prior_samples.png", "reconstructions.png"]
+    assert all((p / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+
+
+def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
+    client, mlrun = only_run(reproduced)
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["train.learning_rate"] == "0.0005"
+    assert mlrun.data.params["model.latent_dim"] == "2"
+    for name in ("train_reconstruction", "train_kl", "train_total", "val_reconstruction", "val_kl", "val_total"):
+        assert [m.step for m in client.get_metric_history(mlrun.info.run_id, name)] == list(range(1, EPOCHS + 1))
+    assert set(mlrun.data.metrics) >= {"test_reconstruction", "test_kl", "test_total"}
+
+    tags = mlrun.data.tags
+    head = run(["git", "rev-parse", "HEAD"], reproduced).stdout.strip()
+    assert tags["git.commit"] == head
+    assert tags["device.type"] == "cpu" and tags["torch.version"] and tags["cpu.threads"]
+    assert tags["model.sha256"] == __import__("hashlib").sha256((reproduced / "models/model.pt").read_bytes()).hexdigest()
+
+    artifacts = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id, "figures"))
+    assert artifacts == [f"figures/{n}.png" for n in ("latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")]
+    assert mlrun.info.artifact_uri.startswith(f"file://{reproduced}/mlruns/artifacts/")
+
+
+def test_second_repro_runs_nothing(reproduced):
+    result = run(["dvc", "repro"], reproduced)
+    assert stages_run(result.stdout) == []
+    assert "Data and pipelines are up to date." in result.stdout
+
+
+def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(reproduced):
+    edit_params(reproduced, **{"visualize.num_images": 6})
+    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["visualize"]
+    edit_params(reproduced, **{"train.learning_rate": 0.001})
+    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["train", "evaluate", "visualize"]
+    edit_params(reproduced, **{"data.val_fraction": 0.25})
+    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["split", "train", "evaluate", "visualize"]
+    edit_params(reproduced, **{"mlflow.experiment_name": "elsewhere"})
+    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == []
