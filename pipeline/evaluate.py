@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import torch
 
 from pipeline import atomic, tracking
@@ -19,8 +18,7 @@ from pipeline.train import LOSS_NAMES, file_sha256, load_model, resolve_device
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    experiment_id = tracking.setup(params.mlflow)
-    run_id = tracking.run_for_model(experiment_id, file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
 
     model = load_model(MODEL_FILE, device)
     test_images = torch.from_numpy(load_part("test")[0]).to(device)
@@ -29,8 +27,8 @@ def main() -> None:
     metrics = {f"test_{name}": round(value, 6) for name, value in zip(LOSS_NAMES, parts)}
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics)
+    tracked.log_metrics(metrics)
+    tracked.finish()
     print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 

@@ -57,6 +57,18 @@ class VAE(nn.Module):
         return self.decode(z), mean, log_var
 
 
+class Reconstructor(nn.Module):
+    """The VAE as a deterministic image -> image function (decode the posterior mean): the form
+    logged to MLflow, where a model must map one input tensor to one output tensor."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.vae.encode(x)[0])
+
+
 class LossParts(NamedTuple):
     """Batch means of per-image sums, so numbers do not depend on the batch size."""
 

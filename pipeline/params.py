@@ -71,8 +71,10 @@ class VisualizeParams:
 
 @dataclass(frozen=True)
 class MlflowParams:
+    enabled: bool = True
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment_name: str = "vae-pipeline"
+    experiment_name: str = field(default="vae-pipeline", metadata=_check(lambda v: v.strip(), "must not be empty"))
+    registered_model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,24 @@ runs us in a temporary copy), so queued experiments log into the user's own stor
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import mlflow
+import mlflow.pytorch
+import numpy as np
 import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from pipeline import atomic
+from pipeline.errors import PipelineError
 from pipeline.params import MlflowParams
 from pipeline.paths import RUN_FILE, from_root, project_root
 
@@ -46,19 +55,117 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def setup(params: MlflowParams) -> str:
-    """Point MLflow at the store and return the experiment id, creating the experiment once."""
+# A dead server should cost seconds, not MLflow's default of minutes of retries; users may override.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def connect(params: MlflowParams) -> str | None:
+    """Point MLflow at the store and return the experiment id (None when tracking is off).
+
+    Called before any long work, so an unreachable store stops the stage at once, naming the URI.
+    """
+    if not params.enabled:
+        return None
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     uri = resolve_tracking_uri(params.tracking_uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(params.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
     try:
-        return mlflow.create_experiment(params.experiment_name, artifact_location=_artifact_location(uri))
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
-        return mlflow.get_experiment_by_name(params.experiment_name).experiment_id
+        experiment = mlflow.get_experiment_by_name(params.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(params.experiment_name, artifact_location=_artifact_location(uri))
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+            return mlflow.get_experiment_by_name(params.experiment_name).experiment_id
+    except Exception as exc:
+        reason = str(exc).replace(uri, redact(uri)).splitlines()[0][:300]
+        raise PipelineError(
+            f"cannot reach the MLflow tracking store {redact(uri)} ({type(exc).__name__}: {reason}). "
+            "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false"
+        ) from None
+
+
+class TrackedRun:
+    """One MLflow run that logging can never break: the first failure (a server that died, a full
+    disk) prints a warning, and what could not be logged from then on is listed at the end, while
+    the stage finishes and writes its DVC outputs. With tracking off (run_id None) it does nothing."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+        self.not_logged: list[str] = []
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self.run_id is None:
+            return None
+        if self.not_logged:
+            self.not_logged.append(what)
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            print(f"warning: MLflow stopped accepting logs ({type(exc).__name__}); the stage goes on without it",
+                  file=sys.stderr)
+            self.not_logged.append(what)
+            return None
+
+    def log_params(self, params: dict) -> None:
+        self._call("params", mlflow.MlflowClient().log_batch, self.run_id,
+                   params=[Param(k, str(v)) for k, v in params.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("tags", mlflow.MlflowClient().log_batch, self.run_id,
+                   tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._call(f"metrics at step {step}", mlflow.MlflowClient().log_batch, self.run_id,
+                   metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def logged_steps(self, key: str) -> set[int]:
+        history = self._call(f"history of {key}", mlflow.MlflowClient().get_metric_history, self.run_id, key)
+        return {m.step for m in history or []}
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        self._call(f"artifacts {artifact_path}/", mlflow.MlflowClient().log_artifacts, self.run_id, str(folder), artifact_path)
+
+    def log_model(self, model: torch.nn.Module, input_example: np.ndarray, registered_name: str | None) -> None:
+        self._call("model", self._log_model, model, input_example, registered_name)
+
+    def _log_model(self, model, input_example, registered_name) -> None:
+        """As a torch.export program: it loads back without our code and without unpickling."""
+        spec = TensorSpec(np.dtype(np.float32), (-1, *input_example.shape[1:]))
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pt2", input_example=input_example,
+                signature=ModelSignature(inputs=Schema([spec]), outputs=Schema([spec])),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                registered_model_name=registered_name,
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("run status", mlflow.MlflowClient().set_terminated, self.run_id, status)
+        if self.not_logged:
+            print(f"warning: not logged to MLflow run {self.run_id}: {', '.join(self.not_logged)}; "
+                  "every DVC output was written", file=sys.stderr)
+
+
+def start_run(experiment_id: str | None, run_id: str | None = None) -> TrackedRun:
+    """The run to train into: a new one, or `run_id` again when training resumes."""
+    if experiment_id is None:
+        return TrackedRun(None)
+    client = mlflow.MlflowClient()
+    if run_id is not None:
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return TrackedRun(run_id)
+        except mlflow.exceptions.MlflowException:
+            print(f"warning: the checkpoint's MLflow run {run_id} is not in this store; logging into a new run",
+                  file=sys.stderr)
+    return TrackedRun(client.create_run(experiment_id).info.run_id)
 
 
 def runtime_tags(device: torch.device) -> dict[str, str]:
@@ -103,12 +210,14 @@ def recorded_run(model_sha256: str) -> str | None:
     return record["run_id"] if record.get("model_sha256") == model_sha256 else None
 
 
-def run_for_model(experiment_id: str, model_sha256: str) -> str:
+def run_for_model(experiment_id: str | None, model_sha256: str) -> TrackedRun:
     """The MLflow run that trained this model; a new one (with a warning) if it cannot be found.
 
     The run id is not a DVC output (it differs on every run), so after `dvc pull` or a checkout the
     record may be gone; the run is then found again by the model hash it is tagged with.
     """
+    if experiment_id is None:
+        return TrackedRun(None)
     run_id = recorded_run(model_sha256)
     if run_id is None:
         found = mlflow.search_runs(
@@ -117,7 +226,7 @@ def run_for_model(experiment_id: str, model_sha256: str) -> str:
         if found:
             run_id = found[0].info.run_id
         else:
-            print("warning: no MLflow run found for this model; logging into a new run")
+            print("warning: no MLflow run found for this model; logging into a new run", file=sys.stderr)
             run_id = mlflow.MlflowClient().create_run(experiment_id, tags={"model.sha256": model_sha256}).info.run_id
         record_run(run_id, model_sha256)
-    return run_id
+    return TrackedRun(run_id)

@@ -15,12 +15,11 @@ import json
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 
 from pipeline import atomic, tracking
 from pipeline.errors import PipelineError, run_stage
-from pipeline.model import VAE, dataset_loss, to_input, vae_loss
+from pipeline.model import VAE, Reconstructor, dataset_loss, to_input, vae_loss
 from pipeline.params import Params, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, SPLIT_DIR, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.split import load_part
@@ -92,13 +91,12 @@ def _history_csv(history: list[dict]) -> str:
     return out.getvalue()
 
 
-def _log_history(run_id: str, history: list[dict]) -> None:
+def _log_history(tracked: tracking.TrackedRun, history: list[dict]) -> None:
     """Log the epochs the run does not have yet, so a resumed run never holds a step twice."""
-    logged = mlflow.MlflowClient().get_metric_history(run_id, "train_total")
-    last_logged = max((m.step for m in logged), default=0)
+    last_logged = max(tracked.logged_steps("train_total"), default=0)
     for row in history:
         if row["epoch"] > last_logged:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
 def training_fingerprint(params: Params) -> dict:
@@ -135,7 +133,7 @@ def train(params: Params) -> None:
     if params.model.input_dim != 1:
         raise PipelineError(f"model.input_dim is {params.model.input_dim} but the images have 1 channel; set it to 1")
 
-    experiment_id = tracking.setup(params.mlflow)  # fails here, before training, if the store is unreachable
+    experiment_id = tracking.connect(params.mlflow)  # fails here, before training, if the store is unreachable
     fingerprint = training_fingerprint(params)
     torch.manual_seed(params.seed)
     model = VAE(**dataclasses.asdict(params.model)).to(device)
@@ -157,12 +155,14 @@ def train(params: Params) -> None:
         history, run_id = checkpoint["history"], checkpoint["run_id"]
         print(f"resuming from epoch {len(history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
 
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
-        if run_id is None:
-            safe = {k: (tracking.redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()}
-            mlflow.log_params(safe)
-            mlflow.set_tags(tracking.runtime_tags(device) | tracking.git_tags())
-        _log_history(run.info.run_id, history)
+    tracked = tracking.start_run(experiment_id, run_id)
+    if tracked.run_id != run_id:  # a new run
+        safe = {k: (tracking.redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()}
+        tracked.log_params(safe)
+        tracked.set_tags(tracking.runtime_tags(device) | tracking.git_tags())
+    _log_history(tracked, history)
+    status = "FAILED"
+    try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             started = time.perf_counter()
             train_parts, first_bad_step = train_epoch(model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last)
@@ -170,7 +170,7 @@ def train(params: Params) -> None:
                 raise DivergedError(
                     f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                     f"train.learning_rate {cfg.learning_rate} may be too high. "
-                    f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}"
+                    + (f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
                 )
             row = _history_row(epoch, train_parts, dataset_loss(model, val_images, cfg.channels_last))
             history.append(row)
@@ -179,19 +179,25 @@ def train(params: Params) -> None:
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             save_torch(
                 {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": rng, "history": history, "run_id": run.info.run_id},
+                 "rng": rng, "history": history, "run_id": tracked.run_id},
                 CHECKPOINT_FILE,
             )
             seconds = time.perf_counter() - started
-            _log_history(run.info.run_id, history)
-            mlflow.log_metric("epoch_seconds", seconds, step=epoch)
+            _log_history(tracked, history)
+            tracked.log_metrics({"epoch_seconds": seconds}, step=epoch)
             print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
                   + f"  ({seconds:.1f} s)", flush=True)
 
         write_outputs(model, history)
         model_sha256 = file_sha256(MODEL_FILE)
-        mlflow.set_tag("model.sha256", model_sha256)
-        tracking.record_run(run.info.run_id, model_sha256)
+        if tracked.run_id is not None:
+            tracked.set_tags({"model.sha256": model_sha256})
+            tracking.record_run(tracked.run_id, model_sha256)
+            example = to_input(val_images[:4]).cpu().numpy()
+            tracked.log_model(Reconstructor(load_model(MODEL_FILE)), example, params.mlflow.registered_model)
+        status = "FINISHED"
+    finally:
+        tracked.finish(status)
     CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
 
 

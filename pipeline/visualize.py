@@ -20,7 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
@@ -107,8 +106,7 @@ def main() -> None:
     params = load_params()
     cfg = params.visualize
     device = resolve_device(params.train.device)
-    experiment_id = tracking.setup(params.mlflow)
-    run_id = tracking.run_for_model(experiment_id, file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device)
     images, labels = load_part("test")
     images = torch.from_numpy(images).to(device)
@@ -131,9 +129,9 @@ def main() -> None:
     save_figure(image_grid(grid, cfg.manifold_size, "Decoded latent manifold"), "manifold.png")
     save_figure(plot_loss_curves(TRAIN_HISTORY), "loss_curves.png")
 
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifacts(str(FIGURES_DIR), artifact_path="figures")
-    print(f"figures written to {FIGURES_DIR}/ and logged to MLflow run {run_id}")
+    tracked.log_artifacts(FIGURES_DIR, "figures")
+    tracked.finish()
+    print(f"figures written to {FIGURES_DIR}/")
 
 
 if __name__ == "__main__":

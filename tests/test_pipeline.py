@@ -86,6 +86,26 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert mlrun.info.artifact_uri.startswith(f"file://{reproduced}/mlruns/artifacts/")
 
 
+def test_logged_model_loads_back_and_reconstructs_like_the_dvc_model(reproduced):
+    import numpy as np
+    import torch
+
+    from pipeline.model import Reconstructor
+    from pipeline.train import load_model
+
+    client, mlrun = only_run(reproduced)
+    [logged] = client.search_logged_models([mlrun.info.experiment_id])
+    assert logged.source_run_id == mlrun.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{reproduced}/mlruns/mlflow.db")
+    loaded = mlflow.pytorch.load_model(logged.model_uri)
+    images = np.load(reproduced / "data/split/test_images.npy")[:8]
+    x = torch.from_numpy(images).unsqueeze(1).float() / 255
+    expected = Reconstructor(load_model(reproduced / "models/model.pt"))(x)
+    assert torch.allclose(loaded(x), expected, atol=1e-5)
+    signature = mlflow.models.get_model_info(logged.model_uri).signature
+    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
+
+
 def test_second_repro_runs_nothing(reproduced):
     result = run(["dvc", "repro"], reproduced)
     assert stages_run(result.stdout) == []
