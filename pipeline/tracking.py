@@ -126,6 +126,8 @@ class TrackedRun:
                    metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def logged_steps(self, key: str) -> set[int]:
+        if self.not_logged:
+            return set()
         history = self._call(f"history of {key}", mlflow.MlflowClient().get_metric_history, self.run_id, key)
         return {m.step for m in history or []}
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def configure_determinism(deterministic: bool) -> None:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_torch(path: Path, device: torch.device | str):
+    """Read a checkpoint or model as tensors and plain containers only: a file that needs arbitrary
+    unpickling (and could run code) is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PipelineError(
+            f"{path} holds objects other than tensors and plain values; refusing to unpickle it "
+            f"({str(exc).splitlines()[0]}). Delete it and rerun the stage that writes it"
+        ) from None
 
 
 def save_torch(obj, target: Path) -> None:
@@ -92,7 +105,8 @@ def _history_csv(history: list[dict]) -> str:
 
 
 def _log_history(tracked: tracking.TrackedRun, history: list[dict]) -> None:
-    """Log the epochs the run does not have yet, so a resumed run never holds a step twice."""
+    """Log the epochs the run does not have yet (those trained before a resume, if any), so a
+    resumed run never holds a step twice."""
     last_logged = max(tracked.logged_steps("train_total"), default=0)
     for row in history:
         if row["epoch"] > last_logged:
@@ -100,20 +114,25 @@ def _log_history(tracked: tracking.TrackedRun, history: list[dict]) -> None:
 
 
 def training_fingerprint(params: Params) -> dict:
-    """What a checkpoint must match to be resumed: every param that shapes the weights, and the data."""
+    """What a checkpoint must match to be resumed: every param that shapes the weights, and the data.
+    Not `train.epochs`: the first epochs do not depend on how many follow, so a killed run can be
+    resumed with more epochs."""
+    train = dataclasses.asdict(params.train)
+    del train["epochs"]
     return {
         "seed": params.seed,
         "model": dataclasses.asdict(params.model),
-        "train": dataclasses.asdict(params.train),
+        "train": train,
         "data": file_sha256(SPLIT_DIR / "train_images.npy") + file_sha256(SPLIT_DIR / "val_images.npy"),
     }
 
 
-def load_checkpoint(fingerprint: dict, device: torch.device) -> dict | None:
+def load_checkpoint(fingerprint: dict, epochs: int, device: torch.device) -> dict | None:
+    """The checkpoint of an interrupted run of these same params and data, if there is one."""
     if not CHECKPOINT_FILE.exists():
         return None
-    checkpoint = torch.load(CHECKPOINT_FILE, map_location=device, weights_only=True)
-    if checkpoint["fingerprint"] != fingerprint:
+    checkpoint = load_torch(CHECKPOINT_FILE, device)
+    if checkpoint["fingerprint"] != fingerprint or len(checkpoint["history"]) > epochs:
         print(f"discarding {CHECKPOINT_FILE}: it was written with other params or data")
         CHECKPOINT_FILE.unlink()
         return None
@@ -144,7 +163,7 @@ def train(params: Params) -> None:
     history: list[dict] = []
     run_id = None
 
-    checkpoint = load_checkpoint(fingerprint, device)
+    checkpoint = load_checkpoint(fingerprint, cfg.epochs, device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -183,8 +202,7 @@ def train(params: Params) -> None:
                 CHECKPOINT_FILE,
             )
             seconds = time.perf_counter() - started
-            _log_history(tracked, history)
-            tracked.log_metrics({"epoch_seconds": seconds}, step=epoch)
+            tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"} | {"epoch_seconds": seconds}, step=epoch)
             print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
                   + f"  ({seconds:.1f} s)", flush=True)
 
@@ -211,7 +229,7 @@ def write_outputs(model: VAE, history: list[dict]) -> None:
 
 def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> VAE:
     """The trained model, read without unpickling arbitrary objects."""
-    saved = torch.load(path, map_location=device, weights_only=True)
+    saved = load_torch(path, device)
     model = VAE(**saved["config"]).to(device)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
