@@ -1,0 +1,160 @@
+"""Seconds per epoch: the loop a user would write against the pipeline's own loop, side by side.
+
+Both train the reference model (batch 64, Adam 5e-4) on the same 80/20 split of a local IDX
+mirror, on the same device, alternating epoch by epoch so drift in the machine hits both alike.
+An epoch is training plus validation. Prints a table and writes the result as JSON.
+
+    python bench/benchmark.py /path/to/fashion-mnist --rounds 3 --out bench/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import platform
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Subset
+
+from pipeline.idx import FILES, read_split
+from pipeline.model import VAE, dataset_loss
+from pipeline.train import resolve_device, train_epoch
+
+BATCH, LR, SEED = 64, 5e-4, 0
+
+
+def torchvision_root(mirror: Path, into: Path) -> Path:
+    """The mirror laid out the way torchvision's MNIST class reads it (root/MNIST/raw, unzipped)."""
+    raw = into / "MNIST" / "raw"  # the mirror's content, whichever dataset it is
+    raw.mkdir(parents=True)
+    for name in FILES.values():
+        source = mirror / name if (mirror / name).exists() else mirror / f"{name}.gz"
+        opener = gzip.open if source.suffix == ".gz" else open
+        with opener(source, "rb") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return into
+
+
+class UserLoop:
+    """torchvision dataset + ToTensor + DataLoader, the loss read with .item() every step."""
+
+    def __init__(self, root: Path, train_index, val_index, device, workers: int):
+        dataset = torchvision.datasets.MNIST(root, train=True, transform=torchvision.transforms.ToTensor())
+        options = dict(batch_size=BATCH, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+        self.train = DataLoader(Subset(dataset, train_index), shuffle=True, **options)
+        self.val = DataLoader(Subset(dataset, val_index), **options)
+        self.device = device
+        torch.manual_seed(SEED)
+        self.model = VAE().to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def loss(self, x):
+        recon, mean, log_var = self.model(x)
+        kl = -0.5 * torch.sum(1 + log_var - mean.pow(2) - log_var.exp())
+        return (F.mse_loss(recon, x, reduction="sum") + kl) / len(x)
+
+    def epoch(self) -> float:
+        self.model.train()
+        total = 0.0
+        for x, _ in self.train:
+            x = x.to(self.device)
+            loss = self.loss(x)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(x)
+        self.model.eval()
+        with torch.no_grad():
+            val = sum(self.loss(x.to(self.device)).item() * len(x) for x, _ in self.val)
+        return total / len(self.train.dataset), val / len(self.val.dataset)
+
+
+class PipelineLoop:
+    """pipeline.train's own epoch: device-resident uint8 data, device-side sums, channels_last."""
+
+    def __init__(self, train_images, val_images, device):
+        self.train_images, self.val_images = train_images.to(device), val_images.to(device)
+        torch.manual_seed(SEED)
+        self.model = VAE().to(device).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.generator = torch.Generator(device=device).manual_seed(SEED)
+
+    def epoch(self) -> float:
+        parts, _ = train_epoch(self.model, self.optimizer, self.train_images, BATCH, self.generator, True)
+        val = dataset_loss(self.model, self.val_images, True)
+        return parts[2].item(), val[2].item()
+
+
+def timed(loop, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    train_total, val_total = loop.epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result = {"seconds": time.perf_counter() - started, "train_total": train_total, "val_total": val_total}
+    if device.type == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mirror", type=Path, help="folder with the four IDX files (.gz or not)")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs of each loop, alternating (default 3)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the user's loop")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark.json"))
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(args.mirror, Path(tmp))
+        images = torch.from_numpy(read_split(root / "MNIST" / "raw", "train")[0])
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED))
+        n_val = round(len(images) * 0.2)
+        val_index, train_index = order[:n_val], order[n_val:]
+        user = UserLoop(root, train_index, val_index, device, args.workers)
+        ours = PipelineLoop(images[train_index], images[val_index], device)
+        timings = {"user": [], "pipeline": []}
+        for round_ in range(1, args.rounds + 1):
+            for name, loop in (("user", user), ("pipeline", ours)):
+                timings[name].append(timed(loop, device))
+                t = timings[name][-1]
+                print(f"round {round_}  {name:8s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
+                      f"  val_total {t['val_total']:.3f}", flush=True)
+
+    # The first epoch of each loop includes warm-up (allocator, cuDNN autotuning); report the median.
+    summary = {name: statistics.median(t["seconds"] for t in runs) for name, runs in timings.items()}
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "train_images": len(train_index), "val_images": len(val_index),
+        "batch_size": BATCH, "rounds": args.rounds, "user_workers": args.workers,
+        "seconds_per_epoch": summary, "speedup": summary["user"] / summary["pipeline"],
+        "images_per_second": {name: len(images) / s for name, s in summary.items()},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "epochs": timings,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nseconds per epoch (median of {args.rounds}): user {summary['user']:.2f}  pipeline {summary['pipeline']:.2f}"
+          f"  ratio {result['speedup']:.2f}x  images/s {result['images_per_second']['pipeline']:.0f}"
+          f"  peak RSS {result['peak_rss_mib']:.0f} MiB  -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
