@@ -77,15 +77,23 @@ class LossParts(NamedTuple):
     total: torch.Tensor
 
 
-def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> LossParts:
-    """Squared error summed over pixels plus KL(q(z|x) || N(0, I)) summed over latent dimensions.
+def vae_loss(
+    x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
+    beta: float = 1.0, kind: str = "mse",
+) -> LossParts:
+    """Reconstruction error summed over pixels plus beta x KL(q(z|x) || N(0, I)) summed over latent
+    dimensions. `kind` "mse" (the reference) is squared error, a Gaussian decoder of fixed variance
+    1/2; "bce" is binary cross-entropy, a Bernoulli decoder.
 
     Takes the model's outputs in the order it returns them: `vae_loss(x, *model(x))`.
     """
     batch = x.shape[0]
-    recon = F.mse_loss(reconstruction, x, reduction="sum") / batch
+    if kind == "mse":
+        recon = F.mse_loss(reconstruction, x, reduction="sum") / batch
+    else:
+        recon = F.binary_cross_entropy(reconstruction, x, reduction="sum") / batch
     kl = -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp()) / batch
-    return LossParts(recon, kl, recon + kl)
+    return LossParts(recon, kl, recon + beta * kl)
 
 
 EVAL_BATCH_SIZE = 1024  # large batches for no-grad passes; the result does not depend on it beyond rounding
@@ -98,12 +106,18 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss) -> torch.Tensor:
     """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you must)."""
     model.eval()
     sums = torch.zeros(3, device=images.device)
     for batch in images.split(EVAL_BATCH_SIZE):
         x = to_input(batch, channels_last)
-        sums += torch.stack(vae_loss(x, *model(x))) * len(batch)
+        sums += torch.stack(loss(x, *model(x))) * len(batch)
     model.train()
     return sums / len(images)
+
+
+@torch.no_grad()
+def latent_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means E[z|x] of uint8 `images`, in large batches."""
+    return torch.cat([model.encode(to_input(batch))[0] for batch in images.split(EVAL_BATCH_SIZE)])

@@ -58,8 +58,16 @@ class TrainParams:
         default="auto",
         metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "must be auto, cpu, cuda or cuda:N"),
     )
+    beta: float = field(default=1.0, metadata=_non_negative)
+    reconstruction: Literal["mse", "bce"] = "mse"
     channels_last: bool = True
     deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    iw_samples: int = field(default=100, metadata=_positive)
+    knn_neighbours: int = field(default=5, metadata=_positive)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class VisualizeParams:
     num_images: int = field(default=10, metadata=_positive)
     num_samples: int = field(default=100, metadata=_positive)
     manifold_size: int = field(default=20, metadata=_positive)
+    interpolation_steps: int = field(default=10, metadata=_check(lambda v: v >= 2, "must be 2 or more"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class Params:
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
     visualize: VisualizeParams = VisualizeParams()
     mlflow: MlflowParams = MlflowParams()
 

@@ -6,6 +6,8 @@ runs us in a temporary copy), so queued experiments log into the user's own stor
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -16,11 +18,13 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import mlflow
+import mlflow.data
 import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import atomic
@@ -134,6 +138,22 @@ class TrackedRun:
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         self._call(f"artifacts {artifact_path}/", mlflow.MlflowClient().log_artifacts, self.run_id, str(folder), artifact_path)
 
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        self._call(f"image {key} at step {step}", mlflow.MlflowClient().log_image, self.run_id, image, key=key, step=step)
+
+    def log_dataset(self, array: np.ndarray, name: str, source: str, context: str) -> None:
+        """The data as the run's input, with MLflow's digest of its content."""
+        dataset = mlflow.data.from_numpy(array, source=source, name=name)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self._call(f"dataset {name}", mlflow.MlflowClient().log_inputs, self.run_id, [entity])
+
+    def monitor_system(self, resumed: bool) -> contextlib.AbstractContextManager:
+        """CPU, memory and (with nvidia-ml-py) GPU utilisation and memory, sampled while training."""
+        if self.run_id is None:
+            return contextlib.nullcontext()
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=resumed)
+        return _started(monitor)
+
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, registered_name: str | None) -> None:
         self._call("model", self._log_model, model, input_example, registered_name)
 
@@ -153,6 +173,15 @@ class TrackedRun:
         if self.not_logged:
             print(f"warning: not logged to MLflow run {self.run_id}: {', '.join(self.not_logged)}; "
                   "every DVC output was written", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _started(monitor):
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()
 
 
 def start_run(experiment_id: str | None, run_id: str | None = None) -> TrackedRun:
@@ -184,6 +213,18 @@ def runtime_tags(device: torch.device) -> dict[str, str]:
         }
     else:
         tags |= {"cpu.name": platform.processor() or platform.machine(), "cpu.threads": str(torch.get_num_threads())}
+    return tags
+
+
+def dvc_tags() -> dict[str, str]:
+    """What ties the run to DVC: the experiment name under `dvc exp run`, and the dvc.lock the
+    stage started from (DVC writes the new one after the stage)."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    lock = Path("dvc.lock")
+    if lock.exists():
+        tags["dvc.lock.parent_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
     return tags
 
 

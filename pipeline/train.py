@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -16,16 +17,19 @@ import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torchvision
 
 from pipeline import atomic, tracking
 from pipeline.errors import PipelineError, run_stage
 from pipeline.model import VAE, Reconstructor, dataset_loss, to_input, vae_loss
-from pipeline.params import Params, load_params
+from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, SPLIT_DIR, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.split import load_part
 
 LOSS_NAMES = ("reconstruction", "kl", "total")
+WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
 
 
 class DivergedError(PipelineError):
@@ -70,7 +74,7 @@ def save_torch(obj, target: Path) -> None:
     atomic.write_bytes(target, buffer.getvalue())
 
 
-def train_epoch(model, optimizer, images, batch_size, generator, channels_last) -> tuple[torch.Tensor, torch.Tensor]:
+def train_epoch(model, optimizer, images, batch_size, generator, channels_last, loss=vae_loss) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over `images` in a seeded order. Returns the mean loss parts and the first step whose
     loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU."""
     n = len(images)
@@ -79,7 +83,7 @@ def train_epoch(model, optimizer, images, batch_size, generator, channels_last) 
     first_bad_step = torch.full((), -1, device=images.device)
     for step, start in enumerate(range(0, n, batch_size)):
         x = to_input(images[order[start : start + batch_size]], channels_last)
-        parts = vae_loss(x, *model(x))
+        parts = loss(x, *model(x))
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
@@ -87,6 +91,11 @@ def train_epoch(model, optimizer, images, batch_size, generator, channels_last) 
         bad = ~torch.isfinite(parts.total.detach()) & (first_bad_step < 0)
         first_bad_step = torch.where(bad, step, first_bad_step)
     return sums / n, first_bad_step
+
+
+def loss_function(cfg: TrainParams):
+    """The loss these train params select, shared by training, validation and evaluation."""
+    return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction)
 
 
 def _history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:
@@ -160,6 +169,7 @@ def train(params: Params) -> None:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     generator = torch.Generator(device=device).manual_seed(params.seed)
+    loss = loss_function(cfg)
     history: list[dict] = []
     run_id = None
 
@@ -178,45 +188,68 @@ def train(params: Params) -> None:
     if tracked.run_id != run_id:  # a new run
         safe = {k: (tracking.redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()}
         tracked.log_params(safe)
-        tracked.set_tags(tracking.runtime_tags(device) | tracking.git_tags())
+        tracked.set_tags(tracking.runtime_tags(device) | tracking.git_tags() | tracking.dvc_tags())
+        source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
+        for part, images in (("train", train_images), ("validation", val_images)):
+            tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{part}", source, part)
     _log_history(tracked, history)
+    watched = val_images[:WATCHED_IMAGES]
     status = "FAILED"
     try:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            train_parts, first_bad_step = train_epoch(model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last)
-            if first_bad_step.item() >= 0:
-                raise DivergedError(
-                    f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-                    f"train.learning_rate {cfg.learning_rate} may be too high. "
-                    + (f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
+        with tracked.monitor_system(resumed=run_id is not None):
+            for epoch in range(len(history) + 1, cfg.epochs + 1):
+                started = time.perf_counter()
+                train_parts, first_bad_step = train_epoch(
+                    model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last, loss)
+                if first_bad_step.item() >= 0:
+                    raise DivergedError(
+                        f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+                        f"train.learning_rate {cfg.learning_rate} may be too high. "
+                        + (f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
+                    )
+                row = _history_row(epoch, train_parts, dataset_loss(model, val_images, cfg.channels_last, loss))
+                history.append(row)
+                rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                save_torch(
+                    {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": rng, "history": history, "run_id": tracked.run_id},
+                    CHECKPOINT_FILE,
                 )
-            row = _history_row(epoch, train_parts, dataset_loss(model, val_images, cfg.channels_last))
-            history.append(row)
-            rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_torch(
-                {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": rng, "history": history, "run_id": tracked.run_id},
-                CHECKPOINT_FILE,
-            )
-            seconds = time.perf_counter() - started
-            tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"} | {"epoch_seconds": seconds}, step=epoch)
-            print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
-                  + f"  ({seconds:.1f} s)", flush=True)
+                seconds = time.perf_counter() - started
+                tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"} | {"epoch_seconds": seconds}, step=epoch)
+                if tracked.run_id is not None:
+                    tracked.log_image(reconstruction_strip(model, watched), "reconstructions", epoch)
+                print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
+                      + f"  ({seconds:.1f} s)", flush=True)
 
-        write_outputs(model, history)
-        model_sha256 = file_sha256(MODEL_FILE)
-        if tracked.run_id is not None:
-            tracked.set_tags({"model.sha256": model_sha256})
-            tracking.record_run(tracked.run_id, model_sha256)
-            example = to_input(val_images[:4]).cpu().numpy()
-            tracked.log_model(Reconstructor(load_model(MODEL_FILE)), example, params.mlflow.registered_model)
+            write_outputs(model, history)
+            if tracked.run_id is not None:
+                _log_trained_model(tracked, watched, params.mlflow.registered_model)
         status = "FINISHED"
     finally:
         tracked.finish(status)
     CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
+
+
+def _log_trained_model(tracked: tracking.TrackedRun, example_images: torch.Tensor, registered_name: str | None) -> None:
+    """Tie the run to models/model.pt (its sha256, and the md5 dvc.lock records) and log the model."""
+    content = MODEL_FILE.read_bytes()
+    model_sha256 = hashlib.sha256(content).hexdigest()
+    tracked.set_tags({"model.sha256": model_sha256, "dvc.model_md5": hashlib.md5(content).hexdigest()})
+    tracking.record_run(tracked.run_id, model_sha256)
+    example = to_input(example_images[:4]).cpu().numpy()
+    tracked.log_model(Reconstructor(load_model(MODEL_FILE)), example, registered_name)
+
+
+@torch.no_grad()
+def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
+    """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
+    x = to_input(images)
+    reconstructions = model.decode(model.encode(x)[0])
+    grid = torchvision.utils.make_grid(torch.cat([x, reconstructions]), nrow=len(x), padding=2, pad_value=1.0)
+    return (grid[0] * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def write_outputs(model: VAE, history: list[dict]) -> None:

@@ -4,6 +4,7 @@ reconstructions.png  test images (top row) and their reconstructions (bottom row
 prior_samples.png    decoded draws z ~ N(0, I)
 latent_space.png     test images' latent means, coloured by label
 manifold.png         decoded grid over the latent plane
+interpolation.png    decoded straight lines through latent space between pairs of test images
 loss_curves.png      train and validation losses per epoch
 
 A latent space of more than 2 dimensions is shown in the plane of its first two principal
@@ -25,11 +26,14 @@ import torchvision  # noqa: E402
 
 from pipeline import atomic, tracking  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
-from pipeline.model import EVAL_BATCH_SIZE, VAE, to_input  # noqa: E402
+from pipeline.model import VAE, latent_means, to_input  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
 from pipeline.split import load_part  # noqa: E402
 from pipeline.train import LOSS_NAMES, file_sha256, load_model, resolve_device  # noqa: E402
+
+
+INTERPOLATED_PAIRS = 6
 
 
 def save_figure(fig, name: str) -> None:
@@ -48,11 +52,6 @@ def image_grid(images: torch.Tensor, cols: int, title: str):
     ax.axis("off")
     ax.set_title(title)
     return fig
-
-
-@torch.no_grad()
-def latent_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model.encode(to_input(batch))[0] for batch in images.split(EVAL_BATCH_SIZE)])
 
 
 def latent_plane(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +84,15 @@ def manifold(model: VAE, origin, axes, size: int) -> torch.Tensor:
     u, v = torch.meshgrid(quantiles, quantiles.flip(0), indexing="xy")
     z = origin + u.reshape(-1, 1) * axes[0] + v.reshape(-1, 1) * axes[1]
     return model.decode(z)
+
+
+@torch.no_grad()
+def interpolation(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """Rows of `steps` decodings along the line between the latent means of start[i] and end[i]."""
+    a, b = model.encode(start)[0], model.encode(end)[0]
+    t = torch.linspace(0, 1, steps, device=a.device).view(1, -1, 1)
+    z = a.unsqueeze(1) + t * (b - a).unsqueeze(1)
+    return model.decode(z.reshape(-1, z.shape[-1]))
 
 
 def plot_loss_curves(history_file: Path):
@@ -127,6 +135,10 @@ def main() -> None:
     save_figure(plot_latent_space(means, labels, origin, axes), "latent_space.png")
     grid = manifold(model, origin, axes, cfg.manifold_size)
     save_figure(image_grid(grid, cfg.manifold_size, "Decoded latent manifold"), "manifold.png")
+    pairs = to_input(images[: 2 * INTERPOLATED_PAIRS])
+    lines = interpolation(model, pairs[0::2], pairs[1::2], cfg.interpolation_steps)
+    save_figure(image_grid(lines, cfg.interpolation_steps, "Interpolation between test images in latent space"),
+                "interpolation.png")
     save_figure(plot_loss_curves(TRAIN_HISTORY), "loss_curves.png")
 
     tracked.log_artifacts(FIGURES_DIR, "figures")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.model import VAE, dataset_loss, to_input, vae_loss
@@ -75,3 +76,42 @@ def test_dataset_loss_weights_a_ragged_last_batch_by_its_size():
         full, rest = (torch.stack(vae_loss(x, *model(x))) for x in (to_input(images[:1024]), to_input(images[1024:])))
     torch.testing.assert_close(result, (full * 1024 + rest * 76) / 1100)
     torch.testing.assert_close(result[2], result[0] + result[1])
+
+
+def test_importance_weighted_likelihood_tightens_the_elbo():
+    import math
+
+    from pipeline.evaluate import importance_weighted_log_likelihood
+
+    torch.manual_seed(0)
+    model = VAE().eval()
+    x = torch.rand(64, 1, 28, 28)
+    parts = vae_loss(x, *model(x))
+    elbo = -(parts.total.item() + 0.5 * 784 * math.log(math.pi))  # the MSE loss is -log N(x; r, 1/2) up to this
+    one_sample = importance_weighted_log_likelihood(model, x, 1, "mse").mean().item()
+    many = importance_weighted_log_likelihood(model, x, 64, "mse").mean().item()
+    assert one_sample == pytest.approx(elbo, rel=0.01)  # K=1 is an unbiased estimate of the ELBO
+    assert many > one_sample
+
+
+def test_knn_accuracy_on_separated_and_mixed_clusters():
+    from pipeline.evaluate import knn_accuracy
+
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.arange(3).repeat_interleave(20)
+    train = centres[labels] + torch.randn(60, 2, generator=torch.Generator().manual_seed(0))
+    test = centres[labels] + torch.randn(60, 2, generator=torch.Generator().manual_seed(1))
+    assert knn_accuracy(train, labels, test, labels, k=5) == 1.0
+    assert knn_accuracy(train, labels, test, (labels + 1) % 3, k=5) == 0.0
+
+
+def test_bce_and_beta_options():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        outputs = VAE()(x)
+    mse, bce = vae_loss(x, *outputs), vae_loss(x, *outputs, beta=0.5, kind="bce")
+    assert bce.kl.item() == mse.kl.item()
+    assert bce.total.item() == pytest.approx((bce.reconstruction + 0.5 * bce.kl).item())
+    expected = torch.nn.functional.binary_cross_entropy(outputs[0], x, reduction="sum") / 4
+    assert bce.reconstruction.item() == pytest.approx(expected.item())

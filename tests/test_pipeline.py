@@ -2,10 +2,12 @@
 
 import csv
 import json
+import math
 import re
 
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import edit_params, make_project, run
 
@@ -53,8 +55,14 @@ def test_every_output_is_written(reproduced):
     assert train["epochs"] == EPOCHS
     assert set(train) >= {f"{s}_{n}" for s in ("train", "val") for n in ("reconstruction", "kl", "total")}
     test = json.loads((p / "metrics/test.json").read_text())
-    assert set(test) == {"test_reconstruction", "test_kl", "test_total"}
+    assert set(test) == {"test_reconstruction", "test_kl", "test_total", "test_log_likelihood_iw100", "test_kl_dim0",
+                         "test_kl_dim1", "active_units", "test_knn5_accuracy"} | {
+                            f"test_reconstruction_class{c}" for c in range(10)}
     assert test["test_total"] == pytest.approx(test["test_reconstruction"] + test["test_kl"], abs=1e-5)
+    assert test["test_kl"] == pytest.approx(test["test_kl_dim0"] + test["test_kl_dim1"], abs=1e-4)
+    assert test["active_units"] in (0, 1, 2) and 0 <= test["test_knn5_accuracy"] <= 1
+    # The log-likelihood bound lies above the ELBO, -(total + the Gaussian's normaliser (784/2) log(pi)).
+    assert test["test_log_likelihood_iw100"] > -(test["test_total"] + 392 * math.log(math.pi))
 
     with open(p / "metrics/history.csv") as fh:
         history = list(csv.DictReader(fh))
@@ -62,7 +70,8 @@ def test_every_output_is_written(reproduced):
     assert float(history[-1]["train_total"]) < float(history[0]["train_total"]), "training should lower the loss"
 
     figures = sorted(f.name for f in (p / "figures").iterdir())
-    assert figures == ["latent_space.png", "loss_curves.png", "manifold.png", "prior_samples.png", "reconstructions.png"]
+    assert figures == ["interpolation.png", "latent_space.png", "loss_curves.png", "manifold.png", "prior_samples.png",
+                       "reconstructions.png"]
     assert all((p / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
 
@@ -81,8 +90,21 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert tags["device.type"] == "cpu" and tags["torch.version"] and tags["cpu.threads"]
     assert tags["model.sha256"] == __import__("hashlib").sha256((reproduced / "models/model.pt").read_bytes()).hexdigest()
 
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
+    [model_out] = [out for out in lock["stages"]["train"]["outs"] if out["path"] == "models/model.pt"]
+    assert tags["dvc.model_md5"] == model_out["md5"], "the run names the model dvc.lock records"
+
+    inputs = {d.dataset.name: d for d in mlrun.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-train", "mnist-validation"}
+    assert all(len(d.dataset.digest) >= 8 for d in inputs.values())
+
+    images = [a.path for a in client.list_artifacts(mlrun.info.run_id, "images")]
+    for epoch in range(1, EPOCHS + 1):
+        assert any(f"reconstructions+step+{epoch}+" in path and path.endswith(".png") for path in images), images
+
     artifacts = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id, "figures"))
-    assert artifacts == [f"figures/{n}.png" for n in ("latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")]
+    assert artifacts == [f"figures/{n}.png" for n in
+                         ("interpolation", "latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")]
     assert mlrun.info.artifact_uri.startswith(f"file://{reproduced}/mlruns/artifacts/")
 
 
