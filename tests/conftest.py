@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,24 @@ def make_project(dest: Path, mirror: Path, **changes) -> Path:
     return dest
 
 
+EPOCHS = 2  # of the end-to-end run
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """One project reproduced end to end with real `dvc repro`; tests read it (test_pipeline's last
+    test edits it and adds runs, so readers pick the first run)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS})
+    result = run(["dvc", "repro"], project)
+    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
+    return project
+
+
 @pytest.fixture
 def project(tmp_path, mirror) -> Path:
     return make_project(tmp_path / "project", mirror)
@@ -97,3 +119,38 @@ def http_server():
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback over its own sqlite store; yields (url, store uri, process)."""
+    yield from serve_mlflow(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts")
+
+
+def serve_mlflow(store: str, artifacts: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", store, "--artifacts-destination", str(artifacts)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        raise AssertionError("mlflow server did not start within 60 s")
+    yield url, store, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import edit_params, make_project, project_env, run
+from tests.conftest import edit_params, free_port, make_project, project_env, run
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
@@ -34,12 +33,6 @@ def uninterrupted(tmp_path_factory, bigger_mirror) -> Path:
     project = make_project(tmp_path_factory.mktemp("uninterrupted") / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     run(["dvc", "repro", "train"], project)
     return project
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -131,32 +124,6 @@ def test_tracking_disabled_runs_the_whole_pipeline_without_a_store(project):
     run(["dvc", "repro"], project)
     assert (project / "metrics/test.json").exists() and (project / "figures/manifold.png").exists()
     assert not (project / "mlruns/mlflow.db").exists()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback over its own sqlite store; yields (url, store uri, process)."""
-    port = free_port()
-    store = f"sqlite:///{tmp_path}/server.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", store, "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        raise AssertionError("mlflow server did not start within 60 s")
-    yield url, store, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror, mlflow_server):

@@ -9,26 +9,9 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import edit_params, make_project, run
+from tests.conftest import EPOCHS, edit_params, run, stages_run
 
 pytestmark = pytest.mark.slow
-EPOCHS = 2
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    """One project, reproduced once; the tests below read it (and the last one edits it)."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    from tests.synthetic import write_mirror
-
-    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS})
-    result = run(["dvc", "repro"], project)
-    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
-    return project
 
 
 def client_for(project) -> mlflow.MlflowClient:

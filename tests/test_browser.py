@@ -1,0 +1,85 @@
+"""The MLflow UI, opened in a real headless Chromium over a real `mlflow server` on the end-to-end
+run's store, shows the run, its loss metrics and its images. Screenshots are kept in reports/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import ROOT, serve_mlflow
+
+pytestmark = pytest.mark.slow
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+REPORTS = ROOT / "reports"
+
+
+@pytest.fixture(scope="module")
+def server(reproduced, tmp_path_factory):
+    yield from serve_mlflow(f"sqlite:///{reproduced}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1600,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def page_text(browser) -> str:
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def open_and_wait(browser, url: str, *texts: str) -> str:
+    """Open `url` and wait until every one of `texts` is on the page (the UI renders asynchronously)."""
+    browser.get(url)
+    try:
+        WebDriverWait(browser, 60).until(lambda b: all(t in page_text(b) for t in texts))
+    except Exception:
+        missing = [t for t in texts if t not in page_text(browser)]
+        raise AssertionError(f"{url} did not show {missing}; page text:\n{page_text(browser)[:3000]}") from None
+    return page_text(browser)
+
+
+def screenshot(browser, name: str) -> None:
+    REPORTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(REPORTS / name))
+
+
+def test_mlflow_ui_shows_the_run_its_losses_and_its_images(server, browser):
+    url, store, _ = server
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    first = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])[0]
+    base = f"{url}/#/experiments/{experiment.experiment_id}"
+
+    open_and_wait(browser, f"{base}/runs?workflowType=machine_learning", "vae-pipeline", first.info.run_name)
+    screenshot(browser, "mlflow-runs.png")
+
+    text = open_and_wait(browser, f"{base}/runs/{first.info.run_id}", first.info.run_name, "train_total", "val_total",
+                         "test_total", "test_knn5_accuracy")
+    for name in ("train_total", "test_total"):  # the values too, as the store holds them
+        assert repr(first.data.metrics[name]) in text, f"{name} = {first.data.metrics[name]!r} not shown"
+    screenshot(browser, "mlflow-run.png")
+
+    open_and_wait(browser, f"{base}/runs/{first.info.run_id}/artifacts/figures/reconstructions.png",
+                  "figures", "manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png")
+    WebDriverWait(browser, 60).until(lambda b: any(
+        img.get_attribute("src").startswith("blob:") and img.get_property("naturalWidth") > 100
+        for img in b.find_elements(By.TAG_NAME, "img")))
+    screenshot(browser, "mlflow-artifact.png")
+    assert (REPORTS / "mlflow-artifact.png").stat().st_size > 10_000
