@@ -58,6 +58,7 @@ class TrainParams:
         default="auto",
         metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "must be auto, cpu, cuda or cuda:N"),
     )
+    num_processes: int = field(default=1, metadata=_positive)
     beta: float = field(default=1.0, metadata=_non_negative)
     reconstruction: Literal["mse", "bce"] = "mse"
     channels_last: bool = True

@@ -13,9 +13,13 @@ import functools
 import hashlib
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,12 +40,31 @@ class DivergedError(PipelineError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """The device `train.device` names; under torchrun, "auto" and "cuda" mean this process's GPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"train.device is '{spec}' but PyTorch sees no CUDA device; set it to auto or cpu")
-    return torch.device(spec)
+    return torch.device(f"cuda:{local_rank}" if spec == "cuda" else spec)
+
+
+class Ranks(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def join_process_group(device_spec: str) -> Ranks:
+    """This process's place under torchrun (a single process otherwise): NCCL between GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ranks = Ranks(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1:
+        device = resolve_device(device_spec, ranks.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -74,22 +97,35 @@ def save_torch(obj, target: Path) -> None:
     atomic.write_bytes(target, buffer.getvalue())
 
 
-def train_epoch(model, optimizer, images, batch_size, generator, channels_last, loss=vae_loss) -> tuple[torch.Tensor, torch.Tensor]:
+def train_epoch(
+    model, optimizer, images, batch_size, generator, channels_last, loss=vae_loss, rank: int = 0, world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over `images` in a seeded order. Returns the mean loss parts and the first step whose
-    loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU."""
+    loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU.
+
+    Under DistributedDataParallel every rank draws the same permutation and takes every
+    world_size-th image of each global batch of `batch_size`, so the batches, and the order the
+    model sees the data in, are those of a single process."""
     n = len(images)
     order = torch.randperm(n, generator=generator, device=images.device)
     sums = torch.zeros(3, device=images.device)
     first_bad_step = torch.full((), -1, device=images.device)
     for step, start in enumerate(range(0, n, batch_size)):
-        x = to_input(images[order[start : start + batch_size]], channels_last)
+        index = order[start : start + batch_size]
+        x = to_input(images[index[rank::world_size]], channels_last)
         parts = loss(x, *model(x))
         optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        if world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
+            (parts.total * (len(x) * world_size / len(index))).backward()
+        else:
+            parts.total.backward()
         optimizer.step()
         sums += torch.stack(parts).detach() * len(x)
         bad = ~torch.isfinite(parts.total.detach()) & (first_bad_step < 0)
         first_bad_step = torch.where(bad, step, first_bad_step)
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)
     return sums / n, first_bad_step
 
 
@@ -143,15 +179,18 @@ def load_checkpoint(fingerprint: dict, epochs: int, device: torch.device) -> dic
     checkpoint = load_torch(CHECKPOINT_FILE, device)
     if checkpoint["fingerprint"] != fingerprint or len(checkpoint["history"]) > epochs:
         print(f"discarding {CHECKPOINT_FILE}: it was written with other params or data")
-        CHECKPOINT_FILE.unlink()
+        CHECKPOINT_FILE.unlink(missing_ok=True)  # every rank reads it; the first one removes it
         return None
     return checkpoint
 
 
 def train(params: Params) -> None:
-    device = resolve_device(params.train.device)
-    configure_determinism(params.train.deterministic)
+    """Only rank 0 writes: checkpoints, outputs and MLflow records; other ranks only train."""
     cfg = params.train
+    ranks = join_process_group(cfg.device)
+    writer = ranks.rank == 0
+    device = resolve_device(cfg.device, ranks.local_rank)
+    configure_determinism(cfg.deterministic)
     train_images = torch.from_numpy(load_part("train")[0]).to(device)
     val_images = torch.from_numpy(load_part("val")[0]).to(device)
     if cfg.batch_size > len(train_images):
@@ -160,14 +199,26 @@ def train(params: Params) -> None:
         )
     if params.model.input_dim != 1:
         raise PipelineError(f"model.input_dim is {params.model.input_dim} but the images have 1 channel; set it to 1")
+    if cfg.batch_size % ranks.world_size or 0 < len(train_images) % cfg.batch_size < ranks.world_size:
+        raise PipelineError(
+            f"train.batch_size {cfg.batch_size} (the global batch) must split evenly over "
+            f"train.num_processes {ranks.world_size}, with every batch at least one image per process"
+        )
 
-    experiment_id = tracking.connect(params.mlflow)  # fails here, before training, if the store is unreachable
+    # Fails here, before training, if the store is unreachable.
+    experiment_id = tracking.connect(params.mlflow) if writer else None
     fingerprint = training_fingerprint(params)
     torch.manual_seed(params.seed)
     model = VAE(**dataclasses.asdict(params.model)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    trained = model
+    if ranks.world_size > 1:
+        print(f"rank {ranks.rank} of {ranks.world_size} on {device}: "
+              + ("training and writing every output" if writer else "training only"), flush=True)
+        torch.manual_seed(params.seed + ranks.rank)  # each rank its own reparameterisation noise
+        trained = torch.nn.parallel.DistributedDataParallel(model)
     generator = torch.Generator(device=device).manual_seed(params.seed)
     loss = loss_function(cfg)
     history: list[dict] = []
@@ -182,10 +233,11 @@ def train(params: Params) -> None:
         if device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         history, run_id = checkpoint["history"], checkpoint["run_id"]
-        print(f"resuming from epoch {len(history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
+        if writer:
+            print(f"resuming from epoch {len(history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
 
     tracked = tracking.start_run(experiment_id, run_id)
-    if tracked.run_id != run_id:  # a new run
+    if tracked.run_id is not None and tracked.run_id != run_id:  # a new run
         safe = {k: (tracking.redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()}
         tracked.log_params(safe)
         tracked.set_tags(tracking.runtime_tags(device) | tracking.git_tags() | tracking.dvc_tags())
@@ -199,14 +251,16 @@ def train(params: Params) -> None:
         with tracked.monitor_system(resumed=run_id is not None):
             for epoch in range(len(history) + 1, cfg.epochs + 1):
                 started = time.perf_counter()
-                train_parts, first_bad_step = train_epoch(
-                    model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last, loss)
+                train_parts, first_bad_step = train_epoch(trained, optimizer, train_images, cfg.batch_size, generator,
+                                                          cfg.channels_last, loss, ranks.rank, ranks.world_size)
                 if first_bad_step.item() >= 0:
                     raise DivergedError(
                         f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                         f"train.learning_rate {cfg.learning_rate} may be too high. "
                         + (f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
                     )
+                if not writer:
+                    continue
                 row = _history_row(epoch, train_parts, dataset_loss(model, val_images, cfg.channels_last, loss))
                 history.append(row)
                 rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
@@ -224,13 +278,17 @@ def train(params: Params) -> None:
                 print(f"epoch {epoch}/{cfg.epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "epoch")
                       + f"  ({seconds:.1f} s)", flush=True)
 
-            write_outputs(model, history)
+            if writer:
+                write_outputs(model, history)
             if tracked.run_id is not None:
                 _log_trained_model(tracked, watched, params.mlflow.registered_model)
         status = "FINISHED"
     finally:
         tracked.finish(status)
-    CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
+        if ranks.world_size > 1:
+            torch.distributed.destroy_process_group()
+    if writer:
+        CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
 
 
 def _log_trained_model(tracked: tracking.TrackedRun, example_images: torch.Tensor, registered_name: str | None) -> None:
@@ -269,7 +327,13 @@ def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> V
 
 
 def main() -> None:
-    train(load_params())
+    params = load_params()
+    if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this stage under PyTorch's own launcher, one process per rank.
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={params.train.num_processes}", "-m", "pipeline.train"]
+        sys.exit(subprocess.run(launcher).returncode)
+    train(params)
 
 
 if __name__ == "__main__":

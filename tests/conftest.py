@@ -134,22 +134,25 @@ def mlflow_server(tmp_path):
 
 
 def serve_mlflow(store: str, artifacts: Path):
+    """Start `mlflow server` on a free loopback port; yields (url, store, process), then stops it."""
     port = free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log = artifacts.parent / f"mlflow-server-{port}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", store, "--artifacts-destination", str(artifacts)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
         except OSError:
             time.sleep(0.5)
     else:
-        raise AssertionError("mlflow server did not start within 60 s")
+        raise AssertionError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
     yield url, store, proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -164,3 +164,36 @@ def test_crafted_pickle_in_place_of_the_model_is_refused(project):
     assert result.returncode == 2
     assert "models/model.pt holds objects other than tensors and plain values; refusing to unpickle it" in result.stderr
     assert not (project / "pwned").exists()
+
+
+def test_queued_experiments_run_in_parallel_into_the_projects_own_store(project):
+    rates = ("0.001", "0.002")
+    for rate in rates:
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, f"queued experiments did not finish:\n{status}"
+        time.sleep(3)
+    assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+
+    client, runs = runs_of(project)
+    assert sorted(r.data.params["train.learning_rate"] for r in runs) == sorted(rates)
+    for mlrun in runs:
+        assert mlrun.info.status == "FINISHED"
+        assert mlrun.data.tags.get("dvc.exp_name"), "a queued run names its DVC experiment"
+        assert {"test_total", "val_total"} <= set(mlrun.data.metrics), "every stage logged into the one run"
+        assert len(client.list_artifacts(mlrun.info.run_id, "figures")) == 6
+    leftovers = list((project / ".dvc/tmp").rglob("mlflow.db")) if (project / ".dvc/tmp").exists() else []
+    assert leftovers == [], "no second store inside DVC's temporary copies"
+
+
+def test_batch_larger_than_the_training_set_is_refused_before_training(project):
+    edit_params(project, **{"train.batch_size": 512})
+    result = run(["dvc", "repro", "train"], project, check=False)
+    assert result.returncode != 0
+    assert "error: train.batch_size 512 is larger than the 192 training images; lower it" in result.stderr
+    assert not (project / "models/model.pt").exists() and not (project / "models/checkpoint.pt").exists()
