@@ -7,6 +7,7 @@ runs us in a temporary copy), so queued experiments log into the user's own stor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -74,23 +75,43 @@ def connect(params: MlflowParams) -> str | None:
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     uri = resolve_tracking_uri(params.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(params.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return mlflow.create_experiment(params.experiment_name, artifact_location=_artifact_location(uri))
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
-            return mlflow.get_experiment_by_name(params.experiment_name).experiment_id
+        with _store_lock(uri):
+            return _experiment_id(params.experiment_name, uri)
     except Exception as exc:
         reason = str(exc).replace(uri, redact(uri)).splitlines()[0][:300]
         raise PipelineError(
             f"cannot reach the MLflow tracking store {redact(uri)} ({type(exc).__name__}: {reason}). "
             "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false"
         ) from None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Parallel stages (`dvc queue start -j 2`) must not create or migrate a new sqlite store at
+    the same moment: its schema migration is not safe against itself."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a run on another machine
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 class TrackedRun:
