@@ -122,7 +122,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(args.mirror, Path(tmp))
-        images = torch.from_numpy(read_split(root / "MNIST" / "raw", "train")[0])
+        images = torch.from_numpy(read_split(root / "MNIST" / "raw", "train")[0].copy())
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED))
         n_val = round(len(images) * 0.2)
         val_index, train_index = order[:n_val], order[n_val:]
