@@ -4,7 +4,6 @@ run's store, shows the run, its loss metrics and its images. Screenshots are kep
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import mlflow
 import pytest
