@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -164,7 +165,9 @@ class TrackedRun:
 
     def log_dataset(self, array: np.ndarray, name: str, source: str, context: str) -> None:
         """The data as the run's input, with MLflow's digest of its content."""
-        dataset = mlflow.data.from_numpy(array, source=source, name=name)
+        with warnings.catch_warnings():  # MLflow registers its local-path source twice and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_numpy(array, source=source, name=name)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self._call(f"dataset {name}", mlflow.MlflowClient().log_inputs, self.run_id, [entity])
 

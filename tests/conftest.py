@@ -87,7 +87,8 @@ def reproduced(tmp_path_factory) -> Path:
     """One project reproduced end to end with real `dvc repro`; tests read it (test_pipeline's last
     test edits it and adds runs, so readers pick the first run)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS})
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"),
+                           **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"})
     result = run(["dvc", "repro"], project)
     assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
     return project

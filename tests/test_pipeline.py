@@ -106,6 +106,8 @@ def test_logged_model_loads_back_and_reconstructs_like_the_dvc_model(reproduced)
     x = torch.from_numpy(images).unsqueeze(1).float() / 255
     expected = Reconstructor(load_model(reproduced / "models/model.pt"))(x)
     assert torch.allclose(loaded(x), expected, atol=1e-5)
+    [version] = client.search_model_versions("name = 'vae'")
+    assert version.run_id == mlrun.info.run_id, "mlflow.registered_model registers the trained model"
     signature = mlflow.models.get_model_info(logged.model_uri).signature
     assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
 
@@ -125,3 +127,24 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(reproduced):
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["split", "train", "evaluate", "visualize"]
     edit_params(reproduced, **{"mlflow.experiment_name": "elsewhere"})
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == []
+
+
+def test_a_latent_space_above_two_dimensions_is_shown_in_its_principal_plane(project):
+    edit_params(project, **{"model.latent_dim": 5, "mlflow.enabled": False})
+    run(["dvc", "repro"], project)
+    test = json.loads((project / "metrics/test.json").read_text())
+    assert [k for k in test if k.startswith("test_kl_dim")] == [f"test_kl_dim{i}" for i in range(5)]
+    assert (project / "figures/latent_space.png").exists() and (project / "figures/manifold.png").exists()
+
+
+def test_latent_plane_is_the_axes_in_2d_and_orthonormal_principal_axes_above():
+    import torch
+
+    from pipeline.visualize import latent_plane
+
+    origin, axes = latent_plane(torch.randn(100, 2))
+    assert torch.equal(origin, torch.zeros(2)) and torch.equal(axes, torch.eye(2))
+    means = torch.randn(500, 6) * torch.tensor([5.0, 0.1, 0.1, 3.0, 0.1, 0.1])
+    origin, axes = latent_plane(means)
+    torch.testing.assert_close(axes @ axes.T, torch.eye(2), atol=1e-5, rtol=0)
+    assert axes[0].abs().argmax() == 0 and axes[1].abs().argmax() == 3, "the two directions of largest spread"
