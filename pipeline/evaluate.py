@@ -18,20 +18,13 @@ import torch
 
 from pipeline import atomic, tracking
 from pipeline.errors import run_stage
-from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
+from pipeline.model import EVAL_BATCH_SIZE, VAE, kl_divergence, latent_means, reconstruction_error, to_input
 from pipeline.params import load_params
 from pipeline.paths import MODEL_FILE, TEST_METRICS
 from pipeline.split import load_part
 from pipeline.train import LOSS_NAMES, file_sha256, load_model, loss_function, resolve_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-
-
-def reconstruction_error(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
-    """The loss's reconstruction term, per image."""
-    if kind == "mse":
-        return (x - reconstruction).square().flatten(1).sum(1)
-    return torch.nn.functional.binary_cross_entropy(reconstruction, x, reduction="none").flatten(1).sum(1)
 
 
 def log_likelihood(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
@@ -77,7 +70,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
         reconstruction, mean, log_var = model(x)
         sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(x)
         recon_per_image.append(reconstruction_error(x, reconstruction, params.train.reconstruction))
-        kl_per_dim.append(-0.5 * (1 + log_var - mean.square() - log_var.exp()))
+        kl_per_dim.append(kl_divergence(mean, log_var))
         iw.append(importance_weighted_log_likelihood(model, x, cfg.iw_samples, params.train.reconstruction))
 
     metrics = {f"test_{name}": v for name, v in zip(LOSS_NAMES, (sums / len(test_images)).tolist())}

@@ -77,22 +77,35 @@ class LossParts(NamedTuple):
     total: torch.Tensor
 
 
+def _pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+    """`kind` "mse" (the reference) is squared error, a Gaussian decoder of fixed variance 1/2;
+    "bce" is binary cross-entropy, a Bernoulli decoder."""
+    pixel_loss = F.mse_loss if kind == "mse" else F.binary_cross_entropy
+    return pixel_loss(reconstruction, x, reduction=reduction)
+
+
+def reconstruction_error(x: torch.Tensor, reconstruction: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The loss's reconstruction term per image (summed over its pixels)."""
+    return _pixel_loss(x, reconstruction, kind, "none").flatten(1).sum(1)
+
+
+def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per image and latent dimension."""
+    return -0.5 * (1 + log_var - mean.square() - log_var.exp())
+
+
 def vae_loss(
     x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
     beta: float = 1.0, kind: str = "mse",
 ) -> LossParts:
-    """Reconstruction error summed over pixels plus beta x KL(q(z|x) || N(0, I)) summed over latent
-    dimensions. `kind` "mse" (the reference) is squared error, a Gaussian decoder of fixed variance
-    1/2; "bce" is binary cross-entropy, a Bernoulli decoder.
+    """Reconstruction error summed over pixels plus beta x KL summed over latent dimensions. The
+    pixel sum is one fused reduction here, the training step's hot path.
 
     Takes the model's outputs in the order it returns them: `vae_loss(x, *model(x))`.
     """
     batch = x.shape[0]
-    if kind == "mse":
-        recon = F.mse_loss(reconstruction, x, reduction="sum") / batch
-    else:
-        recon = F.binary_cross_entropy(reconstruction, x, reduction="sum") / batch
-    kl = -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp()) / batch
+    recon = _pixel_loss(x, reconstruction, kind, "sum") / batch
+    kl = kl_divergence(mean, log_var).sum() / batch
     return LossParts(recon, kl, recon + beta * kl)
 
 
