@@ -56,17 +56,21 @@ class VAE(nn.Module):
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)
         return self.decode(z), mean, log_var
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction: decode the posterior mean."""
+        return self.decode(self.encode(x)[0])
+
 
 class Reconstructor(nn.Module):
-    """The VAE as a deterministic image -> image function (decode the posterior mean): the form
-    logged to MLflow, where a model must map one input tensor to one output tensor."""
+    """The VAE as a deterministic image -> image function (`VAE.reconstruct`): the form logged to
+    MLflow, where a model must map one input tensor to one output tensor."""
 
     def __init__(self, vae: VAE):
         super().__init__()
         self.vae = vae
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.vae.encode(x)[0])
+        return self.vae.reconstruct(x)
 
 
 class LossParts(NamedTuple):

@@ -305,8 +305,7 @@ def _log_trained_model(tracked: tracking.TrackedRun, example_images: torch.Tenso
 def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
     """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
     x = to_input(images)
-    reconstructions = model.decode(model.encode(x)[0])
-    grid = torchvision.utils.make_grid(torch.cat([x, reconstructions]), nrow=len(x), padding=2, pad_value=1.0)
+    grid = torchvision.utils.make_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x), padding=2, pad_value=1.0)
     return (grid[0] * 255).round().to(torch.uint8).cpu().numpy()
 
 

@@ -123,7 +123,7 @@ def main() -> None:
 
     with torch.no_grad():
         originals = to_input(images[: cfg.num_images])
-        reconstructions = model.decode(model.encode(originals)[0])
+        reconstructions = model.reconstruct(originals)
         samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=device))
     save_figure(image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
                            "Test images (top) and their reconstructions (bottom)"), "reconstructions.png")
