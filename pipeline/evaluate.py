@@ -35,9 +35,10 @@ def log_likelihood(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> 
 
 
 @torch.no_grad()
-def importance_weighted_log_likelihood(model: VAE, x: torch.Tensor, samples: int, kind: str) -> torch.Tensor:
-    """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) per image, z_k ~ q(z|x)."""
-    mean, log_var = model.encode(x)
+def importance_weighted_log_likelihood(
+    model: VAE, x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, samples: int, kind: str,
+) -> torch.Tensor:
+    """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) per image, z_k ~ q(z|x) = N(mean, exp(log_var))."""
     std = torch.exp(0.5 * log_var)
     estimates = []
     for _ in range(samples):
@@ -64,21 +65,23 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     loss = loss_function(params.train)
     cfg = params.evaluate
     sums = torch.zeros(3, device=test_images.device)
-    recon_per_image, kl_per_dim, iw = [], [], []
+    recon_per_image, kl_per_dim, iw, means = [], [], [], []
     for batch in test_images.split(EVAL_BATCH_SIZE):
         x = to_input(batch)
         reconstruction, mean, log_var = model(x)
         sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(x)
         recon_per_image.append(reconstruction_error(x, reconstruction, params.train.reconstruction))
         kl_per_dim.append(kl_divergence(mean, log_var))
-        iw.append(importance_weighted_log_likelihood(model, x, cfg.iw_samples, params.train.reconstruction))
+        iw.append(importance_weighted_log_likelihood(model, x, mean, log_var, cfg.iw_samples,
+                                                     params.train.reconstruction))
+        means.append(mean)
 
     metrics = {f"test_{name}": v for name, v in zip(LOSS_NAMES, (sums / len(test_images)).tolist())}
     metrics[f"test_log_likelihood_iw{cfg.iw_samples}"] = torch.cat(iw).mean().item()
     kl_dims = torch.cat(kl_per_dim).mean(0)
     metrics |= {f"test_kl_dim{i}": v for i, v in enumerate(kl_dims.tolist())}
 
-    test_z = latent_means(model, test_images)
+    test_z = torch.cat(means)
     metrics["active_units"] = int((test_z.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item())
     train_z = latent_means(model, train_images)
     metrics[f"test_knn{cfg.knn_neighbours}_accuracy"] = knn_accuracy(
