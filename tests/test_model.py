@@ -88,8 +88,9 @@ def test_importance_weighted_likelihood_tightens_the_elbo():
     x = torch.rand(64, 1, 28, 28)
     parts = vae_loss(x, *model(x))
     elbo = -(parts.total.item() + 0.5 * 784 * math.log(math.pi))  # the MSE loss is -log N(x; r, 1/2) up to this
-    one_sample = importance_weighted_log_likelihood(model, x, *model.encode(x), 1, "mse").mean().item()
-    many = importance_weighted_log_likelihood(model, x, *model.encode(x), 64, "mse").mean().item()
+    posterior = model.encode(x)
+    one_sample = importance_weighted_log_likelihood(model, x, *posterior, 1, "mse").mean().item()
+    many = importance_weighted_log_likelihood(model, x, *posterior, 64, "mse").mean().item()
     assert one_sample == pytest.approx(elbo, rel=0.01)  # K=1 is an unbiased estimate of the ELBO
     assert many > one_sample
 
