@@ -27,8 +27,10 @@ import torchvision
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.idx import FILES, read_split
-from pipeline.model import VAE, dataset_loss
-from pipeline.train import resolve_device, train_epoch
+from pipeline.losses import dataset_loss
+from pipeline.model import VAE
+from pipeline.runtime import resolve_device
+from pipeline.train import train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0
 

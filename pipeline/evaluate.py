@@ -17,12 +17,14 @@ import math
 import torch
 
 from pipeline import atomic, tracking
+from pipeline.data_parts import part_on
 from pipeline.errors import run_stage
-from pipeline.model import EVAL_BATCH_SIZE, VAE, kl_divergence, latent_means, reconstruction_error, to_input
+from pipeline.losses import LOSS_NAMES, kl_divergence, loss_function, reconstruction_error
+from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
+from pipeline.model_files import file_sha256, load_model
 from pipeline.params import load_params
 from pipeline.paths import MODEL_FILE, TEST_METRICS
-from pipeline.split import load_part
-from pipeline.train import LOSS_NAMES, file_sha256, load_model, loss_function, resolve_device
+from pipeline.runtime import resolve_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -100,10 +102,10 @@ def main() -> None:
     device = resolve_device(params.train.device)
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device)
-    test_images, test_labels = (torch.from_numpy(a).to(device) for a in load_part("test"))
-    train_images, train_labels = (torch.from_numpy(a).to(device) for a in load_part("train"))
+    test_images, test_labels = part_on("test", device)
+    train_images, train_labels = part_on("train", device)
     torch.manual_seed(params.seed)  # the reparameterisation and importance-sampling noise
-    metrics = evaluate(model, test_images, test_labels.long(), train_images, train_labels.long(), params)
+    metrics = evaluate(model, test_images, test_labels, train_images, train_labels, params)
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
     tracked.log_metrics(metrics)

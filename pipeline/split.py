@@ -1,17 +1,14 @@
-"""Stage split: a seeded train/validation split of the training images; the test set kept apart.
-
-Each part is saved as uint8 .npy arrays (images N x 28 x 28, labels N): compact, and byte-identical
-for the same seed, so DVC's hashes are reproducible.
-"""
+"""Stage split: a seeded train/validation split of the training images; the test set kept apart,
+written as the data parts every later stage reads (`pipeline.data_parts`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.atomic import atomic_dir
+from pipeline.data_parts import save_part
 from pipeline.errors import PipelineError, run_stage
 from pipeline.idx import read_split
 from pipeline.params import load_params
@@ -34,16 +31,9 @@ def split(raw_dir: Path, target: Path, val_fraction: float, seed: int) -> dict[s
     test_images, test_labels = read_split(raw_dir, "test")
     with atomic_dir(target) as staging:
         for part, index in parts.items():
-            np.save(staging / f"{part}_images.npy", images[index])
-            np.save(staging / f"{part}_labels.npy", labels[index])
-        np.save(staging / "test_images.npy", test_images)
-        np.save(staging / "test_labels.npy", test_labels)
+            save_part(part, images[index], labels[index], staging)
+        save_part("test", test_images, test_labels, staging)
     return {part: len(index) for part, index in parts.items()} | {"test": len(test_images)}
-
-
-def load_part(part: str, split_dir: Path = SPLIT_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N x 28 x 28 uint8) and labels of 'train', 'val' or 'test'."""
-    return np.load(split_dir / f"{part}_images.npy"), np.load(split_dir / f"{part}_labels.npy")
 
 
 def main() -> None:

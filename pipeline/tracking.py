@@ -31,7 +31,7 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline import atomic
 from pipeline.errors import PipelineError
-from pipeline.params import MlflowParams
+from pipeline.params import MlflowParams, Params
 from pipeline.paths import RUN_FILE, from_root, project_root
 
 
@@ -178,7 +178,23 @@ class TrackedRun:
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=resumed)
         return _started(monitor)
 
-    def log_model(self, model: torch.nn.Module, input_example: np.ndarray, registered_name: str | None) -> None:
+    def log_history(self, history: list[dict]) -> None:
+        """Log the epochs the run does not have yet (those trained before a resume, if any), so a
+        resumed run never holds a step twice."""
+        last_logged = max(self.logged_steps("train_total"), default=0)
+        for row in history:
+            if row["epoch"] > last_logged:
+                self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+    def log_trained_model(self, model_file: Path, model: torch.nn.Module, input_example: np.ndarray,
+                          registered_name: str | None) -> None:
+        """Tie the run to the model file (its sha256, and the md5 dvc.lock records) and log the model."""
+        if self.run_id is None:
+            return
+        content = model_file.read_bytes()
+        model_sha256 = hashlib.sha256(content).hexdigest()
+        self.set_tags({"model.sha256": model_sha256, "dvc.model_md5": hashlib.md5(content).hexdigest()})
+        record_run(self.run_id, model_sha256)
         self._call("model", self._log_model, model, input_example, registered_name)
 
     def _log_model(self, model, input_example, registered_name) -> None:
@@ -208,8 +224,10 @@ def _started(monitor):
         monitor.finish()
 
 
-def start_run(experiment_id: str | None, run_id: str | None = None) -> TrackedRun:
-    """The run to train into: a new one, or `run_id` again when training resumes."""
+def training_run(experiment_id: str | None, run_id: str | None, params: Params, device: torch.device,
+                 datasets: dict[str, torch.Tensor]) -> TrackedRun:
+    """The run to train into: `run_id` again when training resumes, otherwise a new run labelled
+    with the params, where it runs and its data (`datasets`: context -> uint8 images)."""
     if experiment_id is None:
         return TrackedRun(None)
     client = mlflow.MlflowClient()
@@ -220,7 +238,13 @@ def start_run(experiment_id: str | None, run_id: str | None = None) -> TrackedRu
         except mlflow.exceptions.MlflowException:
             print(f"warning: the checkpoint's MLflow run {run_id} is not in this store; logging into a new run",
                   file=sys.stderr)
-    return TrackedRun(client.create_run(experiment_id).info.run_id)
+    tracked = TrackedRun(client.create_run(experiment_id).info.run_id)
+    tracked.log_params({k: (redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()})
+    tracked.set_tags(runtime_tags(device) | git_tags() | dvc_tags())
+    source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
+    for context, images in datasets.items():
+        tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", source, context)
+    return tracked
 
 
 def runtime_tags(device: torch.device) -> dict[str, str]:

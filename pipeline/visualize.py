@@ -25,13 +25,13 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from pipeline import atomic, tracking  # noqa: E402
+from pipeline.data_parts import part_on  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
 from pipeline.model import VAE, latent_means, to_input  # noqa: E402
+from pipeline.model_files import file_sha256, load_model  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
-from pipeline.split import load_part  # noqa: E402
-from pipeline.train import LOSS_NAMES, file_sha256, load_model, resolve_device  # noqa: E402
-
+from pipeline.runtime import resolve_device  # noqa: E402
 
 INTERPOLATED_PAIRS = 6
 
@@ -96,11 +96,13 @@ def interpolation(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int
 
 
 def plot_loss_curves(history_file: Path):
+    """One panel per loss part, train and validation, as the history names them (train_<part>)."""
     with open(history_file) as fh:
         rows = list(csv.DictReader(fh))
     epochs = [int(r["epoch"]) for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, name in zip(axes, LOSS_NAMES):
+    loss_names = [column.removeprefix("train_") for column in rows[0] if column.startswith("train_")]
+    fig, axes = plt.subplots(1, len(loss_names), figsize=(13, 3.6))
+    for ax, name in zip(axes, loss_names):
         for split in ("train", "val"):
             ax.plot(epochs, [float(r[f"{split}_{name}"]) for r in rows], marker="." if len(rows) < 30 else None, label=split)
         ax.set_title(name)
@@ -116,8 +118,7 @@ def main() -> None:
     device = resolve_device(params.train.device)
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device)
-    images, labels = load_part("test")
-    images = torch.from_numpy(images).to(device)
+    images, labels = part_on("test", device)
     torch.manual_seed(params.seed)
     os.makedirs(FIGURES_DIR, exist_ok=True)
 
@@ -132,7 +133,7 @@ def main() -> None:
 
     means = latent_means(model, images)
     origin, axes = latent_plane(means)
-    save_figure(plot_latent_space(means, labels, origin, axes), "latent_space.png")
+    save_figure(plot_latent_space(means, labels.cpu(), origin, axes), "latent_space.png")
     grid = manifold(model, origin, axes, cfg.manifold_size)
     save_figure(image_grid(grid, cfg.manifold_size, "Decoded latent manifold"), "manifold.png")
     pairs = to_input(images[: 2 * INTERPOLATED_PAIRS])

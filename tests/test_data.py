@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torchvision
 
+from pipeline.data_parts import load_part
 from pipeline.download import DATASETS, DownloadError, download
 from pipeline.idx import FILES, IdxError, read_idx, read_pair, write_idx
-from pipeline.split import load_part, split
+from pipeline.split import split
 from tests.synthetic import write_mirror
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.model import VAE, dataset_loss, to_input, vae_loss
+from pipeline.losses import dataset_loss, vae_loss
+from pipeline.model import VAE, to_input
 
 
 def test_shapes_follow_the_reference_architecture():

@@ -95,7 +95,7 @@ def test_logged_model_loads_back_and_reconstructs_like_the_dvc_model(reproduced)
     import torch
 
     from pipeline.model import Reconstructor
-    from pipeline.train import load_model
+    from pipeline.model_files import load_model
 
     client, mlrun = only_run(reproduced)
     [logged] = client.search_logged_models([mlrun.info.experiment_id])
@@ -127,6 +127,17 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(reproduced):
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["split", "train", "evaluate", "visualize"]
     edit_params(reproduced, **{"mlflow.experiment_name": "elsewhere"})
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == []
+
+
+def test_a_code_edit_reruns_exactly_the_stages_whose_results_it_can_change(reproduced):
+    def touch(module: str) -> list[str]:
+        with open(reproduced / "pipeline" / module, "a") as fh:
+            fh.write("# edited\n")
+        return stages_run(run(["dvc", "repro"], reproduced).stdout)
+
+    assert touch("tracking.py") == [], "reporting code changes no result"
+    # Retraining gives the same model bytes on the CPU, so visualize, which does not use the loss, stays.
+    assert touch("losses.py") == ["train", "evaluate"]
 
 
 def test_a_latent_space_above_two_dimensions_is_shown_in_its_principal_plane(project):

@@ -1,0 +1,73 @@
+"""The VAE's loss and its named parts (reconstruction, KL, total), shared by training, validation,
+evaluation and the logs, so every number with one of these names is computed one way."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import EVAL_BATCH_SIZE, VAE, to_input
+from pipeline.params import TrainParams
+
+
+class LossParts(NamedTuple):
+    """Batch means of per-image sums, so numbers do not depend on the batch size."""
+
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    total: torch.Tensor
+
+
+LOSS_NAMES = LossParts._fields
+
+
+def _pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+    """`kind` "mse" (the reference) is squared error, a Gaussian decoder of fixed variance 1/2;
+    "bce" is binary cross-entropy, a Bernoulli decoder."""
+    pixel_loss = F.mse_loss if kind == "mse" else F.binary_cross_entropy
+    return pixel_loss(reconstruction, x, reduction=reduction)
+
+
+def reconstruction_error(x: torch.Tensor, reconstruction: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The loss's reconstruction term per image (summed over its pixels)."""
+    return _pixel_loss(x, reconstruction, kind, "none").flatten(1).sum(1)
+
+
+def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per image and latent dimension."""
+    return -0.5 * (1 + log_var - mean.square() - log_var.exp())
+
+
+def vae_loss(
+    x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
+    beta: float = 1.0, kind: str = "mse",
+) -> LossParts:
+    """Reconstruction error summed over pixels plus beta x KL summed over latent dimensions. The
+    pixel sum is one fused reduction here, the training step's hot path.
+
+    Takes the model's outputs in the order it returns them: `vae_loss(x, *model(x))`.
+    """
+    batch = x.shape[0]
+    recon = _pixel_loss(x, reconstruction, kind, "sum") / batch
+    kl = kl_divergence(mean, log_var).sum() / batch
+    return LossParts(recon, kl, recon + beta * kl)
+
+
+def loss_function(cfg: TrainParams):
+    """The loss these train params select (`train.beta`, `train.reconstruction`)."""
+    return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction)
+
+
+@torch.no_grad()
+def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss) -> torch.Tensor:
+    """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you must)."""
+    model.eval()
+    sums = torch.zeros(3, device=images.device)
+    for batch in images.split(EVAL_BATCH_SIZE):
+        x = to_input(batch, channels_last)
+        sums += torch.stack(loss(x, *model(x))) * len(batch)
+    model.train()
+    return sums / len(images)

@@ -1,0 +1,43 @@
+"""The code's shape: five stage modules side by side, none importing another, and each stage's DVC
+deps naming exactly the shared modules it imports that can change its outputs."""
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+
+STAGES = {"download", "split", "train", "evaluate", "visualize"}
+# Shared modules that cannot change a stage's outputs: reporting to MLflow, the params file's
+# parsing, paths, atomic writes and the error type. Editing one reruns nothing.
+NOT_SHAPING = {"tracking", "params", "paths", "atomic", "errors"}
+
+
+def pipeline_imports(path: Path) -> set[str]:
+    """The pipeline modules `path` imports by name."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")}
+    return names
+
+
+def test_no_module_imports_a_stage():
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        stages_imported = pipeline_imports(path) & STAGES
+        assert not stages_imported, f"{path.name} imports the stage module(s) {sorted(stages_imported)}"
+
+
+def test_each_stage_depends_on_exactly_the_shared_code_that_shapes_its_outputs():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == STAGES
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m pipeline.{name}"
+        code_deps = {Path(dep).stem for dep in stage["deps"] if dep.startswith("pipeline/")}
+        shaping = pipeline_imports(ROOT / "pipeline" / f"{name}.py") - NOT_SHAPING
+        assert code_deps == {name} | shaping, f"dvc.yaml stage {name}: deps {sorted(code_deps)}"
