@@ -49,6 +49,11 @@ def leave_process_group(ranks: Ranks) -> None:
 
 
 def configure_determinism(deterministic: bool) -> None:
-    """CPU runs are bit-reproducible regardless; on CUDA this trades speed for identical runs."""
+    """CPU runs are bit-reproducible regardless; on CUDA this trades speed for identical runs.
+
+    cuBLAS needs a fixed workspace for reproducible matmuls, set before its first call (PyTorch
+    raises in deterministic mode without it); a value the user set is kept."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = not deterministic
