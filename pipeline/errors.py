@@ -16,3 +16,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the stage's previous outputs are left as they were; `dvc repro` runs it again",
+              file=sys.stderr)
+        sys.exit(130)  # the shell's status for a process ended by Ctrl-C

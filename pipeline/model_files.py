@@ -26,13 +26,19 @@ def file_sha256(path: Path) -> str:
 
 def load_torch(path: Path, device: torch.device | str):
     """Read a checkpoint or model as tensors and plain containers only: a file that needs arbitrary
-    unpickling (and could run code) is refused."""
+    unpickling (and could run code) is refused, and a truncated one is named."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise PipelineError(
             f"{path} holds objects other than tensors and plain values; refusing to unpickle it "
             f"({str(exc).splitlines()[0]}). Delete it and rerun the stage that writes it"
+        ) from None
+    except (RuntimeError, EOFError, KeyError) as exc:  # what torch.load raises on a cut-short or garbled file
+        reason = f" ({str(exc).split('. ')[0]})" if isinstance(exc, RuntimeError) else ""
+        raise PipelineError(
+            f"{path} is not a complete PyTorch file{reason}; it is truncated or corrupt. `dvc checkout --force "
+            f"{path}` restores the version dvc.lock records; or delete it and rerun the stage that writes it"
         ) from None
 
 

@@ -72,6 +72,11 @@ def train(params: Params) -> None:
             if ranks.writer:
                 finish(state, tracked, data.validation, params.mlflow.registered_model)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # MLflow's status for a run stopped by its user
+        if ranks.writer and CHECKPOINT_FILE.exists():
+            print(f"the next `dvc repro` resumes from the last finished epoch, in {CHECKPOINT_FILE}", file=sys.stderr)
+        raise
     finally:
         tracked.finish(status)
         leave_process_group(ranks)

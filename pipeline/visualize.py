@@ -14,7 +14,7 @@ components (of the test means): the scatter plots the projection, the manifold d
 from __future__ import annotations
 
 import csv
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -23,23 +23,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline import atomic, tracking  # noqa: E402
 from pipeline.data_parts import part_on  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
 from pipeline.model import VAE, latent_means, to_input  # noqa: E402
 from pipeline.model_files import file_sha256, load_model  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.params import VisualizeParams, load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
 from pipeline.runtime import resolve_device  # noqa: E402
 
 INTERPOLATED_PAIRS = 6
 
 
-def save_figure(fig, name: str) -> None:
+def save_figure(fig, path: Path) -> None:
     """PNG without a software version stamp, so the same figure is the same bytes."""
-    with atomic.atomic_path(FIGURES_DIR / name) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
 
 
@@ -112,36 +112,39 @@ def plot_loss_curves(history_file: Path):
     return fig
 
 
+def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams) -> Iterator[tuple[str, Figure]]:
+    """Each figure with its file name, drawn one at a time."""
+    with torch.no_grad():
+        originals = to_input(images[: cfg.num_images])
+        reconstructions = model.reconstruct(originals)
+        samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=images.device))
+    yield "reconstructions.png", image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
+                                            "Test images (top) and their reconstructions (bottom)")
+    cols = max(1, round(cfg.num_samples**0.5))
+    yield "prior_samples.png", image_grid(samples, cols, "Samples from the prior")
+
+    means = latent_means(model, images)
+    origin, axes = latent_plane(means)
+    yield "latent_space.png", plot_latent_space(means, labels.cpu(), origin, axes)
+    grid = manifold(model, origin, axes, cfg.manifold_size)
+    yield "manifold.png", image_grid(grid, cfg.manifold_size, "Decoded latent manifold")
+    pairs = to_input(images[: 2 * INTERPOLATED_PAIRS])
+    lines = interpolation(model, pairs[0::2], pairs[1::2], cfg.interpolation_steps)
+    yield "interpolation.png", image_grid(lines, cfg.interpolation_steps,
+                                          "Interpolation between test images in latent space")
+    yield "loss_curves.png", plot_loss_curves(TRAIN_HISTORY)
+
+
 def main() -> None:
     params = load_params()
-    cfg = params.visualize
     device = resolve_device(params.train.device)
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)
-    os.makedirs(FIGURES_DIR, exist_ok=True)
-
-    with torch.no_grad():
-        originals = to_input(images[: cfg.num_images])
-        reconstructions = model.reconstruct(originals)
-        samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=device))
-    save_figure(image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
-                           "Test images (top) and their reconstructions (bottom)"), "reconstructions.png")
-    cols = max(1, round(cfg.num_samples**0.5))
-    save_figure(image_grid(samples, cols, "Samples from the prior"), "prior_samples.png")
-
-    means = latent_means(model, images)
-    origin, axes = latent_plane(means)
-    save_figure(plot_latent_space(means, labels.cpu(), origin, axes), "latent_space.png")
-    grid = manifold(model, origin, axes, cfg.manifold_size)
-    save_figure(image_grid(grid, cfg.manifold_size, "Decoded latent manifold"), "manifold.png")
-    pairs = to_input(images[: 2 * INTERPOLATED_PAIRS])
-    lines = interpolation(model, pairs[0::2], pairs[1::2], cfg.interpolation_steps)
-    save_figure(image_grid(lines, cfg.interpolation_steps, "Interpolation between test images in latent space"),
-                "interpolation.png")
-    save_figure(plot_loss_curves(TRAIN_HISTORY), "loss_curves.png")
-
+    with atomic.atomic_dir(FIGURES_DIR) as staging:  # all figures, or the previous ones untouched
+        for name, fig in figures(model, images, labels, params.visualize):
+            save_figure(fig, staging / name)
     tracked.log_artifacts(FIGURES_DIR, "figures")
     tracked.finish()
     print(f"figures written to {FIGURES_DIR}/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -13,8 +14,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -30,9 +33,11 @@ def mirror(tmp_path) -> Path:
 
 
 def project_env() -> dict[str, str]:
-    """The environment DVC stages run in: this interpreter's `python` and `dvc` first on PATH."""
+    """The environment DVC stages run in: this interpreter's `python` and `dvc` first on PATH, and
+    DVC's usage analytics off (their reporting process would outlive a test)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
     env.pop("DVC_ROOT", None)
     return env
 
@@ -101,7 +106,9 @@ def project(tmp_path, mirror) -> Path:
 
 @pytest.fixture
 def http_server():
-    """Serve a folder over real HTTP on 127.0.0.1; yields a function folder -> base URL."""
+    """Serve a folder over real HTTP on 127.0.0.1; yields a function folder -> base URL. The server
+    also answers as an HTTP proxy (`http_proxy=` its URL): a request for http://any.host/a/b is
+    served from folder/a/b."""
     servers = []
 
     def serve(folder: Path) -> str:
@@ -118,6 +125,9 @@ def http_server():
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def translate_path(self, path: str) -> str:
+        return super().translate_path(urllib.parse.urlsplit(path).path)  # a proxy request names the whole URL
+
     def log_message(self, *args) -> None:
         pass
 
@@ -131,11 +141,14 @@ def free_port() -> int:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback over its own sqlite store; yields (url, store uri, process)."""
-    yield from serve_mlflow(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts")
+    with serve_mlflow(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as server:
+        yield server
 
 
+@contextlib.contextmanager
 def serve_mlflow(store: str, artifacts: Path):
-    """Start `mlflow server` on a free loopback port; yields (url, store, process), then stops it."""
+    """`mlflow server` on a free loopback port, in a process group of its own; yields (url, store,
+    process), then stops the whole group (the server, its uvicorn worker and its huey consumers)."""
     port = free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log = artifacts.parent / f"mlflow-server-{port}.log"
@@ -144,17 +157,69 @@ def serve_mlflow(store: str, artifacts: Path):
          "--backend-store-uri", store, "--artifacts-destination", str(artifacts)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        raise AssertionError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-    yield url, store, proc
-    if proc.poll() is None:
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+        yield f"http://127.0.0.1:{port}", store, proc
+    finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to the process group `proc` leads, then SIGKILL to whatever of it is left after
+    `grace_s`: children that ignore SIGTERM or outlive their parent go too."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# Every process the tests start inherits this variable, also those that leave their parent's
+# process group or are re-parented (a daemonised PostgreSQL, DVC's queue workers), so the session
+# can find any that outlive it.
+SESSION_MARKER = "VAE_PIPELINE_TEST_SESSION"
+
+
+def pytest_configure(config) -> None:
+    os.environ[SESSION_MARKER] = str(os.getpid())
+
+
+def processes_started_by_this_session() -> list[psutil.Process]:
+    marker, found = os.environ.get(SESSION_MARKER), []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARKER) == marker:
+                found.append(proc)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if any process a test started is still alive, and stop it, so none piles up."""
+    if os.environ.get(SESSION_MARKER) != str(os.getpid()):
+        return  # a pytest run inside a test
+    leftovers = processes_started_by_this_session()
+    _, leftovers = psutil.wait_procs(leftovers, timeout=5)  # a moment for what is already stopping
+    if not leftovers:
+        return
+    described = [f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}" for p in leftovers if p.is_running()]
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter.write("\n")
+    reporter.write_sep("=", f"FAILED: {len(leftovers)} process(es) started by the tests were still running", red=True)
+    for line in described:
+        reporter.write_line(line, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

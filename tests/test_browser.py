@@ -24,7 +24,8 @@ REPORTS = ROOT / "reports"
 
 @pytest.fixture(scope="module")
 def server(reproduced, tmp_path_factory):
-    yield from serve_mlflow(f"sqlite:///{reproduced}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts"))
+    with serve_mlflow(f"sqlite:///{reproduced}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

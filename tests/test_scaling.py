@@ -76,9 +76,7 @@ def postgres(tmp_path):
 
 def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres):
     project = make_project(tmp_path / "p", mirror)
-    server = serve_mlflow(postgres, tmp_path / "artifacts")
-    url, _, _ = next(server)
-    try:
+    with serve_mlflow(postgres, tmp_path / "artifacts") as (url, _, _):
         edit_params(project, **{"mlflow.tracking_uri": url})
         run(["dvc", "repro"], project)
 
@@ -97,8 +95,6 @@ def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres
         artifacts = api(f"artifacts/list?run_id={found['info']['run_id']}&path=figures")["files"]
         assert len(artifacts) == 6
         assert (tmp_path / "artifacts").exists() and not (project / "mlruns/mlflow.db").exists()
-    finally:
-        server.close()
 
 
 def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(tmp_path, mirror):
