@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import mlflow
@@ -33,6 +35,8 @@ from pipeline import atomic
 from pipeline.errors import PipelineError
 from pipeline.params import MlflowParams, Params
 from pipeline.paths import RUN_FILE, from_root, project_root
+
+T = TypeVar("T")
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -124,14 +128,16 @@ class TrackedRun:
         self.run_id = run_id
         self.not_logged: list[str] = []
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, action: Callable[[mlflow.MlflowClient], T]) -> T | None:
+        """`action(client)`, unless tracking is off (no client is made then: making one would open
+        MLflow's default store, a new mlflow.db in the working folder) or has failed before."""
         if self.run_id is None:
             return None
         if self.not_logged:
             self.not_logged.append(what)
             return None
         try:
-            return fn(*args, **kwargs)
+            return action(mlflow.MlflowClient())
         except Exception as exc:
             print(f"warning: MLflow stopped accepting logs ({type(exc).__name__}); the stage goes on without it",
                   file=sys.stderr)
@@ -139,29 +145,30 @@ class TrackedRun:
             return None
 
     def log_params(self, params: dict) -> None:
-        self._call("params", mlflow.MlflowClient().log_batch, self.run_id,
-                   params=[Param(k, str(v)) for k, v in params.items()])
+        self._call("params", lambda client: client.log_batch(
+            self.run_id, params=[Param(k, str(v)) for k, v in params.items()]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("tags", mlflow.MlflowClient().log_batch, self.run_id,
-                   tags=[RunTag(k, v) for k, v in tags.items()])
+        self._call("tags", lambda client: client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self._call(f"metrics at step {step}", mlflow.MlflowClient().log_batch, self.run_id,
-                   metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        self._call(f"metrics at step {step}", lambda client: client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]))
 
     def logged_steps(self, key: str) -> set[int]:
         if self.not_logged:
             return set()
-        history = self._call(f"history of {key}", mlflow.MlflowClient().get_metric_history, self.run_id, key)
+        history = self._call(f"history of {key}", lambda client: client.get_metric_history(self.run_id, key))
         return {m.step for m in history or []}
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
-        self._call(f"artifacts {artifact_path}/", mlflow.MlflowClient().log_artifacts, self.run_id, str(folder), artifact_path)
+        self._call(f"artifacts {artifact_path}/",
+                   lambda client: client.log_artifacts(self.run_id, str(folder), artifact_path))
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._call(f"image {key} at step {step}", mlflow.MlflowClient().log_image, self.run_id, image, key=key, step=step)
+        self._call(f"image {key} at step {step}",
+                   lambda client: client.log_image(self.run_id, image, key=key, step=step))
 
     def log_dataset(self, array: np.ndarray, name: str, source: str, context: str) -> None:
         """The data as the run's input, with MLflow's digest of its content."""
@@ -169,7 +176,7 @@ class TrackedRun:
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             dataset = mlflow.data.from_numpy(array, source=source, name=name)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self._call(f"dataset {name}", mlflow.MlflowClient().log_inputs, self.run_id, [entity])
+        self._call(f"dataset {name}", lambda client: client.log_inputs(self.run_id, [entity]))
 
     def monitor_system(self, resumed: bool) -> contextlib.AbstractContextManager:
         """CPU, memory and (with nvidia-ml-py) GPU utilisation and memory, sampled while training."""
@@ -195,7 +202,7 @@ class TrackedRun:
         model_sha256 = hashlib.sha256(content).hexdigest()
         self.set_tags({"model.sha256": model_sha256, "dvc.model_md5": hashlib.md5(content).hexdigest()})
         record_run(self.run_id, model_sha256)
-        self._call("model", self._log_model, model, input_example, registered_name)
+        self._call("model", lambda _: self._log_model(model, input_example, registered_name))
 
     def _log_model(self, model, input_example, registered_name) -> None:
         """As a torch.export program: it loads back without our code and without unpickling."""
@@ -209,7 +216,7 @@ class TrackedRun:
             )
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call("run status", mlflow.MlflowClient().set_terminated, self.run_id, status)
+        self._call("run status", lambda client: client.set_terminated(self.run_id, status))
         if self.not_logged:
             print(f"warning: not logged to MLflow run {self.run_id}: {', '.join(self.not_logged)}; "
                   "every DVC output was written", file=sys.stderr)

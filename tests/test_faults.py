@@ -403,7 +403,7 @@ def test_tracking_disabled_runs_the_whole_pipeline_without_a_store(project):
     edit_params(project, **{"mlflow.enabled": False})
     run(["dvc", "repro"], project)
     assert (project / "metrics/test.json").exists() and (project / "figures/manifold.png").exists()
-    assert not (project / "mlruns/mlflow.db").exists()
+    assert not list(project.rglob("mlflow.db")), "no store anywhere, MLflow's default ./mlflow.db included"
 
 
 def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror, mlflow_server, started):
