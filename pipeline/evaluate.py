@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
 from pipeline.model_files import file_sha256, load_model
 from pipeline.params import load_params
 from pipeline.paths import MODEL_FILE, TEST_METRICS
+from pipeline.progress import progress
 from pipeline.runtime import resolve_device
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -36,19 +38,34 @@ def log_likelihood(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> 
     return -reconstruction_error(x, reconstruction, kind) - normaliser
 
 
+def decode_rows(device: torch.device) -> int:
+    """Latent points decoded per pass. On a CPU few: the decoder's activations then stay in cache
+    (2 cores: about 4,800 decodes/s at 64 rows against 3,000 at 1,024); on a GPU, enough to fill it."""
+    return 64 if device.type == "cpu" else 8192
+
+
 @torch.no_grad()
 def importance_weighted_log_likelihood(
     model: VAE, x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, samples: int, kind: str,
+    rows: int = EVAL_BATCH_SIZE, advance: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) per image, z_k ~ q(z|x) = N(mean, exp(log_var))."""
-    std = torch.exp(0.5 * log_var)
-    estimates = []
-    for _ in range(samples):
-        z = mean + torch.randn_like(std) * std
-        log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
-        log_posterior = torch.distributions.Normal(mean, std).log_prob(z).sum(1)
-        estimates.append(log_likelihood(x, model.decode(z), kind) + log_prior - log_posterior)
-    return torch.logsumexp(torch.stack(estimates), 0) - math.log(samples)
+    """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) per image, z_k ~ q(z|x) = N(mean, exp(log_var)).
+
+    All K x B samples are drawn in one call and decoded `rows` at a time, whatever K and B (no
+    Python loop over the samples); `advance(n)` hears of each pass's n decodes."""
+    noise = torch.randn((samples, *mean.shape), device=mean.device, dtype=mean.dtype)
+    z = mean + noise * torch.exp(0.5 * log_var)  # K x B x latent
+    # log p(z) - log q(z|x), summed over the latent dimensions; the log(2 pi) terms cancel.
+    log_prior_over_posterior = 0.5 * (noise.square() - z.square() + log_var).sum(-1)
+    z = z.reshape(-1, z.shape[-1])
+    image = torch.arange(len(z), device=z.device) % len(x)  # row k * B + b is a sample for image b
+    log_px = torch.empty(len(z), device=z.device)
+    for start in range(0, len(z), rows):
+        chosen = slice(start, start + rows)
+        log_px[chosen] = log_likelihood(x[image[chosen]], model.decode(z[chosen]), kind)
+        if advance is not None:
+            advance(min(rows, len(z) - start))
+    return torch.logsumexp(log_px.view(samples, -1) + log_prior_over_posterior, 0) - math.log(samples)
 
 
 @torch.no_grad()
@@ -65,18 +82,19 @@ def knn_accuracy(train_z, train_labels, test_z, test_labels, k: int) -> float:
 @torch.no_grad()
 def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, params) -> dict[str, float]:
     loss = loss_function(params.train)
-    cfg = params.evaluate
+    cfg, kind, channels_last = params.evaluate, params.train.reconstruction, params.train.channels_last
     sums = torch.zeros(3, device=test_images.device)
     recon_per_image, kl_per_dim, iw, means = [], [], [], []
-    for batch in test_images.split(EVAL_BATCH_SIZE):
-        x = to_input(batch)
-        reconstruction, mean, log_var = model(x)
-        sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(x)
-        recon_per_image.append(reconstruction_error(x, reconstruction, params.train.reconstruction))
-        kl_per_dim.append(kl_divergence(mean, log_var))
-        iw.append(importance_weighted_log_likelihood(model, x, mean, log_var, cfg.iw_samples,
-                                                     params.train.reconstruction))
-        means.append(mean)
+    rows = decode_rows(test_images.device)
+    with progress(len(test_images) * cfg.iw_samples, "evaluate: importance-weighted log-likelihood", "decodes") as advance:
+        for batch in test_images.split(EVAL_BATCH_SIZE):
+            x = to_input(batch, channels_last)
+            reconstruction, mean, log_var = model(x)
+            sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(x)
+            recon_per_image.append(reconstruction_error(x, reconstruction, kind))
+            kl_per_dim.append(kl_divergence(mean, log_var))
+            iw.append(importance_weighted_log_likelihood(model, x, mean, log_var, cfg.iw_samples, kind, rows, advance))
+            means.append(mean)
 
     metrics = {f"test_{name}": v for name, v in zip(LOSS_NAMES, (sums / len(test_images)).tolist())}
     metrics[f"test_log_likelihood_iw{cfg.iw_samples}"] = torch.cat(iw).mean().item()
@@ -85,7 +103,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
 
     test_z = torch.cat(means)
     metrics["active_units"] = int((test_z.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item())
-    train_z = latent_means(model, train_images)
+    train_z = latent_means(model, train_images, channels_last)
     metrics[f"test_knn{cfg.knn_neighbours}_accuracy"] = knn_accuracy(
         train_z, train_labels, test_z, test_labels, cfg.knn_neighbours)
 
@@ -101,7 +119,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
-    model = load_model(MODEL_FILE, device)
+    model = load_model(MODEL_FILE, device, params.train.channels_last)
     test_images, test_labels = part_on("test", device)
     train_images, train_labels = part_on("train", device)
     torch.manual_seed(params.seed)  # the reparameterisation and importance-sampling noise

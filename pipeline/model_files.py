@@ -56,12 +56,13 @@ def save_model(model: VAE, path: Path = MODEL_FILE) -> None:
     save_torch({"config": model.config, "state_dict": state}, path)
 
 
-def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu") -> VAE:
-    """The trained model, in eval mode, read without unpickling arbitrary objects."""
+def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu", channels_last: bool = False) -> VAE:
+    """The trained model, in eval mode, read without unpickling arbitrary objects; in channels_last
+    layout if asked (`train.channels_last`: the layout it trained in)."""
     saved = load_torch(path, device)
     model = VAE(**saved["config"]).to(device)
     model.load_state_dict(saved["state_dict"])
-    return model.eval()
+    return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
 
 
 def training_fingerprint(params: Params) -> dict:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +37,7 @@ from pipeline.model_files import (
 )
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.progress import progress
 from pipeline.runtime import Ranks, configure_determinism, join_process_group, leave_process_group, resolve_device
 
 WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
@@ -150,8 +152,10 @@ def run_epoch(epoch: int, state: Training, data: Data, cfg: TrainParams, ranks: 
     """Train one epoch and stop if the loss diverged; then, on rank 0, validate. Returns the epoch's
     row of history (None on the other ranks)."""
     loss = loss_function(cfg)
-    train_parts, first_bad_step = train_epoch(state.step_model, state.optimizer, data.train, cfg.batch_size,
-                                              state.generator, cfg.channels_last, loss, ranks.rank, ranks.world_size)
+    with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
+        train_parts, first_bad_step = train_epoch(state.step_model, state.optimizer, data.train, cfg.batch_size,
+                                                  state.generator, cfg.channels_last, loss, ranks.rank,
+                                                  ranks.world_size, advance)
     if first_bad_step.item() >= 0:
         raise DivergedError(
             f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
@@ -165,9 +169,11 @@ def run_epoch(epoch: int, state: Training, data: Data, cfg: TrainParams, ranks: 
 
 def train_epoch(
     model, optimizer, images, batch_size, generator, channels_last, loss=vae_loss, rank: int = 0, world_size: int = 1,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over `images` in a seeded order. Returns the mean loss parts and the first step whose
     loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU.
+    `advance(n)` hears of each step's n images (for a progress bar).
 
     Under DistributedDataParallel every rank draws the same permutation and takes every
     world_size-th image of each global batch of `batch_size`, so the batches, and the order the
@@ -189,6 +195,8 @@ def train_epoch(
         sums += torch.stack(parts).detach() * len(x)
         bad = ~torch.isfinite(parts.total.detach()) & (first_bad_step < 0)
         first_bad_step = torch.where(bad, step, first_bad_step)
+        if advance is not None:
+            advance(len(index))
     if world_size > 1:
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)

@@ -112,10 +112,11 @@ def plot_loss_curves(history_file: Path):
     return fig
 
 
-def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams) -> Iterator[tuple[str, Figure]]:
+def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams,
+            channels_last: bool) -> Iterator[tuple[str, Figure]]:
     """Each figure with its file name, drawn one at a time."""
     with torch.no_grad():
-        originals = to_input(images[: cfg.num_images])
+        originals = to_input(images[: cfg.num_images], channels_last)
         reconstructions = model.reconstruct(originals)
         samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=images.device))
     yield "reconstructions.png", image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
@@ -123,12 +124,12 @@ def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: Visuali
     cols = max(1, round(cfg.num_samples**0.5))
     yield "prior_samples.png", image_grid(samples, cols, "Samples from the prior")
 
-    means = latent_means(model, images)
+    means = latent_means(model, images, channels_last)
     origin, axes = latent_plane(means)
     yield "latent_space.png", plot_latent_space(means, labels.cpu(), origin, axes)
     grid = manifold(model, origin, axes, cfg.manifold_size)
     yield "manifold.png", image_grid(grid, cfg.manifold_size, "Decoded latent manifold")
-    pairs = to_input(images[: 2 * INTERPOLATED_PAIRS])
+    pairs = to_input(images[: 2 * INTERPOLATED_PAIRS], channels_last)
     lines = interpolation(model, pairs[0::2], pairs[1::2], cfg.interpolation_steps)
     yield "interpolation.png", image_grid(lines, cfg.interpolation_steps,
                                           "Interpolation between test images in latent space")
@@ -139,11 +140,11 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
-    model = load_model(MODEL_FILE, device)
+    model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)
     with atomic.atomic_dir(FIGURES_DIR) as staging:  # all figures, or the previous ones untouched
-        for name, fig in figures(model, images, labels, params.visualize):
+        for name, fig in figures(model, images, labels, params.visualize, params.train.channels_last):
             save_figure(fig, staging / name)
     tracked.log_artifacts(FIGURES_DIR, "figures")
     tracked.finish()

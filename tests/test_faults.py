@@ -333,6 +333,17 @@ def test_a_full_disk_names_the_file_keeps_the_checkpoint_and_the_next_repro_resu
 
 # --- evaluate and visualize -------------------------------------------------------------------------
 
+def test_a_crashed_evaluate_leaves_the_previous_metrics(finished, started):
+    edit_params(finished, **{"evaluate.iw_samples": 5000})
+    before = outputs_of(finished)
+    proc = started(["dvc", "repro"], finished, env=project_env() | {"PIPELINE_PROGRESS_SECONDS": "0.5"})
+    read_until(proc, r"^evaluate: importance-weighted log-likelihood: [\d,]+/300,000 decodes")  # well into its work
+    stage_process(proc, "evaluate").kill()  # SIGKILL, as the kernel's out-of-memory killer does
+    status, seen = finish(proc, "")
+    assert status != 0, seen
+    assert_kept(finished, before)
+
+
 def test_a_crashed_visualize_leaves_the_previous_figures_whole(finished, started):
     edit_params(finished, **{"visualize.manifold_size": 40})
     before = outputs_of(finished)

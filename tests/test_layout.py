@@ -9,9 +9,9 @@ import yaml
 from tests.conftest import ROOT
 
 STAGES = {"download", "split", "train", "evaluate", "visualize"}
-# Shared modules that cannot change a stage's outputs: reporting to MLflow, the params file's
-# parsing, paths, atomic writes and the error type. Editing one reruns nothing.
-NOT_SHAPING = {"tracking", "params", "paths", "atomic", "errors"}
+# Shared modules that cannot change a stage's outputs: reporting to MLflow and progress on screen,
+# the params file's parsing, paths, atomic writes and the error type. Editing one reruns nothing.
+NOT_SHAPING = {"tracking", "progress", "params", "paths", "atomic", "errors"}
 
 
 def pipeline_imports(path: Path) -> set[str]:

@@ -117,3 +117,44 @@ def test_bce_and_beta_options():
     assert bce.total.item() == pytest.approx((bce.reconstruction + 0.5 * bce.kl).item())
     expected = torch.nn.functional.binary_cross_entropy(outputs[0], x, reduction="sum") / 4
     assert bce.reconstruction.item() == pytest.approx(expected.item())
+
+
+def plain_importance_weighted_log_likelihood(model, x, mean, log_var, samples: int, kind: str) -> torch.Tensor:
+    """The estimate written the plain way: one sample for every image at a time, densities from
+    torch.distributions."""
+    import math
+
+    from pipeline.evaluate import log_likelihood
+
+    std = torch.exp(0.5 * log_var)
+    estimates = []
+    for _ in range(samples):
+        z = mean + torch.randn_like(std) * std
+        log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+        log_posterior = torch.distributions.Normal(mean, std).log_prob(z).sum(1)
+        estimates.append(log_likelihood(x, model.decode(z), kind) + log_prior - log_posterior)
+    return torch.logsumexp(torch.stack(estimates), 0) - math.log(samples)
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+def test_batched_importance_weighted_estimate_matches_the_plain_per_sample_one(kind):
+    from pipeline.evaluate import importance_weighted_log_likelihood
+
+    torch.manual_seed(0)
+    model = VAE().eval()
+    x = torch.rand(64, 1, 28, 28)  # 64 images x 2 latent dimensions: one draw of K x 64 is K draws of 64
+    with torch.no_grad():
+        posterior = model.encode(x)
+        torch.manual_seed(1)
+        plain = plain_importance_weighted_log_likelihood(model, x, *posterior, 10, kind)
+    torch.manual_seed(1)
+    decoded = []
+    batched = importance_weighted_log_likelihood(model, x, *posterior, 10, kind, rows=48, advance=decoded.append)
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-4)
+    assert sum(decoded) == 640 and max(decoded) == 48, "640 decodes in passes of at most 48 rows"
+
+    model.to(memory_format=torch.channels_last)  # the layout evaluate runs in
+    torch.manual_seed(1)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(importance_weighted_log_likelihood(model, x_last, *posterior, 10, kind, rows=64),
+                               plain, rtol=1e-5, atol=1e-3)
