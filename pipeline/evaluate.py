@@ -127,6 +127,7 @@ def main() -> None:
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
     tracked.log_metrics(metrics)
+    tracked.describe()  # now with the test metrics
     tracked.finish()
     print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -30,11 +29,12 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from pipeline import atomic
+from pipeline import atomic, provenance
 from pipeline.errors import PipelineError
-from pipeline.params import MlflowParams, Params
-from pipeline.paths import RUN_FILE, from_root, project_root
+from pipeline.params import PARAMS_FILE, MlflowParams, Params
+from pipeline.paths import RUN_FILE, from_root
 
 T = TypeVar("T")
 
@@ -166,6 +166,14 @@ class TrackedRun:
         self._call(f"artifacts {artifact_path}/",
                    lambda client: client.log_artifacts(self.run_id, str(folder), artifact_path))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call(f"artifact {artifact_file}", lambda client: client.log_text(self.run_id, text, artifact_file))
+
+    def describe(self) -> None:
+        """(Re)write the run's description from what the run holds now (`provenance.describe`)."""
+        self._call("description", lambda client: client.set_tag(
+            self.run_id, MLFLOW_RUN_NOTE, provenance.describe(client.get_run(self.run_id))))
+
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self._call(f"image {key} at step {step}",
                    lambda client: client.log_image(self.run_id, image, key=key, step=step))
@@ -233,8 +241,9 @@ def _started(monitor):
 
 def training_run(experiment_id: str | None, run_id: str | None, params: Params, device: torch.device,
                  datasets: dict[str, torch.Tensor]) -> TrackedRun:
-    """The run to train into: `run_id` again when training resumes, otherwise a new run labelled
-    with the params, where it runs and its data (`datasets`: context -> uint8 images)."""
+    """The run to train into: `run_id` again when training resumes, otherwise a new run, named and
+    labelled: its params, params.yaml and the packages it ran with, where it comes from (MLflow's
+    source and git tags), where it runs, and its data (`datasets`: context -> uint8 images)."""
     if experiment_id is None:
         return TrackedRun(None)
     client = mlflow.MlflowClient()
@@ -245,12 +254,16 @@ def training_run(experiment_id: str | None, run_id: str | None, params: Params, 
         except mlflow.exceptions.MlflowException:
             print(f"warning: the checkpoint's MLflow run {run_id} is not in this store; logging into a new run",
                   file=sys.stderr)
-    tracked = TrackedRun(client.create_run(experiment_id).info.run_id)
-    tracked.log_params({k: (redact(v) if k == "mlflow.tracking_uri" else v) for k, v in params.flat().items()})
-    tracked.set_tags(runtime_tags(device) | git_tags() | dvc_tags())
-    source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
+    source = provenance.source()
+    tracked = TrackedRun(client.create_run(experiment_id, run_name=provenance.run_name(params, source)).info.run_id)
+    uri = params.mlflow.tracking_uri
+    tracked.log_params(provenance.flat_yaml(params) | {"mlflow.tracking_uri": provenance.yaml_value(redact(uri))})
+    tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, "train") | dvc_tags())
+    tracked.log_text(PARAMS_FILE.read_text().replace(uri, redact(uri)), PARAMS_FILE.name)
+    tracked.log_text(provenance.environment(), "environment/requirements.txt")
+    data_source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
     for context, images in datasets.items():
-        tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", source, context)
+        tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", data_source, context)
     return tracked
 
 
@@ -281,17 +294,6 @@ def dvc_tags() -> dict[str, str]:
     if lock.exists():
         tags["dvc.lock.parent_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
     return tags
-
-
-def git_tags() -> dict[str, str]:
-    """The commit the run was made from, and whether the tree had uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
-    except (OSError, subprocess.CalledProcessError):
-        return {}
 
 
 def record_run(run_id: str, model_sha256: str) -> None:

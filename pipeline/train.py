@@ -233,7 +233,8 @@ def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor,
            registered_name: str | None) -> None:
-    """Write the DVC outputs (the model, the final metrics, the history), then log the model to the run."""
+    """Write the DVC outputs (the model, the final metrics, the history), then log the model to the
+    run and describe the run."""
     save_model(state.model)
     final = {k: round(v, 6) for k, v in state.history[-1].items() if k != "epoch"}
     atomic.write_text(TRAIN_METRICS, json.dumps({"epochs": state.history[-1]["epoch"]} | final, indent=2) + "\n")
@@ -241,6 +242,7 @@ def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tens
     if tracked.run_id is not None:
         example = to_input(validation[:4]).cpu().numpy()
         tracked.log_trained_model(MODEL_FILE, Reconstructor(load_model(MODEL_FILE)), example, registered_name)
+        tracked.describe()
 
 
 def history_csv(history: list[dict]) -> str:

@@ -99,6 +99,19 @@ def reproduced(tmp_path_factory) -> Path:
     return project
 
 
+LEARNING_RATES = ("0.001", "0.002")  # of the two experiments
+
+
+@pytest.fixture(scope="session")
+def experiments(tmp_path_factory) -> Path:
+    """A project and two experiments on it, run as a user runs them: `dvc exp run -S ...`."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"))
+    for rate in LEARNING_RATES:
+        run(["dvc", "exp", "run", "-S", f"train.learning_rate={rate}"], project)
+    return project
+
+
 @pytest.fixture
 def project(tmp_path, mirror) -> Path:
     return make_project(tmp_path / "project", mirror)

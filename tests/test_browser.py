@@ -1,14 +1,16 @@
-"""The MLflow UI, opened in a real headless Chromium over a real `mlflow server` on the end-to-end
-run's store, shows the run, its loss metrics and its images. Screenshots are kept in reports/."""
+"""The MLflow UI, opened in a real headless Chromium over a real `mlflow server` on the store of two
+`dvc exp run` experiments, lists the runs by their DVC experiment names and shows each run's
+source, commit, description, losses and images. Screenshots are kept in reports/."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, serve_mlflow
+from tests.conftest import ROOT, run, serve_mlflow
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -23,8 +25,8 @@ REPORTS = ROOT / "reports"
 
 
 @pytest.fixture(scope="module")
-def server(reproduced, tmp_path_factory):
-    with serve_mlflow(f"sqlite:///{reproduced}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts")) as running:
+def server(experiments, tmp_path_factory):
+    with serve_mlflow(f"sqlite:///{experiments}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts")) as running:
         yield running
 
 
@@ -60,18 +62,29 @@ def screenshot(browser, name: str) -> None:
     browser.save_screenshot(str(REPORTS / name))
 
 
-def test_mlflow_ui_shows_the_run_its_losses_and_its_images(server, browser):
+def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_description_and_results(
+        server, browser, experiments):
     url, store, _ = server
     client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("vae-pipeline")
-    first = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])[0]
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    names = run(["dvc", "exp", "list", "--name-only"], experiments).stdout.split()
+    assert sorted(r.info.run_name for r in runs) == sorted(names)
     base = f"{url}/#/experiments/{experiment.experiment_id}"
 
-    open_and_wait(browser, f"{base}/runs?workflowType=machine_learning", "vae-pipeline", first.info.run_name)
+    open_and_wait(browser, f"{base}/runs?workflowType=machine_learning", "vae-pipeline", *names)
     screenshot(browser, "mlflow-runs.png")
 
-    text = open_and_wait(browser, f"{base}/runs/{first.info.run_id}", first.info.run_name, "train_total", "val_total",
-                         "test_total", "test_knn5_accuracy")
+    first = runs[0]
+    commit = first.data.tags["mlflow.source.git.commit"]
+    branch = first.data.tags["mlflow.source.git.branch"]
+    text = open_and_wait(browser, f"{base}/runs/{first.info.run_id}", first.info.run_name, "Description",
+                         "train_total", "val_total", "test_total", "test_knn5_accuracy")
+    assert f"Created by\n{getpass.getuser()}\n" in text, "the user, from mlflow.user"
+    assert f"Source\ntrain.py\n{branch}\n{commit[:7]}\n" in text, "the source, its branch and commit"
+    browser.find_element(By.XPATH, "//*[normalize-space(text())='Show more']").click()  # the whole description
+    reproduce = f"dvc exp run -S train.learning_rate={first.data.params['train.learning_rate']}"
+    WebDriverWait(browser, 30).until(lambda b: "Reproduce" in page_text(b) and reproduce in page_text(b))
     for name in ("train_total", "test_total"):  # the values too, as the store holds them
         assert repr(first.data.metrics[name]) in text, f"{name} = {first.data.metrics[name]!r} not shown"
     screenshot(browser, "mlflow-run.png")

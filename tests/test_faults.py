@@ -475,6 +475,7 @@ def test_queued_experiments_run_in_parallel_into_the_projects_own_store(project)
     for mlrun in runs:
         assert mlrun.info.status == "FINISHED"
         assert mlrun.data.tags.get("dvc.exp_name"), "a queued run names its DVC experiment"
+        assert mlrun.info.run_name == mlrun.data.tags["dvc.exp_name"], "and is named after it"
         assert {"test_total", "val_total"} <= set(mlrun.data.metrics), "every stage logged into the one run"
         assert len(client.list_artifacts(mlrun.info.run_id, "figures")) == 6
     leftovers = list((project / ".dvc/tmp").rglob("mlflow.db")) if (project / ".dvc/tmp").exists() else []

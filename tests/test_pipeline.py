@@ -68,7 +68,8 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
 
     tags = mlrun.data.tags
     head = run(["git", "rev-parse", "HEAD"], reproduced).stdout.strip()
-    assert tags["git.commit"] == head
+    assert tags["mlflow.source.git.commit"] == head
+    assert mlrun.info.run_name == head[:7], "under dvc repro, a run of the committed params is named by its commit"
     assert tags["device.type"] == "cpu" and tags["torch.version"] and tags["cpu.threads"]
     assert tags["model.sha256"] == __import__("hashlib").sha256((reproduced / "models/model.pt").read_bytes()).hexdigest()
 
@@ -123,6 +124,12 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(reproduced):
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["visualize"]
     edit_params(reproduced, **{"train.learning_rate": 0.001})
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["train", "evaluate", "visualize"]
+    client = client_for(reproduced)
+    [newest] = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id],
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    head = run(["git", "rev-parse", "--short=7", "HEAD"], reproduced).stdout.strip()
+    assert newest.info.run_name == f"{head} train.learning_rate=0.001 visualize.num_images=6", \
+        "named by the commit and the params that differ from its params.yaml"
     edit_params(reproduced, **{"data.val_fraction": 0.25})
     assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["split", "train", "evaluate", "visualize"]
     edit_params(reproduced, **{"mlflow.experiment_name": "elsewhere"})

@@ -1,0 +1,81 @@
+"""One experiment, one name: after two `dvc exp run -S ...` experiments, MLflow names each run as
+`dvc exp show` names the experiment, fills its own Source, commit, user and description fields, and
+the description's commands reproduce the run's model, byte for byte, in a fresh clone."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import importlib.metadata
+import re
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import LEARNING_RATES, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def runs_by_name(project) -> dict[str, mlflow.entities.Run]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def test_mlflow_names_each_run_as_dvc_names_the_experiment(experiments):
+    names = run(["dvc", "exp", "list", "--name-only"], experiments).stdout.split()
+    runs = runs_by_name(experiments)
+    assert len(names) == 2 and sorted(runs) == sorted(names), (names, list(runs))
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], experiments).stdout
+    assert all(name in shown for name in names), shown
+    by_rate = {r.data.params["train.learning_rate"]: r for r in runs.values()}
+    assert sorted(by_rate) == sorted(LEARNING_RATES)
+    for mlrun in runs.values():
+        assert mlrun.info.status == "FINISHED"
+        assert mlrun.data.tags["dvc.exp_name"] == mlrun.info.run_name
+
+
+def test_each_run_says_where_it_comes_from_in_mlflows_own_fields(experiments, tmp_path):
+    head = run(["git", "rev-parse", "HEAD"], experiments).stdout.strip()
+    branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], experiments).stdout.strip()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{experiments}/mlruns/mlflow.db")
+    for mlrun in runs_by_name(experiments).values():
+        tags, rate = mlrun.data.tags, mlrun.data.params["train.learning_rate"]
+        assert tags["mlflow.source.name"] == str(experiments / "pipeline" / "train.py")
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.git.branch"] == branch
+        assert tags["mlflow.source.git.dirty"] == "true", "params.yaml differs from the commit"
+        assert "git.uncommitted_code" not in tags, "only params differ: the commit has all the code"
+        assert tags["mlflow.user"] == getpass.getuser()
+
+        note = tags["mlflow.note.content"]
+        assert f"as DVC experiment `{mlrun.info.run_name}` of commit `{head[:7]}` on branch `{branch}`" in note
+        assert f"`train.learning_rate` {rate} (reference 0.0005)" in note
+        assert re.search(r"- \*\*Test\*\*: test_total [\d.]+, test_reconstruction", note), "evaluate added its metrics"
+        assert f"git checkout {head}\n" in note and f"dvc exp run -S train.learning_rate={rate}\n" in note
+
+        into = tmp_path / mlrun.info.run_id
+        into.mkdir()
+        seen = yaml.safe_load(open(client.download_artifacts(mlrun.info.run_id, "params.yaml", str(into))))
+        assert seen["train"]["learning_rate"] == float(rate), "params.yaml as the run saw it"
+        packages = open(client.download_artifacts(mlrun.info.run_id, "environment/requirements.txt", str(into))).read()
+        for package in ("torch", "mlflow", "dvc"):
+            assert f"{package}=={importlib.metadata.version(package)}\n" in packages, "the exact versions it ran with"
+
+
+def test_the_descriptions_commands_reproduce_the_model_in_a_fresh_clone(experiments, tmp_path):
+    """Every command of the description runs as written, but the environment's set-up: the test runs
+    in the environment it already has, made from the same lock file."""
+    mlrun = runs_by_name(experiments)[sorted(runs_by_name(experiments))[0]]
+    note = mlrun.data.tags["mlflow.note.content"]
+    [block] = re.findall(r"```bash\n(.*?)```", note, re.S)
+    commands = [line for line in block.splitlines() if not line.startswith("python3 -m venv")]
+    assert len(commands) == 3, block
+    result = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=project_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    model = (tmp_path / "vae-pipeline" / "models" / "model.pt").read_bytes()
+    assert hashlib.sha256(model).hexdigest() == mlrun.data.tags["model.sha256"]
