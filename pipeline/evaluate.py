@@ -103,7 +103,8 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
 
     test_z = torch.cat(means)
     metrics["active_units"] = int((test_z.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item())
-    train_z = latent_means(model, train_images, channels_last)
+    with progress(len(train_images), "evaluate: latent means of the training images", "images") as advance:
+        train_z = latent_means(model, train_images, channels_last, advance)
     metrics[f"test_knn{cfg.knn_neighbours}_accuracy"] = knn_accuracy(
         train_z, train_labels, test_z, test_labels, cfg.knn_neighbours)
 

@@ -7,6 +7,8 @@ and log-variance of q(z|x). Decoder: a linear expand back to the last conv map, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -82,6 +84,12 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_means(model: VAE, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """Posterior means E[z|x] of uint8 `images`, in large batches."""
-    return torch.cat([model.encode(to_input(batch, channels_last))[0] for batch in images.split(EVAL_BATCH_SIZE)])
+def latent_means(model: VAE, images: torch.Tensor, channels_last: bool = False,
+                 advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Posterior means E[z|x] of uint8 `images`, in large batches; `advance(n)` hears of each batch."""
+    means = []
+    for batch in images.split(EVAL_BATCH_SIZE):
+        means.append(model.encode(to_input(batch, channels_last))[0])
+        if advance is not None:
+            advance(len(batch))
+    return torch.cat(means)

@@ -32,9 +32,11 @@ from pipeline.model import VAE, latent_means, to_input  # noqa: E402
 from pipeline.model_files import file_sha256, load_model  # noqa: E402
 from pipeline.params import VisualizeParams, load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
+from pipeline.progress import progress  # noqa: E402
 from pipeline.runtime import resolve_device  # noqa: E402
 
 INTERPOLATED_PAIRS = 6
+FIGURE_COUNT = 6  # the figures `figures` draws
 
 
 def save_figure(fig, path: Path) -> None:
@@ -143,9 +145,12 @@ def main() -> None:
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)
-    with atomic.atomic_dir(FIGURES_DIR) as staging:  # all figures, or the previous ones untouched
-        for name, fig in figures(model, images, labels, params.visualize, params.train.channels_last):
+    drawn = figures(model, images, labels, params.visualize, params.train.channels_last)
+    # All the figures, or the previous ones untouched.
+    with atomic.atomic_dir(FIGURES_DIR) as staging, progress(FIGURE_COUNT, "visualize", "figures") as advance:
+        for name, fig in drawn:
             save_figure(fig, staging / name)
+            advance(1)
     tracked.log_artifacts(FIGURES_DIR, "figures")
     tracked.finish()
     print(f"figures written to {FIGURES_DIR}/")

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.visualize import FIGURE_COUNT
 from tests.conftest import EPOCHS, edit_params, run, stages_run
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,7 @@ def test_every_output_is_written(reproduced):
     assert float(history[-1]["train_total"]) < float(history[0]["train_total"]), "training should lower the loss"
 
     figures = sorted(f.name for f in (p / "figures").iterdir())
+    assert len(figures) == FIGURE_COUNT, "the count its progress bar shows"
     assert figures == ["interpolation.png", "latent_space.png", "loss_curves.png", "manifold.png", "prior_samples.png",
                        "reconstructions.png"]
     assert all((p / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
