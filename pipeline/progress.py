@@ -32,7 +32,7 @@ class _Lines:
         if now - self.printed < self.every or self.done >= self.total:
             return
         self.printed = now
-        rate = self.done / (now - self.started)
+        rate = self.done / max(now - self.started, 1e-9)
         print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}), "
               f"{rate:,.0f} {self.unit}/s, about {(self.total - self.done) / rate:.0f} s left", file=sys.stderr, flush=True)
 
