@@ -69,7 +69,8 @@ def test_each_run_says_where_it_comes_from_in_mlflows_own_fields(experiments, tm
 def test_the_descriptions_commands_reproduce_the_model_in_a_fresh_clone(experiments, tmp_path):
     """Every command of the description runs as written, but the environment's set-up: the test runs
     in the environment it already has, made from the same lock file."""
-    mlrun = runs_by_name(experiments)[sorted(runs_by_name(experiments))[0]]
+    runs = runs_by_name(experiments)
+    mlrun = runs[min(runs)]
     note = mlrun.data.tags["mlflow.note.content"]
     [block] = re.findall(r"```bash\n(.*?)```", note, re.S)
     commands = [line for line in block.splitlines() if not line.startswith("python3 -m venv")]
