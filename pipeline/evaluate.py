@@ -26,7 +26,7 @@ from pipeline.model_files import file_sha256, load_model
 from pipeline.params import load_params
 from pipeline.paths import MODEL_FILE, TEST_METRICS
 from pipeline.progress import progress
-from pipeline.runtime import resolve_device
+from pipeline.runtime import resolve_device, standard_normal
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -53,7 +53,7 @@ def importance_weighted_log_likelihood(
 
     All K x B samples are drawn in one call and decoded `rows` at a time, whatever K and B (no
     Python loop over the samples); `advance(n)` hears of each pass's n decodes."""
-    noise = torch.randn((samples, *mean.shape), device=mean.device, dtype=mean.dtype)
+    noise = standard_normal((samples, *mean.shape), mean.device)
     z = mean + noise * torch.exp(0.5 * log_var)  # K x B x latent
     # log p(z) - log q(z|x), summed over the latent dimensions; the log(2 pi) terms cancel.
     log_prior_over_posterior = 0.5 * (noise.square() - z.square() + log_var).sum(-1)
@@ -85,11 +85,11 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     cfg, kind, channels_last = params.evaluate, params.train.reconstruction, params.train.channels_last
     sums = torch.zeros(3, device=test_images.device)
     recon_per_image, kl_per_dim, iw, means = [], [], [], []
-    rows = decode_rows(test_images.device)
+    rows, latent_dim = decode_rows(test_images.device), model.config["latent_dim"]
     with progress(len(test_images) * cfg.iw_samples, "evaluate: importance-weighted log-likelihood", "decodes") as advance:
         for batch in test_images.split(EVAL_BATCH_SIZE):
             x = to_input(batch, channels_last)
-            reconstruction, mean, log_var = model(x)
+            reconstruction, mean, log_var = model(x, standard_normal((len(x), latent_dim), x.device))
             sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(x)
             recon_per_image.append(reconstruction_error(x, reconstruction, kind))
             kl_per_dim.append(kl_divergence(mean, log_var))
@@ -123,7 +123,7 @@ def main() -> None:
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     test_images, test_labels = part_on("test", device)
     train_images, train_labels = part_on("train", device)
-    torch.manual_seed(params.seed)  # the reparameterisation and importance-sampling noise
+    torch.manual_seed(params.seed)  # the reparameterisation and importance-sampling noise, drawn on the CPU
     metrics = evaluate(model, test_images, test_labels, train_images, train_labels, params)
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")

@@ -51,10 +51,14 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.expand(z))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruct x through a sample z ~ q(z|x) (the reparameterisation trick)."""
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruct x through a sample z ~ q(z|x) (the reparameterisation trick), from the given
+        standard normal `noise` (batch x latent_dim) or from noise drawn on x's device."""
         mean, log_var = self.encode(x)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)
+        if noise is None:
+            noise = torch.randn_like(mean)
+        z = mean + noise * torch.exp(0.5 * log_var)
         return self.decode(z), mean, log_var
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

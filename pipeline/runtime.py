@@ -48,6 +48,13 @@ def leave_process_group(ranks: Ranks) -> None:
         torch.distributed.destroy_process_group()
 
 
+def standard_normal(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """N(0, 1) noise drawn by the CPU's seeded generator, then moved to `device`. A GPU's generator
+    draws other numbers from the same seed; drawn here, a seeded evaluation sees the same noise on
+    any device, and its results agree across devices up to float rounding."""
+    return torch.randn(shape).to(device)
+
+
 def configure_determinism(deterministic: bool) -> None:
     """CPU runs are bit-reproducible regardless; on CUDA this trades speed for identical runs.
 

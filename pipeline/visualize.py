@@ -33,7 +33,7 @@ from pipeline.model_files import file_sha256, load_model  # noqa: E402
 from pipeline.params import VisualizeParams, load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
 from pipeline.progress import progress  # noqa: E402
-from pipeline.runtime import resolve_device  # noqa: E402
+from pipeline.runtime import resolve_device, standard_normal  # noqa: E402
 
 INTERPOLATED_PAIRS = 6
 FIGURE_COUNT = 6  # the figures `figures` draws
@@ -120,7 +120,7 @@ def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: Visuali
     with torch.no_grad():
         originals = to_input(images[: cfg.num_images], channels_last)
         reconstructions = model.reconstruct(originals)
-        samples = model.decode(torch.randn(cfg.num_samples, model.config["latent_dim"], device=images.device))
+        samples = model.decode(standard_normal((cfg.num_samples, model.config["latent_dim"]), images.device))
     yield "reconstructions.png", image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
                                             "Test images (top) and their reconstructions (bottom)")
     cols = max(1, round(cfg.num_samples**0.5))
@@ -144,7 +144,7 @@ def main() -> None:
     tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
-    torch.manual_seed(params.seed)
+    torch.manual_seed(params.seed)  # the prior samples, drawn on the CPU
     drawn = figures(model, images, labels, params.visualize, params.train.channels_last)
     # All the figures, or the previous ones untouched.
     with atomic.atomic_dir(FIGURES_DIR) as staging, progress(FIGURE_COUNT, "visualize", "figures") as advance:
