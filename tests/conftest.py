@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 import yaml
@@ -72,7 +73,9 @@ def make_project(dest: Path, mirror: Path, **changes) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    edit_params(dest, **{"data.mirror": str(mirror), "train.epochs": 1, "train.batch_size": 32,
+    # On the CPU, whatever the machine: the suite compares exact bytes, which CUDA gives only in
+    # deterministic mode; tests/test_cuda.py runs the pipeline on the GPU.
+    edit_params(dest, **{"data.mirror": str(mirror), "train.device": "cpu", "train.epochs": 1, "train.batch_size": 32,
                          "visualize.num_samples": 16, "visualize.manifold_size": 5, **changes})
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "add", "-A"], dest)
@@ -81,6 +84,8 @@ def make_project(dest: Path, mirror: Path, **changes) -> Path:
 
 
 EPOCHS = 2  # of the end-to-end run
+# MLflow's own setting: system metrics every 0.2 s instead of 10, so a training of seconds logs some.
+SYSTEM_METRICS_OFTEN = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
 
 
 def stages_run(output: str) -> list[str]:
@@ -94,7 +99,7 @@ def reproduced(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"),
                            **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"})
-    result = run(["dvc", "repro"], project)
+    result = run(["dvc", "repro"], project, env=project_env() | SYSTEM_METRICS_OFTEN)
     assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
     return project
 
@@ -195,6 +200,39 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture
+def started():
+    """Start processes in sessions of their own (a signal to the group reaches their children, as
+    Ctrl-C in a terminal does); every group still alive at the end of the test is stopped."""
+    processes = []
+
+    def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(args, cwd=cwd, env=kwargs.pop("env", project_env()), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+        processes.append(proc)
+        return proc
+
+    yield start
+    for proc in processes:
+        stop_process_group(proc)
+        proc.stdout.close()
+
+
+def read_until(proc: subprocess.Popen, pattern: str) -> str:
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if re.search(pattern, line):
+            return seen
+    raise AssertionError(f"process ended before printing {pattern!r}:\n{seen}")
+
+
+def runs_of(project: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    return client, client.search_runs([experiment.experiment_id])
 
 
 # Every process the tests start inherits this variable, also those that leave their parent's

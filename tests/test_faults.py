@@ -22,7 +22,16 @@ import psutil
 import pytest
 
 from pipeline.idx import FILES, write_idx
-from tests.conftest import edit_params, free_port, make_project, project_env, run, stages_run, stop_process_group
+from tests.conftest import (
+    edit_params,
+    free_port,
+    make_project,
+    project_env,
+    read_until,
+    run,
+    runs_of,
+    stages_run,
+)
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
@@ -78,33 +87,6 @@ def assert_kept(project: Path, before: dict[str, bytes]) -> None:
     assert "changed outs" not in status, status
 
 
-@pytest.fixture
-def started():
-    """Start processes in sessions of their own (a signal to the group reaches their children, as
-    Ctrl-C in a terminal does); every group still alive at the end of the test is stopped."""
-    processes = []
-
-    def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(args, cwd=cwd, env=kwargs.pop("env", project_env()), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
-        processes.append(proc)
-        return proc
-
-    yield start
-    for proc in processes:
-        stop_process_group(proc)
-        proc.stdout.close()
-
-
-def read_until(proc: subprocess.Popen, pattern: str) -> str:
-    seen = ""
-    for line in proc.stdout:
-        seen += line
-        if re.search(pattern, line):
-            return seen
-    raise AssertionError(f"process ended before printing {pattern!r}:\n{seen}")
-
-
 def finish(proc: subprocess.Popen, seen: str, timeout: float = 300) -> tuple[int, str]:
     """Wait for `proc`; its exit status and everything it printed."""
     seen += proc.stdout.read()
@@ -121,12 +103,6 @@ def stage_process(dvc: subprocess.Popen, stage: str, timeout: float = 120) -> ps
                     return child
         time.sleep(0.05)
     raise AssertionError(f"DVC did not start the {stage} stage within {timeout} s")
-
-
-def runs_of(project: Path):
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    experiment = client.get_experiment_by_name("vae-pipeline")
-    return client, client.search_runs([experiment.experiment_id])
 
 
 # --- the download stage: a bad mirror -------------------------------------------------------------

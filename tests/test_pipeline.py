@@ -67,6 +67,7 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     for name in ("train_reconstruction", "train_kl", "train_total", "val_reconstruction", "val_kl", "val_total"):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, name)] == list(range(1, EPOCHS + 1))
     assert set(mlrun.data.metrics) >= {"test_reconstruction", "test_kl", "test_total"}
+    assert client.get_metric_history(mlrun.info.run_id, "system/cpu_utilization_percentage"), "sampled while training"
 
     tags = mlrun.data.tags
     head = run(["git", "rev-parse", "HEAD"], reproduced).stdout.strip()
