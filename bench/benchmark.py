@@ -1,8 +1,13 @@
-"""Seconds per epoch: the loop a user would write against the pipeline's own loop, side by side.
+"""Seconds per epoch: the loop a user would write against the pipeline's own loop and its
+variants, side by side.
 
-Both train the reference model (batch 64, Adam 5e-4) on the same 80/20 split of a local IDX
-mirror, on the same device, alternating epoch by epoch so drift in the machine hits both alike.
-An epoch is training plus validation. Prints a table and writes the result as JSON.
+All train the reference model (batch 64, Adam 5e-4) from the same seed on the same 80/20 split of
+a local IDX mirror, on the same device, alternating epoch by epoch so drift in the machine hits all
+alike. An epoch is training plus validation. The variants change one thing each against the
+pipeline's default: the step eager instead of a CUDA graph, Adam's multi-tensor (foreach) update
+instead of the fused kernel, the forward pass under bf16 autocast, a larger validation batch.
+Each variant's losses per round are printed beside its time, so a change that alters the loss
+curve shows. Prints a table and writes the result as JSON.
 
     python bench/benchmark.py /path/to/fashion-mnist --rounds 3 --out bench/results/cpu.json
 """
@@ -10,6 +15,7 @@ An epoch is training plus validation. Prints a table and writes the result as JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gzip
 import json
@@ -28,9 +34,9 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.idx import FILES, read_split
 from pipeline.losses import dataset_loss
-from pipeline.model import VAE
-from pipeline.runtime import resolve_device
-from pipeline.train import train_epoch
+from pipeline.model import EVAL_BATCH_SIZE, VAE
+from pipeline.runtime import configure_determinism, resolve_device
+from pipeline.train import TrainStep, make_optimizer, train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0
 
@@ -82,19 +88,41 @@ class UserLoop:
         return total / len(self.train.dataset), val / len(self.val.dataset)
 
 
-class PipelineLoop:
-    """pipeline.train's own epoch: device-resident uint8 data, device-side sums, channels_last."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the pipeline's loop is run; the defaults are what `dvc repro` does."""
 
-    def __init__(self, train_images, val_images, device):
-        self.train_images, self.val_images = train_images.to(device), val_images.to(device)
+    name: str
+    cuda_graph: bool = True
+    fused_adam: bool = True
+    bf16: bool = False
+    val_batch: int = EVAL_BATCH_SIZE
+
+
+PIPELINE = Variant("pipeline")
+VARIANTS = {
+    "cuda": [PIPELINE, Variant("eager step", cuda_graph=False), Variant("foreach Adam", fused_adam=False),
+             Variant("bf16 forward", bf16=True), Variant("val batch 12000", val_batch=12_000)],
+    "cpu": [PIPELINE, Variant("bf16 forward", bf16=True)],
+}
+
+
+class PipelineLoop:
+    """pipeline.train's own epoch (device-resident uint8 data, device-side sums, channels_last, a
+    CUDA graph of the step on a GPU), run as `variant` says."""
+
+    def __init__(self, train_images, val_images, device, variant: Variant):
+        self.val_images, self.variant = val_images.to(device), variant
         torch.manual_seed(SEED)
         self.model = VAE().to(device).to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+        optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
+        self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, True,
+                              cuda_graph=variant.cuda_graph, autocast=torch.bfloat16 if variant.bf16 else None)
         self.generator = torch.Generator(device=device).manual_seed(SEED)
 
     def epoch(self) -> float:
-        parts, _ = train_epoch(self.model, self.optimizer, self.train_images, BATCH, self.generator, True)
-        val = dataset_loss(self.model, self.val_images, True)
+        parts, _ = train_epoch(self.step, self.generator)
+        val = dataset_loss(self.model, self.val_images, True, batch_size=self.variant.val_batch)
         return parts[2].item(), val[2].item()
 
 
@@ -118,44 +146,55 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="epochs of each loop, alternating (default 3)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the user's loop")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="use only the first N of the mirror's training images (a quick rehearsal)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
+    configure_determinism(False)  # as `dvc repro` runs by default: cuDNN picks its fastest kernels
 
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(args.mirror, Path(tmp))
-        images = torch.from_numpy(read_split(root / "MNIST" / "raw", "train")[0].copy())
+        images = torch.from_numpy(read_split(root / "MNIST" / "raw", "train")[0].copy())[: args.train_images]
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED))
         n_val = round(len(images) * 0.2)
         val_index, train_index = order[:n_val], order[n_val:]
-        user = UserLoop(root, train_index, val_index, device, args.workers)
-        ours = PipelineLoop(images[train_index], images[val_index], device)
-        timings = {"user": [], "pipeline": []}
+        loops = {"user": UserLoop(root, train_index, val_index, device, args.workers)}
+        for variant in VARIANTS[device.type]:
+            loops[variant.name] = PipelineLoop(images[train_index], images[val_index], device, variant)
+        timings = {name: [] for name in loops}
         for round_ in range(1, args.rounds + 1):
-            for name, loop in (("user", user), ("pipeline", ours)):
+            for name, loop in loops.items():
                 timings[name].append(timed(loop, device))
                 t = timings[name][-1]
-                print(f"round {round_}  {name:8s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
+                print(f"round {round_}  {name:16s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
                       f"  val_total {t['val_total']:.3f}", flush=True)
 
-    # The first epoch of each loop includes warm-up (allocator, cuDNN autotuning); report the median.
+    # The first epoch of each loop includes warm-up (allocator, cuDNN autotuning, the graph's
+    # capture); report the median.
     summary = {name: statistics.median(t["seconds"] for t in runs) for name, runs in timings.items()}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "train_images": len(train_index), "val_images": len(val_index),
+        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "train_images": len(train_index), "val_images": len(val_index),
         "batch_size": BATCH, "rounds": args.rounds, "user_workers": args.workers,
-        "seconds_per_epoch": summary, "speedup": summary["user"] / summary["pipeline"],
+        "variants": {v.name: dataclasses.asdict(v) for v in VARIANTS[device.type]},
+        "seconds_per_epoch": summary, "speedup": summary["user"] / summary[PIPELINE.name],
+        "speedup_over_user": {name: summary["user"] / s for name, s in summary.items()},
         "images_per_second": {name: len(images) / s for name, s in summary.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "epochs": timings,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nseconds per epoch (median of {args.rounds}): user {summary['user']:.2f}  pipeline {summary['pipeline']:.2f}"
-          f"  ratio {result['speedup']:.2f}x  images/s {result['images_per_second']['pipeline']:.0f}"
-          f"  peak RSS {result['peak_rss_mib']:.0f} MiB  -> {args.out}")
+    print(f"\nseconds per epoch, median of {args.rounds} ({result['device']}, torch {torch.__version__}):")
+    for name, seconds in summary.items():
+        last = timings[name][-1]
+        print(f"  {name:16s} {seconds:7.3f} s  {summary['user'] / seconds:6.2f}x the user's loop"
+              f"  {len(images) / seconds:9.0f} images/s  last val_total {last['val_total']:.3f}")
+    print(f"peak RSS {result['peak_rss_mib']:.0f} MiB  -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pipeline.model import VAE
 from pipeline.params import EvaluateParams, Params, TrainParams
 from pipeline.runtime import resolve_device
 from pipeline.split import split
-from pipeline.train import train_epoch
+from pipeline.train import TrainStep, make_optimizer, train_epoch
 
 
 def seconds(work, device: torch.device) -> float:
@@ -62,12 +62,13 @@ def main() -> None:
 
     torch.manual_seed(params.seed)
     model = VAE().to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     generator = torch.Generator(device=device).manual_seed(params.seed)
     loss = loss_function(cfg)
+    step = TrainStep(model, make_optimizer(model, cfg.learning_rate, device), train_images, cfg.batch_size,
+                     cfg.channels_last, loss, cuda_graph=cfg.cuda_graph)
 
     def one_epoch() -> None:
-        train_epoch(model, optimizer, train_images, cfg.batch_size, generator, cfg.channels_last, loss)
+        train_epoch(step, generator)
         dataset_loss(model, val_images, cfg.channels_last, loss).tolist()
 
     epoch_s = seconds(one_epoch, device)

@@ -62,11 +62,12 @@ def loss_function(cfg: TrainParams):
 
 
 @torch.no_grad()
-def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss) -> torch.Tensor:
+def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss,
+                 batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you must)."""
     model.eval()
     sums = torch.zeros(3, device=images.device)
-    for batch in images.split(EVAL_BATCH_SIZE):
+    for batch in images.split(batch_size):
         x = to_input(batch, channels_last)
         sums += torch.stack(loss(x, *model(x))) * len(batch)
     model.train()

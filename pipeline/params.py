@@ -63,6 +63,7 @@ class TrainParams:
     reconstruction: Literal["mse", "bce"] = "mse"
     channels_last: bool = True
     deterministic: bool = False
+    cuda_graph: bool = True
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ def train(params: Params) -> None:
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = training_fingerprint(params)
     state = start_or_resume(params, ranks, device, fingerprint)
+    step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
+                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph)
     tracked = tracking.training_run(experiment_id, state.run_id, params, device, data._asdict())
     tracked.log_history(state.history)
     status = "FAILED"
@@ -65,7 +67,7 @@ def train(params: Params) -> None:
         with tracked.monitor_system(resumed=state.run_id is not None):
             for epoch in range(len(state.history) + 1, cfg.epochs + 1):
                 started = time.perf_counter()
-                row = run_epoch(epoch, state, data, cfg, ranks)
+                row = run_epoch(epoch, state, step, data, cfg, ranks)
                 if ranks.writer:
                     state.history.append(row)
                     save_checkpoint(fingerprint, state.model, state.optimizer, state.generator, state.history,
@@ -130,7 +132,7 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     model = VAE(**dataclasses.asdict(params.model)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = make_optimizer(model, cfg.learning_rate, device)
     step_model = model
     if ranks.world_size > 1:
         print(f"rank {ranks.rank} of {ranks.world_size} on {device}: "
@@ -148,14 +150,11 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     return state
 
 
-def run_epoch(epoch: int, state: Training, data: Data, cfg: TrainParams, ranks: Ranks) -> dict | None:
+def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams, ranks: Ranks) -> dict | None:
     """Train one epoch and stop if the loss diverged; then, on rank 0, validate. Returns the epoch's
     row of history (None on the other ranks)."""
-    loss = loss_function(cfg)
     with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
-        train_parts, first_bad_step = train_epoch(state.step_model, state.optimizer, data.train, cfg.batch_size,
-                                                  state.generator, cfg.channels_last, loss, ranks.rank,
-                                                  ranks.world_size, advance)
+        train_parts, first_bad_step = train_epoch(step, state.generator, advance)
     if first_bad_step.item() >= 0:
         raise DivergedError(
             f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
@@ -164,44 +163,115 @@ def run_epoch(epoch: int, state: Training, data: Data, cfg: TrainParams, ranks: 
         )
     if not ranks.writer:
         return None
-    return history_row(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, loss))
+    return history_row(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
 
 
-def train_epoch(
-    model, optimizer, images, batch_size, generator, channels_last, loss=vae_loss, rank: int = 0, world_size: int = 1,
-    advance: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over `images` in a seeded order. Returns the mean loss parts and the first step whose
-    loss was not finite (-1 if none), both still on the device: nothing here waits for the GPU.
-    `advance(n)` hears of each step's n images (for a progress bar).
+WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
 
-    Under DistributedDataParallel every rank draws the same permutation and takes every
-    world_size-th image of each global batch of `batch_size`, so the batches, and the order the
-    model sees the data in, are those of a single process."""
-    n = len(images)
-    order = torch.randperm(n, generator=generator, device=images.device)
-    sums = torch.zeros(3, device=images.device)
-    first_bad_step = torch.full((), -1, device=images.device)
-    for step, start in enumerate(range(0, n, batch_size)):
-        index = order[start : start + batch_size]
-        x = to_input(images[index[rank::world_size]], channels_last)
-        parts = loss(x, *model(x))
-        optimizer.zero_grad(set_to_none=True)
-        if world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
-            (parts.total * (len(x) * world_size / len(index))).backward()
+
+class TrainStep:
+    """One optimisation step on a batch of image indices, with the epoch's bookkeeping (the loss
+    sums, the first step whose loss was not finite) kept on the device: nothing here waits for the GPU.
+
+    With `cuda_graph` (CUDA, one process) a full batch replays one CUDA graph of the whole step
+    (gather, forward, loss, backward, Adam, bookkeeping): one launch instead of about a hundred
+    small kernels that the GPU would otherwise wait on Python for. The first WARMUP_STEPS full
+    batches of the run are ordinary steps that set up what a capture must find in place (cuDNN's
+    and cuBLAS's workspaces, Adam's state); the graph is captured once and replayed every epoch; a
+    ragged last batch runs eagerly. The optimizer must be capturable (`make_optimizer`).
+
+    Under DistributedDataParallel every rank takes every world_size-th image of each global batch
+    and weights its loss by its share, so the averaged gradient is the global batch's."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                 batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
+                 cuda_graph: bool = False, autocast: torch.dtype | None = None):
+        device = images.device
+        self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
+        self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
+        self.autocast = autocast  # a lower-precision dtype for the forward pass, or None for fp32
+        self.sums = torch.zeros(3, device=device)
+        self.first_bad_step = torch.full((), -1, device=device)
+        self.steps = torch.zeros((), dtype=torch.long, device=device)
+        self.uses_graph = cuda_graph and device.type == "cuda" and world_size == 1
+        self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
+        self.warmup_left = WARMUP_STEPS
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def start_epoch(self) -> None:
+        self.sums.zero_()
+        self.first_bad_step.fill_(-1)
+        self.steps.zero_()
+
+    def __call__(self, index: torch.Tensor) -> None:
+        if not self.uses_graph or len(index) < self.batch_size:
+            self.run(index)
+            return
+        self.batch.copy_(index)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()  # warm up off the default stream, as capture runs off it too
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.run(self.batch)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.run(self.batch)
+            self.graph.replay()  # capturing records the step without running it
+
+    def run(self, index: torch.Tensor) -> None:
+        """The step itself, as plain PyTorch."""
+        x = to_input(self.images[index[self.rank :: self.world_size]], self.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16 if self.autocast is None else self.autocast,
+                            enabled=self.autocast is not None):
+            output = self.model(x)
+        parts = self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
+            (parts.total * (len(x) * self.world_size / len(index))).backward()
         else:
             parts.total.backward()
-        optimizer.step()
-        sums += torch.stack(parts).detach() * len(x)
-        bad = ~torch.isfinite(parts.total.detach()) & (first_bad_step < 0)
-        first_bad_step = torch.where(bad, step, first_bad_step)
+        self.optimizer.step()
+        self.sums += torch.stack(parts).detach() * len(x)
+        bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
+        self.steps += 1
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device,
+                   fused: bool = True) -> torch.optim.Adam:
+    """The reference's Adam. On CUDA it keeps its step count on the GPU (`capturable`), so a CUDA
+    graph can hold the update, and by default updates every weight in one fused kernel."""
+    if device.type != "cuda":
+        return torch.optim.Adam(model.parameters(), lr=learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, capturable=True, fused=fused)
+
+
+def train_epoch(step: TrainStep, generator: torch.Generator, advance: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the step's images in a seeded order. Returns the mean loss parts and the first
+    step whose loss was not finite (-1 if none), both still on the device. `advance(n)` hears of
+    each step's n images (for a progress bar).
+
+    Under DistributedDataParallel every rank draws the same permutation, so the batches, and the
+    order the model sees the data in, are those of a single process."""
+    n = len(step.images)
+    order = torch.randperm(n, generator=generator, device=step.images.device)
+    step.start_epoch()
+    for start in range(0, n, step.batch_size):
+        step(order[start : start + step.batch_size])
         if advance is not None:
-            advance(len(index))
-    if world_size > 1:
+            advance(min(step.batch_size, n - start))
+    sums, first_bad_step = step.sums.clone(), step.first_bad_step.clone()
+    if step.world_size > 1:
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)
     return sums / n, first_bad_step
-
 
 
 def history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:
