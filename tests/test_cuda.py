@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-EPOCHS = 3
+EPOCHS = 6 if DEVICE == "cuda" else 3  # enough that a kill after the first epoch lands inside the run
 SETTINGS = {"train.device": DEVICE, "train.deterministic": True, "train.epochs": EPOCHS, "train.batch_size": 64}
 TRAIN_IMAGES = 20_000 if DEVICE == "cuda" else 1_500  # an epoch long enough that a kill lands inside a run
 
@@ -77,7 +77,7 @@ def test_training_killed_mid_run_resumes_to_the_same_model(on_device, device_mir
     assert (project / "models/checkpoint.pt").exists()
 
     result = run(["dvc", "repro", "train"], project)
-    assert re.search(rf"resuming from epoch [12] of {EPOCHS}", result.stdout), result.stdout
+    assert re.search(rf"resuming from epoch \d of {EPOCHS}", result.stdout), result.stdout
     assert (project / "models/model.pt").read_bytes() == (on_device / "models/model.pt").read_bytes()
     assert (project / "metrics/history.csv").read_text() == (on_device / "metrics/history.csv").read_text()
 
