@@ -213,9 +213,11 @@ class TrackedRun:
         self._call("model", lambda _: self._log_model(model, input_example, registered_name))
 
     def _log_model(self, model, input_example, registered_name) -> None:
-        """As a torch.export program: it loads back without our code and without unpickling."""
+        """As a torch.export program: it loads back without our code and without unpickling. It is
+        exported on the CPU, and MLflow cannot move an exported program's weights, so MLflow's
+        check that the input example predicts runs on the CPU too, even where CUDA is present."""
         spec = TensorSpec(np.dtype(np.float32), (-1, *input_example.shape[1:]))
-        with mlflow.start_run(run_id=self.run_id):
+        with _environment(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"), mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pt2", input_example=input_example,
                 signature=ModelSignature(inputs=Schema([spec]), outputs=Schema([spec])),
@@ -228,6 +230,21 @@ class TrackedRun:
         if self.not_logged:
             print(f"warning: not logged to MLflow run {self.run_id}: {', '.join(self.not_logged)}; "
                   "every DVC output was written", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """These environment variables set for the duration, then put back as they were."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
