@@ -1,0 +1,125 @@
+"""scripts/offline-bundle and scripts/gpu-check as a user on a GPU node without internet meets
+them: the bundle built here (it downloads from the package index), installed with no index beside
+this machine's PyTorch, the pipeline run from it, and the node check rehearsed on the CPU."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, make_project, run, stages_run
+from tests.synthetic import write_mirror
+
+SCRIPT = ROOT / "scripts" / "offline-bundle"
+
+
+def bundle_script():
+    """scripts/offline-bundle as a module (it has no .py suffix: it is a command)."""
+    loader = importlib.machinery.SourceFileLoader("offline_bundle", str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def build(out: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(SCRIPT), "--out", str(out), *options], ROOT, check=check)
+
+
+def test_what_is_left_out_follows_the_lock():
+    script = bundle_script()
+    lock = script.read_lock(ROOT / "requirements.lock")
+    reasons = script.left_out(lock, include=set())
+    assert {"torch", "torchvision", "triton", "nvidia-cublas"} <= reasons.keys()
+    assert reasons["sympy"] == "required by PyTorch, so on the node with it"
+    assert reasons["selenium"] == "only this repository's browser and database tests"
+    assert reasons["trio"].startswith("needed only by")  # selenium's, transitively
+    for needed in ("mlflow", "mlflow-skinny", "dvc", "nvidia-ml-py", "antlr4-python3-runtime", "certifi"):
+        assert needed not in reasons, needed
+    assert "scipy" not in script.left_out(lock, include={"scipy"})
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A bundle for this machine's Python, with a small IDX mirror as its data."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    result = build(tmp / "bundle", "--data", str(write_mirror(tmp / "mirror")))
+    assert "trimmed from mlflow's wheel" in result.stdout, result.stdout
+    return tmp / "bundle"
+
+
+@pytest.mark.slow
+def test_the_bundle_installs_with_no_index_and_runs_the_pipeline(bundle, tmp_path):
+    """A fresh venv, the bundle installed with no index, and behind it (as on a node) the packages
+    that come with this machine's PyTorch; then `dvc repro` with the fresh venv's python and dvc."""
+    pinned = (bundle / "requirements.txt").read_text().split()
+    assert len(pinned) == len(list((bundle / "wheels").glob("*.whl"))), "requirements.txt names exactly the wheels"
+    venv = tmp_path / "node"
+    run([sys.executable, "-m", "venv", str(venv)], tmp_path)
+    python = venv / "bin" / "python"
+    run([str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", "-q",
+         "--find-links", str(bundle / "wheels"), "-r", str(bundle / "requirements.txt")], tmp_path)
+    venv_site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         tmp_path).stdout.strip())
+    (venv_site / "node-pytorch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # after the venv's own
+
+    where = run([str(python), "-c", "import dvc, mlflow, torch; print(dvc.__file__); print(mlflow.__file__)"],
+                tmp_path).stdout.split()
+    assert all(path.startswith(str(venv)) for path in where), where
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path)}
+    project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"))
+    result = run([str(venv / "bin" / "dvc"), "repro"], project, env=env)
+    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
+    assert (project / "models/model.pt").exists()
+
+
+@pytest.mark.slow
+def test_every_requirement_of_a_python_3_12_bundle_resolves_offline(tmp_path):
+    build(tmp_path / "bundle", "--python", "3.12")
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert manifest["wheels_bytes"] <= 40 * 2**20, f"{manifest['wheels_bytes'] / 2**20:.1f} MiB of wheels"
+    assert list((tmp_path / "bundle" / "wheels").glob("antlr4_python3_runtime-*-py3-none-any.whl")), \
+        "the sdist-only package was built into a wheel"
+    run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:",
+         "--target", str(tmp_path / "target"), "--find-links", str(tmp_path / "bundle" / "wheels"),
+         "-r", str(tmp_path / "bundle" / "requirements.txt"), *bundle_script().pip_target_options("3.12", "2.28")],
+        tmp_path)
+
+
+@pytest.mark.slow
+def test_a_target_without_a_wheel_is_refused_by_name(tmp_path):
+    """psycopg-binary ships wheels for glibc 2.17 and newer only, and no sdist."""
+    version = bundle_script().read_lock(ROOT / "requirements.lock")["psycopg-binary"][0]
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"psycopg-binary=={version}\n    # via vae-pipeline (pyproject.toml)\n")
+    result = build(tmp_path / "bundle", "--python", "3.12", "--glibc", "2.12", "--lock", str(lock),
+                   "--include", "psycopg-binary", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: cannot build a bundle for Python 3.12:\n  psycopg-binary=={version}: no wheel" in result.stderr
+    assert not (tmp_path / "bundle").exists()
+    assert not list(tmp_path.glob(".bundle.*")), "the staging folder was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this is the real check, not the rehearsal")
+def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(bundle / "gpu-check"), str(bundle), "--epochs", "1"],
+                          cwd=tmp_path, env={**__import__("os").environ, "GPU_CHECK_RESULTS": str(results)},
+                          capture_output=True, text=True, timeout=1200)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lines[0].startswith("gpu-check on REHEARSAL ON THE CPU"), lines[0]
+    assert lines[-1].startswith("REHEARSAL ON THE CPU, not a GPU result: 5 of 5 checks passed"), lines[-1]
+    report = json.loads((results / "gpu-check.json").read_text())
+    assert report["rehearsal"] is True and report["device"] == "cpu (rehearsal)"
+    assert [(c["check"], c["verdict"]) for c in report["checks"]] == [
+        (name, "PASS") for name in ("torch-version", "install", "cuda-tests", "deterministic-repro", "benchmark")]
+    assert json.loads((results / "benchmark.json").read_text())["device"] != "cuda"
