@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -112,7 +113,7 @@ def test_a_target_without_a_wheel_is_refused_by_name(tmp_path):
 def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(bundle / "gpu-check"), str(bundle), "--epochs", "1"],
-                          cwd=tmp_path, env={**__import__("os").environ, "GPU_CHECK_RESULTS": str(results)},
+                          cwd=tmp_path, env=os.environ | {"GPU_CHECK_RESULTS": str(results)},
                           capture_output=True, text=True, timeout=1200)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
