@@ -97,7 +97,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
             means.append(mean)
 
     metrics = {f"test_{name}": v for name, v in zip(LOSS_NAMES, (sums / len(test_images)).tolist())}
-    metrics[f"test_log_likelihood_iw{cfg.iw_samples}"] = torch.cat(iw).mean().item()
+    metrics["test_log_likelihood"] = torch.cat(iw).mean().item()  # K is evaluate.iw_samples, a param
     kl_dims = torch.cat(kl_per_dim).mean(0)
     metrics |= {f"test_kl_dim{i}": v for i, v in enumerate(kl_dims.tolist())}
 
@@ -105,7 +105,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     metrics["active_units"] = int((test_z.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item())
     with progress(len(train_images), "evaluate: latent means of the training images", "images") as advance:
         train_z = latent_means(model, train_images, channels_last, advance)
-    metrics[f"test_knn{cfg.knn_neighbours}_accuracy"] = knn_accuracy(
+    metrics["test_knn_accuracy"] = knn_accuracy(  # k is evaluate.knn_neighbours
         train_z, train_labels, test_z, test_labels, cfg.knn_neighbours)
 
     errors = torch.cat(recon_per_image)
@@ -119,7 +119,8 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_stage(tracking.connect(params.mlflow), params, "evaluate", device,
+                                     file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     test_images, test_labels = part_on("test", device)
     train_images, train_labels = part_on("train", device)
@@ -127,7 +128,11 @@ def main() -> None:
     metrics = evaluate(model, test_images, test_labels, train_images, train_labels, params)
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
-    tracked.log_metrics(metrics)
+    test_set = tracked.log_dataset(test_images.cpu().numpy(), f"{params.data.dataset}-test",
+                                   params.data.mirror or f"torchvision://{params.data.dataset}", "test")
+    tracked.log_evaluation(metrics, test_set)
+    if params.mlflow.registered_model:  # registered once evaluated, tagged with its DVC experiment
+        tracked.register_model(params.mlflow.registered_model, tracking.dvc_tags())
     tracked.describe()  # now with the test metrics
     tracked.finish()
     print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

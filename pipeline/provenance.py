@@ -25,13 +25,13 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from pipeline.params import PARAMS_FILE, Params, parse_params
+from pipeline.params import PARAMS_FILE, Params, flatten
 from pipeline.paths import TEST_METRICS, TRAIN_HISTORY, TRAIN_METRICS, project_root
 
-UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts params and metrics
-# Tracked files that change without the code changing: the params (which the run's params record),
-# what DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its outputs).
-NOT_CODE = {str(PARAMS_FILE), "dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
+UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts the params
+# Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
+# outputs): they differ from the commit after nearly every run without the run differing.
+DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
 SETUP = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock && pip install --no-deps -e ."
 
 
@@ -47,7 +47,8 @@ def flat_yaml(params: Params) -> dict[str, str]:
 @dataclass(frozen=True)
 class Source:
     """The code a run ran: its commit (under `dvc exp run`, the experiment's baseline), the branch
-    and remote of the repository, and the tracked files changed beyond params and metrics."""
+    and remote of the repository, whether code or params differ from the commit (`dirty`), and
+    which code files do."""
 
     commit: str | None
     branch: str | None
@@ -68,13 +69,14 @@ def source() -> Source:
     """Read from git. The working folder is the run's own (DVC's temporary copy for a queued
     experiment); the branch and remote are the user's repository's."""
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
-    changed = (_git("diff", "--name-only", "HEAD") or "").splitlines()
+    changed = [path for path in (_git("diff", "--name-only", "HEAD") or "").splitlines()
+               if path not in DVC_WRITES and Path(path).name != ".gitignore"]
     return Source(
         commit=commit,
         branch=_branch_of(commit),
         remote=_git("config", "--get", "remote.origin.url", cwd=project_root()) or None,
         dirty=bool(changed),
-        uncommitted_code=tuple(path for path in changed if path not in NOT_CODE and Path(path).name != ".gitignore"),
+        uncommitted_code=tuple(path for path in changed if path != str(PARAMS_FILE)),
     )
 
 
@@ -100,9 +102,16 @@ def source_tags(src: Source, stage: str) -> dict[str, str]:
 
 
 def committed_params(commit: str | None) -> dict[str, str] | None:
-    """params.yaml as the commit holds it, flat and spelt as YAML; None if there is none to read."""
+    """params.yaml as the commit holds it, flat and spelt as YAML; None if there is none to read.
+    Read as plain YAML, not checked against today's schema: a key renamed since is just a change."""
     text = _git("show", f"{commit}:{PARAMS_FILE}", cwd=project_root()) if commit else None
-    return None if text is None else flat_yaml(parse_params(yaml.safe_load(text)))
+    if text is None:
+        return None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return {key: yaml_value(value) for key, value in flatten(raw).items()} if isinstance(raw, dict) else None
 
 
 def overrides(run_params: dict[str, str], commit: str | None) -> dict[str, str] | None:
@@ -179,6 +188,12 @@ def describe(run: Run) -> str:
         f"- **Model**: `models/model.pt` sha256 `{tags['model.sha256']}`" if "model.sha256" in tags
         else "- **Model**: not written yet",
     ]
+    experiment = f"#/experiments/{run.info.experiment_id}"
+    if "model_id" in tags:
+        lines.append(f"- **Logged model**: [{tags['model_id']}]({experiment}/models/{tags['model_id']})")
+    if "training_run_id" in tags:
+        lines.append(f"- **Trained by**: [run {tags['training_run_id']}]({experiment}/runs/{tags['training_run_id']}); "
+                     "this run reran only the later stages")
     commands = reproduce_commands(run)
     if commands:
         lines += ["", "**Reproduce** in a fresh clone:", "", "```bash", *commands, "```"]

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.losses import LOSS_NAMES, dataset_loss, loss_function, vae_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.model_files import (
+    file_sha256,
     load_checkpoint,
     load_model,
     restore_checkpoint,
@@ -74,7 +75,7 @@ def train(params: Params) -> None:
                                     tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
-                finish(state, tracked, data.validation, params.mlflow.registered_model)
+                finish(state, tracked, data.validation)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"  # MLflow's status for a run stopped by its user
@@ -85,6 +86,7 @@ def train(params: Params) -> None:
         tracked.finish(status)
         leave_process_group(ranks)
     if ranks.writer:
+        tracking.record_trained_model(tracked, file_sha256(MODEL_FILE))  # for the later stages of this execution
         CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
 
 
@@ -301,17 +303,18 @@ def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
     return (grid[0] * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor,
-           registered_name: str | None) -> None:
+def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:
     """Write the DVC outputs (the model, the final metrics, the history), then log the model to the
-    run and describe the run."""
+    run as a LoggedModel and describe the run."""
     save_model(state.model)
     final = {k: round(v, 6) for k, v in state.history[-1].items() if k != "epoch"}
     atomic.write_text(TRAIN_METRICS, json.dumps({"epochs": state.history[-1]["epoch"]} | final, indent=2) + "\n")
     atomic.write_text(TRAIN_HISTORY, history_csv(state.history))
     if tracked.run_id is not None:
+        tags = tracking.model_tags(MODEL_FILE)
+        tracked.set_tags(tags)
         example = to_input(validation[:4]).cpu().numpy()
-        tracked.log_trained_model(MODEL_FILE, Reconstructor(load_model(MODEL_FILE)), example, registered_name)
+        tracked.log_model(Reconstructor(load_model(MODEL_FILE)), example, tags)
         tracked.describe()
 
 

@@ -141,7 +141,8 @@ def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: Visuali
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    tracked = tracking.run_for_model(tracking.connect(params.mlflow), file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_stage(tracking.connect(params.mlflow), params, "visualize", device,
+                                     file_sha256(MODEL_FILE))
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)  # the prior samples, drawn on the CPU
@@ -152,6 +153,7 @@ def main() -> None:
             save_figure(fig, staging / name)
             advance(1)
     tracked.log_artifacts(FIGURES_DIR, "figures")
+    tracked.describe()
     tracked.finish()
     print(f"figures written to {FIGURES_DIR}/")
 

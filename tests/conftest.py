@@ -117,6 +117,47 @@ def experiments(tmp_path_factory) -> Path:
     return project
 
 
+def snapshot(client: mlflow.MlflowClient, run_id: str) -> dict:
+    """Everything a run holds, as the store's API returns it: name, status, start and end time,
+    params, tags, every metric's whole history, and every artifact's path and size."""
+    mlrun = client.get_run(run_id)
+    return {
+        "info": (mlrun.info.run_name, mlrun.info.status, mlrun.info.start_time, mlrun.info.end_time),
+        "params": mlrun.data.params, "tags": mlrun.data.tags,
+        "metrics": {key: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+                    for key in mlrun.data.metrics},
+        "artifacts": artifact_sizes(client, run_id),
+    }
+
+
+def artifact_sizes(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[tuple[str, int]]:
+    found = []
+    for artifact in client.list_artifacts(run_id, path):
+        found += artifact_sizes(client, run_id, artifact.path) if artifact.is_dir else [(artifact.path, artifact.file_size)]
+    return found
+
+
+RERUNS = {"eval-only": "evaluate.iw_samples=5", "vis-only": "visualize.num_images=6"}  # one stage each
+
+
+@pytest.fixture(scope="session")
+def partial_experiments(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
+    """A trained experiment, then one that reruns only evaluate and one that reruns only visualize,
+    run as a user runs them; with a snapshot of every run after each experiment (run name -> its
+    snapshots, oldest first)."""
+    tmp = tmp_path_factory.mktemp("partial")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS,
+                                                                             "mlflow.registered_model": "vae"})
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    snapshots: dict[str, list[dict]] = {}
+    for name, setting in [("first", None), *RERUNS.items()]:
+        run(["dvc", "exp", "run", "-n", name] + (["-S", setting] if setting else []), project)
+        experiment = client.get_experiment_by_name("vae-pipeline")
+        for mlrun in client.search_runs([experiment.experiment_id]):
+            snapshots.setdefault(mlrun.info.run_name, []).append(snapshot(client, mlrun.info.run_id))
+    return project, snapshots
+
+
 @pytest.fixture
 def project(tmp_path, mirror) -> Path:
     return make_project(tmp_path / "project", mirror)
@@ -164,10 +205,11 @@ def mlflow_server(tmp_path):
 
 
 @contextlib.contextmanager
-def serve_mlflow(store: str, artifacts: Path):
-    """`mlflow server` on a free loopback port, in a process group of its own; yields (url, store,
-    process), then stops the whole group (the server, its uvicorn worker and its huey consumers)."""
-    port = free_port()
+def serve_mlflow(store: str, artifacts: Path, port: int | None = None):
+    """`mlflow server` on loopback (on `port`, or a free one), in a process group of its own; yields
+    (url, store, process), then stops the whole group (the server, its uvicorn worker and its huey
+    consumers)."""
+    port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     log = artifacts.parent / f"mlflow-server-{port}.log"
     proc = subprocess.Popen(

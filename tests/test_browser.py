@@ -10,7 +10,7 @@ import shutil
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, run, serve_mlflow
+from tests.conftest import ROOT, run, runs_of, serve_mlflow
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -79,7 +79,7 @@ def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_descript
     commit = first.data.tags["mlflow.source.git.commit"]
     branch = first.data.tags["mlflow.source.git.branch"]
     text = open_and_wait(browser, f"{base}/runs/{first.info.run_id}", first.info.run_name, "Description",
-                         "train_total", "val_total", "test_total", "test_knn5_accuracy")
+                         "train_total", "val_total", "test_total", "test_knn_accuracy")
     assert f"Created by\n{getpass.getuser()}\n" in text, "the user, from mlflow.user"
     assert f"Source\ntrain.py\n{branch}\n{commit[:7]}\n" in text, "the source, its branch and commit"
     browser.find_element(By.XPATH, "//*[normalize-space(text())='Show more']").click()  # the whole description
@@ -96,3 +96,25 @@ def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_descript
         for img in b.find_elements(By.TAG_NAME, "img")))
     screenshot(browser, "mlflow-artifact.png")
     assert (REPORTS / "mlflow-artifact.png").stat().st_size > 10_000
+
+
+def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_experiments, browser,
+                                                                        tmp_path_factory):
+    project, _ = partial_experiments
+    client, runs = runs_of(project)
+    by_name = {r.info.run_name: r for r in runs}
+    evaluated, trained = by_name["eval-only"], by_name["first"]
+    model_id = evaluated.data.tags["model_id"]
+    with serve_mlflow(f"sqlite:///{project}/mlruns/mlflow.db", tmp_path_factory.mktemp("artifacts")) as (url, _, _):
+        base = f"{url}/#/experiments/{evaluated.info.experiment_id}"
+        open_and_wait(browser, f"{base}/runs/{evaluated.info.run_id}", "eval-only", "Description")
+        browser.find_element(By.XPATH, "//*[normalize-space(text())='Show more']").click()
+        WebDriverWait(browser, 30).until(lambda b: "Trained by" in page_text(b))
+        links = {a.get_attribute("href"): a.text for a in browser.find_elements(By.TAG_NAME, "a")}
+        screenshot(browser, "mlflow-evaluate-only-run.png")
+        training_link = next(h for h in links if h.endswith(f"/runs/{trained.info.run_id}"))
+        model_link = next(h for h in links if h.endswith(f"/models/{model_id}"))
+
+        open_and_wait(browser, training_link, "first")  # the link leads to the training run
+        open_and_wait(browser, model_link, model_id)  # and to the model, whose page lists its evaluations
+        screenshot(browser, "mlflow-logged-model.png")

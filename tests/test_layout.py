@@ -28,7 +28,7 @@ def pipeline_imports(path: Path) -> set[str]:
 
 
 def test_no_module_imports_a_stage():
-    for path in sorted((ROOT / "pipeline").glob("*.py")):
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
         stages_imported = pipeline_imports(path) & STAGES
         assert not stages_imported, f"{path.name} imports the stage module(s) {sorted(stages_imported)}"
 

@@ -91,7 +91,7 @@ def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres
             [found] = json.load(response)["runs"]
         metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
         assert found["info"]["status"] == "FINISHED"
-        assert {"train_total", "val_total", "test_total", "test_knn5_accuracy"} <= set(metrics)
+        assert {"train_total", "val_total", "test_total", "test_knn_accuracy"} <= set(metrics)
         artifacts = api(f"artifacts/list?run_id={found['info']['run_id']}&path=figures")["files"]
         assert len(artifacts) == 6
         assert (tmp_path / "artifacts").exists() and not (project / "mlruns/mlflow.db").exists()

@@ -1,0 +1,187 @@
+"""Which MLflow run a stage logs into. One pipeline execution (a `dvc repro`, a `dvc exp run`,
+queued or not) is one run: the first stage it reruns opens the run, the later ones log into it.
+A run whose execution did not train links to the run that trained its model and to the model.
+
+A stage knows its execution by the DVC process that started it: the nearest ancestor process
+without DVC_STAGE in its environment (DVC sets it for each stage's command). The execution's run is
+recorded in models/mlflow_run.json, beside the model and not a DVC output (a run id differs on
+every run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import mlflow
+import psutil
+import torch
+
+from pipeline import atomic, provenance
+from pipeline.params import PARAMS_FILE, Params
+from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.tracking.run import TrackedRun
+from pipeline.tracking.store import redact
+
+TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
+MODEL_ID_TAG = "model_id"  # the LoggedModel a run trained or evaluated
+MODEL_SHA256_TAG = "model.sha256"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What models/mlflow_run.json holds: the execution's run and the model it works on."""
+
+    run_id: str
+    execution: str | None
+    model_sha256: str | None = None
+    model_id: str | None = None
+    training_run_id: str | None = None
+
+
+def execution() -> str | None:
+    """This stage's pipeline execution as `pid-start time` of the DVC process that runs it; None
+    when the stage was started by hand (it is then an execution of its own)."""
+    if "DVC_STAGE" not in os.environ:
+        return None
+    try:
+        for parent in psutil.Process().parents():
+            if "DVC_STAGE" not in parent.environ():
+                return f"{parent.pid}-{parent.create_time()}"
+    except psutil.Error:
+        pass
+    return None
+
+
+def read_record() -> Record | None:
+    try:
+        return Record(**json.loads(RUN_FILE.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def write_record(record: Record) -> None:
+    atomic.write_text(RUN_FILE, json.dumps(dataclasses.asdict(record)) + "\n")
+
+
+def training_run(experiment_id: str | None, resumed_run_id: str | None, params: Params, device: torch.device,
+                 datasets: dict[str, torch.Tensor]) -> TrackedRun:
+    """The run to train into: the interrupted run again when training resumes, otherwise this
+    execution's new run, with its data (`datasets`: context -> uint8 images) as inputs."""
+    if experiment_id is None:
+        return TrackedRun(None)
+    tracked = None
+    if resumed_run_id is not None:
+        try:
+            mlflow.MlflowClient().update_run(resumed_run_id, status="RUNNING")
+            tracked = TrackedRun(resumed_run_id)
+        except mlflow.exceptions.MlflowException:
+            print(f"warning: the checkpoint's MLflow run {resumed_run_id} is not in this store; logging into a new run",
+                  file=sys.stderr)
+    if tracked is None:
+        tracked = _new_run(experiment_id, params, "train", device)
+        data_source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
+        for context, images in datasets.items():
+            tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", data_source, context)
+    write_record(Record(tracked.run_id, execution()))
+    return tracked
+
+
+def model_tags(model_file: Path) -> dict[str, str]:
+    """What ties a run or a LoggedModel to the model file: its sha256, and the md5 dvc.lock records."""
+    content = model_file.read_bytes()
+    return {MODEL_SHA256_TAG: hashlib.sha256(content).hexdigest(), "dvc.model_md5": hashlib.md5(content).hexdigest()}
+
+
+def record_trained_model(tracked: TrackedRun, model_sha256: str) -> None:
+    """After training: this execution's run trained this model (the later stages find it here)."""
+    if tracked.run_id is not None:
+        write_record(Record(tracked.run_id, execution(), model_sha256, tracked.model_id, tracked.run_id))
+
+
+def run_for_stage(experiment_id: str | None, params: Params, stage: str, device: torch.device,
+                  model_sha256: str) -> TrackedRun:
+    """The run for evaluate or visualize: this execution's run if an earlier stage opened it for
+    this model; otherwise a new run, which links to the training run and the model, and which
+    carries the metrics of the upstream stages it did not run (as `dvc exp show` shows them)."""
+    if experiment_id is None:
+        return TrackedRun(None)
+    here, record = execution(), read_record()
+    if here is not None and record is not None and record.execution == here and record.model_sha256 == model_sha256:
+        tracked = TrackedRun(record.run_id, record.model_id)
+        tracked.reopen()
+        return tracked
+
+    trained = record if record is not None and record.model_sha256 == model_sha256 else None
+    model_id, training_run_id = (trained.model_id, trained.training_run_id) if trained else \
+        _find_trained_model(experiment_id, model_sha256)
+    tracked = _new_run(experiment_id, params, stage, device)
+    tracked.model_id = model_id
+    link = {MODEL_SHA256_TAG: model_sha256} | ({MODEL_ID_TAG: model_id} if model_id else {}) | (
+        {TRAINING_RUN_TAG: training_run_id} if training_run_id else {})
+    tracked.set_tags(link)
+    if training_run_id is None:
+        print("warning: no MLflow run found that trained this model; this run links to none", file=sys.stderr)
+    upstream = [TRAIN_METRICS] + ([TEST_METRICS] if stage == "visualize" else [])
+    for path in upstream:
+        if path.exists():
+            values = json.loads(path.read_text())
+            tracked.log_metrics({k: v for k, v in values.items() if k != "epochs"}, step=values.get("epochs", 0))
+    write_record(Record(tracked.run_id, here, model_sha256, model_id, training_run_id))
+    return tracked
+
+
+def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | None, str | None]:
+    """The newest LoggedModel of these exact bytes, and the run that trained it (after `dvc pull`
+    or a checkout the record may be gone; CPU training is bit-identical, so the newest is taken)."""
+    found = mlflow.MlflowClient().search_logged_models(
+        [experiment_id], filter_string=f"tags.`{MODEL_SHA256_TAG}` = '{model_sha256}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+    return (found[0].model_id, found[0].source_run_id) if found else (None, None)
+
+
+def _new_run(experiment_id: str, params: Params, stage: str, device: torch.device) -> TrackedRun:
+    """A new run of this execution, named and labelled: its params, params.yaml and the packages
+    it ran with, where it comes from (MLflow's source and git tags), where it runs."""
+    source = provenance.source()
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=provenance.run_name(params, source))
+    tracked = TrackedRun(run.info.run_id)
+    uri = params.mlflow.tracking_uri
+    tracked.log_params(provenance.flat_yaml(params) | {"mlflow.tracking_uri": provenance.yaml_value(redact(uri))})
+    tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags())
+    tracked.log_text(PARAMS_FILE.read_text().replace(uri, redact(uri)), PARAMS_FILE.name)
+    tracked.log_text(provenance.environment(), "environment/requirements.txt")
+    return tracked
+
+
+def runtime_tags(device: torch.device) -> dict[str, str]:
+    """What the run ran on: the GPU and its CUDA stack, or the CPU."""
+    tags = {"torch.version": torch.__version__, "device.type": device.type, "python.version": platform.python_version()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        tags |= {
+            "cuda.device_name": props.name,
+            "cuda.version": str(torch.version.cuda),
+            "cudnn.version": str(torch.backends.cudnn.version()),
+            "cuda.capability": f"{props.major}.{props.minor}",
+            "cuda.memory_gib": f"{props.total_memory / 2**30:.1f}",
+        }
+    else:
+        tags |= {"cpu.name": platform.processor() or platform.machine(), "cpu.threads": str(torch.get_num_threads())}
+    return tags
+
+
+def dvc_tags() -> dict[str, str]:
+    """What ties the run to DVC: the experiment name under `dvc exp run`, and the dvc.lock the
+    stage started from (DVC writes the new one after the stage)."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    lock = Path("dvc.lock")
+    if lock.exists():
+        tags["dvc.lock.parent_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    return tags
