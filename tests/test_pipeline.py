@@ -81,7 +81,7 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert tags["dvc.model_md5"] == model_out["md5"], "the run names the model dvc.lock records"
 
     inputs = {d.dataset.name: d for d in mlrun.inputs.dataset_inputs}
-    assert set(inputs) == {"mnist-train", "mnist-validation"}
+    assert set(inputs) == {"mnist-train", "mnist-validation", "mnist-test"}, "the test set: evaluate's dataset"
     assert all(len(d.dataset.digest) >= 8 for d in inputs.values())
 
     images = [a.path for a in client.list_artifacts(mlrun.info.run_id, "images")]
