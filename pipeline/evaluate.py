@@ -128,9 +128,7 @@ def main() -> None:
     metrics = evaluate(model, test_images, test_labels, train_images, train_labels, params)
 
     atomic.write_text(TEST_METRICS, json.dumps(metrics, indent=2) + "\n")
-    test_set = tracked.log_dataset(test_images.cpu().numpy(), f"{params.data.dataset}-test",
-                                   params.data.mirror or f"torchvision://{params.data.dataset}", "test")
-    tracked.log_evaluation(metrics, test_set)
+    tracked.log_evaluation(metrics, tracking.log_data(tracked, params, {"test": test_images})["test"])
     if params.mlflow.registered_model:  # registered once evaluated, tagged with its DVC experiment
         tracked.register_model(params.mlflow.registered_model, tracking.dvc_tags())
     tracked.describe()  # now with the test metrics

@@ -29,6 +29,9 @@ from pipeline.params import PARAMS_FILE, Params, flatten
 from pipeline.paths import TEST_METRICS, TRAIN_HISTORY, TRAIN_METRICS, project_root
 
 UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts the params
+MODEL_SHA256_TAG = "model.sha256"  # the bytes of models/model.pt a run trained or evaluated
+MODEL_ID_TAG = "model_id"  # the MLflow LoggedModel of those bytes
+TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
 DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
@@ -185,14 +188,14 @@ def describe(run: Run) -> str:
         f"- **Device**: {tags.get('device.type', '?')} {device} (torch {tags.get('torch.version', '?')})",
         "- **Differs from the reference model**: " + ("; ".join(differs) or "nothing"),
         "- **Test**: " + (test or "not evaluated yet"),
-        f"- **Model**: `models/model.pt` sha256 `{tags['model.sha256']}`" if "model.sha256" in tags
+        f"- **Model**: `models/model.pt` sha256 `{tags[MODEL_SHA256_TAG]}`" if MODEL_SHA256_TAG in tags
         else "- **Model**: not written yet",
     ]
     experiment = f"#/experiments/{run.info.experiment_id}"
-    if "model_id" in tags:
-        lines.append(f"- **Logged model**: [{tags['model_id']}]({experiment}/models/{tags['model_id']})")
-    if "training_run_id" in tags:
-        lines.append(f"- **Trained by**: [run {tags['training_run_id']}]({experiment}/runs/{tags['training_run_id']}); "
+    if MODEL_ID_TAG in tags:
+        lines.append(f"- **Logged model**: [{tags[MODEL_ID_TAG]}]({experiment}/models/{tags[MODEL_ID_TAG]})")
+    if TRAINING_RUN_TAG in tags:
+        lines.append(f"- **Trained by**: [run {tags[TRAINING_RUN_TAG]}]({experiment}/runs/{tags[TRAINING_RUN_TAG]}); "
                      "this run reran only the later stages")
     commands = reproduce_commands(run)
     if commands:

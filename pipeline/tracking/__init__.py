@@ -2,8 +2,16 @@
 logs (run.py), and which run that is, tied to the model it trained or evaluates (link.py). It
 reports results and changes none: editing it reruns no stage."""
 
-from pipeline.tracking.link import dvc_tags, model_tags, record_trained_model, run_for_stage, training_run
+from pipeline.tracking.link import (
+    dvc_tags,
+    log_data,
+    model_tags,
+    record_trained_model,
+    run_for_stage,
+    training_run,
+)
 from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import connect
 
-__all__ = ["TrackedRun", "connect", "dvc_tags", "model_tags", "record_trained_model", "run_for_stage", "training_run"]
+__all__ = ["TrackedRun", "connect", "dvc_tags", "log_data", "model_tags", "record_trained_model", "run_for_stage",
+           "training_run"]

@@ -24,12 +24,9 @@ import torch
 from pipeline import atomic, provenance
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.provenance import MODEL_ID_TAG, MODEL_SHA256_TAG, TRAINING_RUN_TAG
 from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import redact
-
-TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
-MODEL_ID_TAG = "model_id"  # the LoggedModel a run trained or evaluated
-MODEL_SHA256_TAG = "model.sha256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +81,16 @@ def training_run(experiment_id: str | None, resumed_run_id: str | None, params: 
                   file=sys.stderr)
     if tracked is None:
         tracked = _new_run(experiment_id, params, "train", device)
-        data_source = params.data.mirror or f"torchvision://{params.data.dataset}"  # the official download
-        for context, images in datasets.items():
-            tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", data_source, context)
-    write_record(Record(tracked.run_id, execution()))
+        log_data(tracked, params, datasets)
     return tracked
+
+
+def log_data(tracked: TrackedRun, params: Params, datasets: dict[str, torch.Tensor]) -> dict[str, mlflow.data.Dataset]:
+    """uint8 images as the run's inputs (`datasets`: context -> images), named for the dataset and
+    context and sourced from the mirror or torchvision's download; returns them by context."""
+    source = params.data.mirror or f"torchvision://{params.data.dataset}"
+    return {context: tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", source, context)
+            for context, images in datasets.items()}
 
 
 def model_tags(model_file: Path) -> dict[str, str]:

@@ -147,7 +147,7 @@ class TrackedRun:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
                 )
             self.model_id = info.model_id
-            client.set_tag(self.run_id, "model_id", info.model_id)
+            client.set_tag(self.run_id, provenance.MODEL_ID_TAG, info.model_id)
 
         self._call("model", log)
 
