@@ -7,6 +7,7 @@ checkpoint is written atomically at every epoch end, so a killed run resumes whe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -229,8 +230,7 @@ class TrainStep:
     def run(self, index: torch.Tensor) -> None:
         """The step itself, as plain PyTorch."""
         x = to_input(self.images[index[self.rank :: self.world_size]], self.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16 if self.autocast is None else self.autocast,
-                            enabled=self.autocast is not None):
+        with torch.autocast(x.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
             output = self.model(x)
         parts = self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
         self.optimizer.zero_grad(set_to_none=True)
