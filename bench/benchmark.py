@@ -4,8 +4,9 @@ variants, side by side.
 All train the reference model (batch 64, Adam 5e-4) from the same seed on the same 80/20 split of
 a local IDX mirror, on the same device, alternating epoch by epoch so drift in the machine hits all
 alike. An epoch is training plus validation. The variants change one thing each against the
-pipeline's default: the step eager instead of a CUDA graph, Adam's multi-tensor (foreach) update
-instead of the fused kernel, the forward pass under bf16 autocast, a larger validation batch.
+pipeline's default: `train.precision` bf16 (the forward pass under autocast), the step eager
+instead of a CUDA graph, Adam's multi-tensor (foreach) update instead of the fused kernel, a larger
+validation batch.
 Each variant's losses per round are printed beside its time, so a change that alters the loss
 curve shows. Prints a table and writes the result as JSON.
 
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from pipeline.idx import FILES, read_split
 from pipeline.losses import dataset_loss
 from pipeline.model import EVAL_BATCH_SIZE, VAE
-from pipeline.runtime import configure_determinism, resolve_device
+from pipeline.runtime import configure_determinism, has_native_bf16, resolve_device
 from pipeline.train import TrainStep, make_optimizer, train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0
@@ -95,15 +96,16 @@ class Variant:
     name: str
     cuda_graph: bool = True
     fused_adam: bool = True
-    bf16: bool = False
+    precision: str = "fp32"
     val_batch: int = EVAL_BATCH_SIZE
 
 
 PIPELINE = Variant("pipeline")
+BF16 = Variant("pipeline bf16", precision="bf16")
 VARIANTS = {
-    "cuda": [PIPELINE, Variant("eager step", cuda_graph=False), Variant("foreach Adam", fused_adam=False),
-             Variant("bf16 forward", bf16=True), Variant("val batch 12000", val_batch=12_000)],
-    "cpu": [PIPELINE, Variant("bf16 forward", bf16=True)],
+    "cuda": [PIPELINE, BF16, Variant("eager step", cuda_graph=False), Variant("foreach Adam", fused_adam=False),
+             Variant("val batch 12000", val_batch=12_000)],
+    "cpu": [PIPELINE, BF16],
 }
 
 
@@ -117,7 +119,7 @@ class PipelineLoop:
         self.model = VAE().to(device).to(memory_format=torch.channels_last)
         optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
         self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, True,
-                              cuda_graph=variant.cuda_graph, autocast=torch.bfloat16 if variant.bf16 else None)
+                              cuda_graph=variant.cuda_graph, precision=variant.precision)
         self.generator = torch.Generator(device=device).manual_seed(SEED)
 
     def epoch(self) -> float:
@@ -178,6 +180,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "native_bf16": has_native_bf16(device),
         "train_images": len(train_index), "val_images": len(val_index),
         "batch_size": BATCH, "rounds": args.rounds, "user_workers": args.workers,
         "variants": {v.name: dataclasses.asdict(v) for v in VARIANTS[device.type]},
@@ -189,7 +192,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nseconds per epoch, median of {args.rounds} ({result['device']}, torch {torch.__version__}):")
+    print(f"\nseconds per epoch, median of {args.rounds} ({result['device']}, torch {torch.__version__}, "
+          f"native bf16: {'yes' if result['native_bf16'] else 'no'}):")
     for name, seconds in summary.items():
         last = timings[name][-1]
         print(f"  {name:16s} {seconds:7.3f} s  {summary['user'] / seconds:6.2f}x the user's loop"

@@ -65,11 +65,12 @@ def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu", chan
     return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
 
 
-def training_fingerprint(params: Params) -> dict:
-    """What a checkpoint must match to be resumed: every param that shapes the weights, and the data.
-    Not `train.epochs`: the first epochs do not depend on how many follow, so a killed run can be
+def training_fingerprint(params: Params, precision: str) -> dict:
+    """What a checkpoint must match to be resumed: every param that shapes the weights, the precision
+    `train.precision` resolved to (a resume never mixes precisions), and the data. Not
+    `train.epochs`: the first epochs do not depend on how many follow, so a killed run can be
     resumed with more epochs."""
-    train = dataclasses.asdict(params.train)
+    train = dataclasses.asdict(params.train) | {"precision": precision}
     del train["epochs"]
     return {
         "seed": params.seed,

@@ -62,6 +62,7 @@ class TrainParams:
     beta: float = field(default=1.0, metadata=_non_negative)
     reconstruction: Literal["mse", "bce"] = "mse"
     channels_last: bool = True
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     deterministic: bool = False
     cuda_graph: bool = True
 

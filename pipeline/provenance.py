@@ -32,6 +32,7 @@ UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts
 MODEL_SHA256_TAG = "model.sha256"  # the bytes of models/model.pt a run trained or evaluated
 MODEL_ID_TAG = "model_id"  # the MLflow LoggedModel of those bytes
 TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
+PRECISION_TAG = "train.precision_used"  # fp32 or bf16: what `train.precision` (auto, say) resolved to
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
 DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
@@ -186,6 +187,9 @@ def describe(run: Run) -> str:
         "",
         f"- **Data**: {params.get('data.dataset')} from {origin}" + (f"; digests {digests}" if digests else ""),
         f"- **Device**: {tags.get('device.type', '?')} {device} (torch {tags.get('torch.version', '?')})",
+        *([f"- **Precision**: trained in {tags[PRECISION_TAG]}"
+           + (" (forward pass under autocast; weights, optimizer and loss fp32)" if tags[PRECISION_TAG] != "fp32"
+              else "") + "; evaluated in fp32"] if PRECISION_TAG in tags else []),
         "- **Differs from the reference model**: " + ("; ".join(differs) or "nothing"),
         "- **Test**: " + (test or "not evaluated yet"),
         f"- **Model**: `models/model.pt` sha256 `{tags[MODEL_SHA256_TAG]}`" if MODEL_SHA256_TAG in tags

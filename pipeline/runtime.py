@@ -1,9 +1,11 @@
-"""Where and how a stage runs: the device `train.device` names, this process's place under
-torchrun, and the determinism switch."""
+"""Where and how a stage runs: the device `train.device` names, the precision `train.precision`
+asks for, this process's place under torchrun, and the determinism switch."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -18,6 +20,45 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"train.device is '{spec}' but PyTorch sees no CUDA device; set it to auto or cpu")
     return torch.device(f"cuda:{local_rank}" if spec == "cuda" else spec)
+
+
+# CPU features that compute in bf16 natively (AVX-512's BF16 instructions, Intel's AMX tiles);
+# without either, oneDNN emulates bf16 in fp32 and a bf16 step is slower than an fp32 one.
+NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+NATIVE_BF16_CUDA_CAPABILITY = (8, 0)  # Ampere and newer: bf16 tensor cores
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (an empty set elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def has_native_bf16(device: torch.device, flags: set[str] | None = None,
+                    capability: tuple[int, int] | None = None) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU of `capability` (this one's if None), or a
+    CPU with `flags` (this one's if None)."""
+    if device.type == "cuda":
+        return (capability or torch.cuda.get_device_capability(device)) >= NATIVE_BF16_CUDA_CAPABILITY
+    return bool(NATIVE_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def resolve_precision(spec: str, device: torch.device, native: bool | None = None, quiet: bool = False) -> str:
+    """The precision `train.precision` means on `device`: "fp32" or "bf16". `auto` is bf16 where the
+    device has it natively (`native`: has_native_bf16's answer unless given). `bf16` asked for on a
+    device without it still runs, and says so (unless `quiet`: the other ranks under torchrun)."""
+    native = has_native_bf16(device) if native is None else native
+    if spec == "auto":
+        return "bf16" if native else "fp32"
+    if spec == "bf16" and not native and not quiet:
+        what = "this GPU (compute capability below 8.0)" if device.type == "cuda" else \
+            "this CPU (no AVX512_BF16 or AMX)"
+        print(f"note: train.precision is bf16 but {what} has no native bf16: it runs, likely slower than fp32; "
+              "train.precision auto picks the faster one", file=sys.stderr)
+    return spec
 
 
 class Ranks(NamedTuple):

@@ -40,7 +40,14 @@ from pipeline.model_files import (
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.progress import progress
-from pipeline.runtime import Ranks, configure_determinism, join_process_group, leave_process_group, resolve_device
+from pipeline.runtime import (
+    Ranks,
+    configure_determinism,
+    join_process_group,
+    leave_process_group,
+    resolve_device,
+    resolve_precision,
+)
 
 WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
 
@@ -55,14 +62,15 @@ def train(params: Params) -> None:
     cfg = params.train
     ranks = join_process_group(cfg.device)
     device = resolve_device(cfg.device, ranks.local_rank)
+    precision = resolve_precision(cfg.precision, device, quiet=not ranks.writer)
     configure_determinism(cfg.deterministic)
     data = load_data(params, ranks, device)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
-    fingerprint = training_fingerprint(params)
+    fingerprint = training_fingerprint(params, precision)
     state = start_or_resume(params, ranks, device, fingerprint)
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
-                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph)
-    tracked = tracking.training_run(experiment_id, state.run_id, params, device, data._asdict())
+                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision)
+    tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict())
     tracked.log_history(state.history)
     status = "FAILED"
     try:
@@ -170,6 +178,7 @@ def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: Tra
 
 
 WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> the forward pass's autocast dtype
 
 
 class TrainStep:
@@ -184,15 +193,18 @@ class TrainStep:
     ragged last batch runs eagerly. The optimizer must be capturable (`make_optimizer`).
 
     Under DistributedDataParallel every rank takes every world_size-th image of each global batch
-    and weights its loss by its share, so the averaged gradient is the global batch's."""
+    and weights its loss by its share, so the averaged gradient is the global batch's.
+
+    In bf16 `precision` the forward pass runs under autocast (convolutions and linear layers in
+    bf16); the loss, the gradients' accumulation into fp32 weights and Adam stay fp32."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                  batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
-                 cuda_graph: bool = False, autocast: torch.dtype | None = None):
+                 cuda_graph: bool = False, precision: str = "fp32"):
         device = images.device
         self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
         self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
-        self.autocast = autocast  # a lower-precision dtype for the forward pass, or None for fp32
+        self.autocast = AUTOCAST_DTYPES[precision]
         self.sums = torch.zeros(3, device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)
@@ -230,7 +242,9 @@ class TrainStep:
     def run(self, index: torch.Tensor) -> None:
         """The step itself, as plain PyTorch."""
         x = to_input(self.images[index[self.rank :: self.world_size]], self.channels_last)
-        with torch.autocast(x.device.type, self.autocast) if self.autocast else contextlib.nullcontext():
+        # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
+        with torch.autocast(x.device.type, self.autocast, cache_enabled=False) if self.autocast \
+                else contextlib.nullcontext():
             output = self.model(x)
         parts = self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
         self.optimizer.zero_grad(set_to_none=True)

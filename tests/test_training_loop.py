@@ -102,14 +102,15 @@ def test_cuda_loop_matches_the_cpu_loop():
     torch.testing.assert_close(cuda_parts.cpu(), cpu_parts, rtol=0.05, atol=0.5)
 
 
-def cuda_epochs(data: torch.Tensor, cuda_graph: bool, epochs: int = 2) -> tuple[list[list[float]], TrainStep]:
+def cuda_epochs(data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2
+                ) -> tuple[list[list[float]], TrainStep]:
     """`epochs` epochs on the GPU in deterministic mode, the step captured as a CUDA graph or not."""
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(SEED)
         model = VAE().cuda().to(memory_format=torch.channels_last)
         step = TrainStep(model, make_optimizer(model, 5e-4, torch.device("cuda")), data.cuda(), BATCH, True,
-                         cuda_graph=cuda_graph)
+                         cuda_graph=cuda_graph, precision=precision)
         generator = torch.Generator("cuda").manual_seed(SEED)
         losses = [train_epoch(step, generator)[0].tolist() for _ in range(epochs)]
     finally:
@@ -118,14 +119,15 @@ def cuda_epochs(data: torch.Tensor, cuda_graph: bool, epochs: int = 2) -> tuple[
 
 
 @needs_cuda
-def test_the_cuda_graph_step_matches_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cuda_graph_step_matches_the_eager_step(monkeypatch, precision):
     """The graph replays the eager step's own kernels, with the same random numbers: over two epochs
     (warm-up, capture, replays, a ragged last batch each) the losses and weights agree to float
-    rounding."""
+    rounding. In bf16 too: the autocast casts are captured, not cached across replays."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     data = images(20 * BATCH + 7)
-    eager_losses, eager = cuda_epochs(data, cuda_graph=False)
-    graph_losses, graphed = cuda_epochs(data, cuda_graph=True)
+    eager_losses, eager = cuda_epochs(data, cuda_graph=False, precision=precision)
+    graph_losses, graphed = cuda_epochs(data, cuda_graph=True, precision=precision)
     assert eager.graph is None and graphed.graph is not None, "the graph was not captured"
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-5)
     for (name, ours), theirs in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
