@@ -19,7 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SYSTEM_METRICS_OFTEN, edit_params, make_project, project_env, read_until, run, runs_of
+from pipeline.runtime import has_native_bf16
+from tests.conftest import (
+    SYSTEM_METRICS_OFTEN,
+    edit_params,
+    epoch_ended,
+    make_project,
+    project_env,
+    read_until,
+    run,
+    runs_of,
+)
 from tests.synthetic import write_mirror
 
 DEVICE = os.environ.get("PIPELINE_TEST_DEVICE", "cuda")
@@ -73,7 +83,7 @@ def test_deterministic_training_gives_the_same_model_twice(on_device, device_mir
 def test_training_killed_mid_run_resumes_to_the_same_model(on_device, device_mirror, tmp_path, started):
     project = make_project(tmp_path / "p", device_mirror, **SETTINGS)
     proc = started(["dvc", "repro", "train"], project)
-    read_until(proc, r"^epoch 1/")
+    read_until(proc, epoch_ended(1))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (project / "models/model.pt").exists(), "killed before the end: raise TRAIN_IMAGES"
@@ -83,6 +93,18 @@ def test_training_killed_mid_run_resumes_to_the_same_model(on_device, device_mir
     assert re.search(rf"resuming from epoch \d of {EPOCHS}", result.stdout), result.stdout
     assert (project / "models/model.pt").read_bytes() == (on_device / "models/model.pt").read_bytes()
     assert (project / "metrics/history.csv").read_text() == (on_device / "metrics/history.csv").read_text()
+
+
+def test_auto_precision_trains_in_bf16_where_the_device_has_it_and_twice_gives_the_same_model(device_mirror,
+                                                                                            tmp_path):
+    settings = SETTINGS | {"train.precision": "auto", "train.epochs": 2}
+    first = make_project(tmp_path / "first", device_mirror, **settings)
+    run(["dvc", "repro", "train"], first)
+    _, [mlrun] = runs_of(first)
+    assert mlrun.data.tags["train.precision_used"] == ("bf16" if has_native_bf16(torch.device(DEVICE)) else "fp32")
+    again = make_project(tmp_path / "again", device_mirror, **settings, **{"mlflow.enabled": False})
+    run(["dvc", "repro", "train"], again)
+    assert (again / "models/model.pt").read_bytes() == (first / "models/model.pt").read_bytes()
 
 
 def test_evaluate_and_visualize_on_the_cpu_agree_with_the_device(on_device, tmp_path):

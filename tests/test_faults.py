@@ -20,13 +20,17 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from pipeline.idx import FILES, write_idx
+from pipeline.runtime import has_native_bf16
 from tests.conftest import (
+    BF16_LOSS_TOLERANCE,
     edit_params,
     free_port,
     make_project,
     project_env,
+    epoch_ended,
     read_until,
     run,
     runs_of,
@@ -204,8 +208,7 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
                                                                            started, sig):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     proc = started(["dvc", "repro", "train"], project)
-    read_until(proc, r"^epoch 2/")
-    time.sleep(0.3)  # into epoch 3
+    read_until(proc, epoch_ended(2))  # from here on, in epoch 3
     os.killpg(proc.pid, sig)
     proc.wait(timeout=30)
     assert not (project / "models/model.pt").exists()
@@ -224,11 +227,38 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
 
 
+def test_bf16_training_through_dvc_tracks_fp32_and_a_killed_run_resumes_to_the_same_bytes(tmp_path, bigger_mirror,
+                                                                                          uninterrupted, started):
+    """`dvc exp run -S train.precision=bf16` against the fp32 `uninterrupted` run of the same data;
+    then a bf16 run killed in epoch 3 and resumed gives the exp's bytes (so do two bf16 runs)."""
+    exp = make_project(tmp_path / "exp", bigger_mirror, **{"train.epochs": EPOCHS})
+    result = run(["dvc", "exp", "run", "-S", "train.precision=bf16", "train"], exp)
+    assert ("has no native bf16" in result.stderr) is not has_native_bf16(torch.device("cpu")), result.stderr
+    bf16_history = np.genfromtxt(exp / "metrics/history.csv", delimiter=",", names=True)
+    fp32_history = np.genfromtxt(uninterrupted / "metrics/history.csv", delimiter=",", names=True)
+    for name in ("train_total", "val_total"):
+        np.testing.assert_allclose(bf16_history[name], fp32_history[name], rtol=BF16_LOSS_TOLERANCE, err_msg=name)
+    assert (exp / "models/model.pt").read_bytes() != (uninterrupted / "models/model.pt").read_bytes()
+    _, [tracked] = runs_of(exp)
+    assert tracked.data.params["train.precision"] == "bf16" and tracked.data.tags["train.precision_used"] == "bf16"
+    assert "- **Precision**: trained in bf16" in tracked.data.tags["mlflow.note.content"]
+
+    project = make_project(tmp_path / "killed", bigger_mirror, **{"train.epochs": EPOCHS, "train.precision": "bf16"})
+    proc = started(["dvc", "repro", "train"], project)
+    read_until(proc, epoch_ended(2))  # from here on, in epoch 3
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    result = run(["dvc", "repro", "train"], project)
+    assert re.search(r"resuming from epoch [23] of 4", result.stdout), result.stdout
+    assert (project / "models/model.pt").read_bytes() == (exp / "models/model.pt").read_bytes()
+    assert (project / "metrics/history.csv").read_text() == (exp / "metrics/history.csv").read_text()
+
+
 def test_ctrl_c_during_training_keeps_the_previous_outputs_and_the_next_repro_resumes(finished, started):
     edit_params(finished, **{"train.epochs": 8, "mlflow.enabled": True})
     before = outputs_of(finished)
     proc = started(["dvc", "repro"], finished)
-    seen = read_until(proc, r"^epoch 2/")
+    seen = read_until(proc, epoch_ended(2))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: SIGINT to the terminal's foreground group
     status, seen = finish(proc, seen, timeout=60)
     assert status != 0
@@ -249,7 +279,7 @@ def test_ctrl_c_during_training_keeps_the_previous_outputs_and_the_next_repro_re
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, bigger_mirror, started):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     proc = started(["dvc", "repro", "train"], project)
-    read_until(proc, r"^epoch 1/")
+    read_until(proc, epoch_ended(1))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     edit_params(project, **{"train.learning_rate": 0.001, "train.epochs": 1})
@@ -280,7 +310,7 @@ def file_size_limit(limit: int):
 def test_a_full_disk_names_the_file_keeps_the_checkpoint_and_the_next_repro_resumes(tmp_path, bigger_mirror, started):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS, "mlflow.enabled": False})
     proc = started(["dvc", "repro", "train"], project)
-    read_until(proc, r"^epoch 2/")
+    read_until(proc, epoch_ended(2))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     checkpoint = project / "models/checkpoint.pt"
@@ -399,7 +429,7 @@ def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror,
     edit_params(project, **{"mlflow.tracking_uri": url.replace("http://", "http://alice:s3cret@")})
     # The stage's end waits this long for the store to come back; this one never does.
     proc = started(["dvc", "repro", "train"], project, env=project_env() | {"PIPELINE_TRACKING_RETRY_SECONDS": "1"})
-    seen = read_until(proc, r"^epoch 2/")
+    seen = read_until(proc, epoch_ended(2))
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()
     status, seen = finish(proc, seen)
@@ -423,7 +453,7 @@ def test_a_second_repro_in_the_same_workspace_is_refused_and_the_first_finishes_
                                                                                         uninterrupted, started):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     first = started(["dvc", "repro", "train"], project)
-    seen = read_until(first, r"^epoch 1/")
+    seen = read_until(first, epoch_ended(1))
     second = run(["dvc", "repro"], project, check=False)
     assert second.returncode != 0
     assert re.search(r"ERROR: .* is busy, it is being blocked by:\s+\(PID \d+\)", second.stderr), second.stderr

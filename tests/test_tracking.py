@@ -20,6 +20,7 @@ from tests.conftest import (
     edit_params,
     make_project,
     project_env,
+    epoch_ended,
     read_until,
     run,
     runs_of,
@@ -117,7 +118,7 @@ def test_a_server_gone_mid_training_gets_every_epoch_the_model_and_the_descripti
     with serve_mlflow(store, artifacts) as (url, _, server):
         edit_params(project, **{"mlflow.tracking_uri": url})
         proc = started(["dvc", "repro", "train"], project, env=env)
-        seen = read_until(proc, r"^epoch 2/")
+        seen = read_until(proc, epoch_ended(2))
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
     seen += read_until(proc, r"waiting up to 300 s for the MLflow store")  # all 5 epochs trained meanwhile
