@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.model import IMAGE_SIZE
 
 UBYTE = 0x08
+IMAGE_SIZE = 28  # MNIST's and Fashion-MNIST's images are 28x28 (what the model is built for too)
 NUM_CLASSES = 10
 # The four files of the standard layout, by role: (training?, images?) -> file name.
 FILES = {
@@ -70,7 +70,8 @@ def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1)
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise IdxError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, the model needs {IMAGE_SIZE}x{IMAGE_SIZE}")
+        raise IdxError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, not the {IMAGE_SIZE}x{IMAGE_SIZE} "
+                       "of MNIST and Fashion-MNIST; this is not one of them")
     if len(images) != len(labels):
         raise IdxError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "

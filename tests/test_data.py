@@ -64,7 +64,7 @@ def test_labels_outside_0_to_9_are_refused(tmp_path):
 def test_images_of_another_size_are_refused(tmp_path):
     write_idx(tmp_path / "images", np.zeros((2, 32, 32), np.uint8))
     write_idx(tmp_path / "labels", np.zeros(2, np.uint8))
-    with pytest.raises(IdxError, match="images are 32x32, the model needs 28x28"):
+    with pytest.raises(IdxError, match="images are 32x32, not the 28x28 of MNIST and Fashion-MNIST"):
         read_pair(tmp_path / "images", tmp_path / "labels")
 
 
