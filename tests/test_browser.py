@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -118,3 +119,53 @@ def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_e
         open_and_wait(browser, training_link, "first")  # the link leads to the training run
         open_and_wait(browser, model_link, model_id)  # and to the model, whose page lists its evaluations
         screenshot(browser, "mlflow-logged-model.png")
+
+
+@pytest.fixture(scope="module")
+def vega(tmp_path_factory) -> Path:
+    """Vega, Vega-Lite and vega-embed from npm: the libraries DVC's plots page loads from a CDN, here
+    installed locally so the page renders without internet."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("needs npm (Debian: apt install npm)")
+    folder = tmp_path_factory.mktemp("vega")
+    run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder), "vega@5", "vega-lite@5", "vega-embed@6"],
+        folder)
+    return folder / "node_modules"
+
+
+LOSS_CHARTS = {  # dvc.yaml's top-level plots of metrics/history.csv: the page's id -> its y axis and curves
+    "Total_loss_per_epoch": ("loss per image (reconstruction + KL)", "train_total", "val_total"),
+    "Reconstruction_error_per_epoch": ("squared error per image", "train_reconstruction", "val_reconstruction"),
+    "KL_divergence_per_epoch": ("KL divergence per image", "train_kl", "val_kl"),
+}
+FIGURES = ("reconstructions", "prior_samples", "latent_space", "manifold", "interpolation", "loss_curves")
+
+
+def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once(experiments, vega, browser, tmp_path):
+    names = run(["dvc", "exp", "list", "--name-only"], experiments).stdout.split()
+    scripts = "".join(f'<script src="{(vega / lib / "build" / f"{lib}.min.js").as_uri()}"></script>'
+                      for lib in ("vega", "vega-lite", "vega-embed"))
+    # DVC's page as it is, but for the libraries' source and SVG instead of canvas, so the axes and
+    # legends are text the test can read.
+    as_svg = "<script>const embed = vegaEmbed; vegaEmbed = (el, spec) => embed(el, spec, {renderer: 'svg'});</script>"
+    template = tmp_path / "template.html"
+    template.write_text(f"<!DOCTYPE html><html><head>{scripts}{as_svg}</head><body>{{plot_divs}}</body></html>")
+    run(["dvc", "plots", "diff", *names, "--html-template", str(template), "-o", str(tmp_path / "plots")], experiments)
+
+    browser.get((tmp_path / "plots" / "index.html").as_uri())
+    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".vega-embed svg")) >= 3)
+    screenshot(browser, "dvc-plots-diff.png")
+    charts = {c.get_attribute("id"): c.text for c in browser.find_elements(By.CSS_SELECTOR, ".vega-embed")}
+    assert sorted(charts) == sorted(LOSS_CHARTS), "each loss chart drawn once"
+    for chart_id, (y_label, *curves) in LOSS_CHARTS.items():
+        text = set(charts[chart_id].splitlines())  # the title, the axes' titles, the legends' entries
+        expected = {chart_id.replace("_", " "), "epoch", y_label, *names, *curves}
+        assert expected <= text, f"{chart_id} lacks {sorted(expected - text)}: {sorted(text)}"
+    for figure in FIGURES:
+        sections = browser.find_elements(By.ID, f"figures_{figure}_png")
+        assert len(sections) == 1, f"figures/{figure}.png shown {len(sections)} times"
+        images = sections[0].find_elements(By.TAG_NAME, "img")
+        assert [img.get_attribute("src").rsplit("/", 1)[1] for img in images] == [
+            f"{name}_figures_{figure}.png" for name in names], "one image per experiment"
+        assert all(img.get_property("naturalWidth") > 0 for img in images), f"figures/{figure}.png did not load"
