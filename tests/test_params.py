@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -5,17 +6,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.params import Params, ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def committed_params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+def default_params() -> dict:
+    """The params the code ships, as params.yaml spells them (not the user's working file)."""
+    return dataclasses.asdict(Params())
 
 
 def with_change(dotted: str, value) -> dict:
-    raw = committed_params()
+    raw = default_params()
     *parents, leaf = dotted.split(".")
     node = raw
     for key in parents:
@@ -24,17 +26,26 @@ def with_change(dotted: str, value) -> dict:
     return raw
 
 
-def test_committed_params_hold_the_reference_values():
-    p = load_params(ROOT / "params.yaml")
-    assert (p.data.dataset, p.data.mirror, p.data.val_fraction) == ("mnist", None, 0.2)
+def test_the_code_ships_the_reference_model_by_default():
+    """The one place the reference's values are pinned: a missing key takes them, and every test
+    builds its params.yaml from them."""
+    p = Params()
+    assert (p.data.dataset, p.data.mirror, p.data.val_fraction) == ("mnist", None, 0.2)  # 80/20 of MNIST's 60,000
     assert (p.model.input_dim, p.model.hidden_dim, p.model.latent_dim, p.model.leaky_relu) == (1, 64, 2, 0.01)
-    assert (p.train.batch_size, p.train.learning_rate, p.train.epochs, p.train.device) == (64, 0.0005, 200, "auto")
+    assert (p.train.batch_size, p.train.learning_rate, p.train.epochs) == (64, 0.0005, 200)
+    assert (p.train.beta, p.train.reconstruction, p.train.precision) == (1.0, "mse", "fp32")  # MSE + KL, in fp32
+    assert p.train.device == "auto"  # CUDA when present
     assert p.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
-    assert isinstance(p.seed, int)
+    assert parse_params({}) == p
+
+
+def test_the_projects_params_file_is_valid():
+    """Whatever values the user has chosen: the file the pipeline will read parses."""
+    load_params(ROOT / "params.yaml")
 
 
 def test_flat_names_match_dvc_param_keys():
-    flat = parse_params(committed_params()).flat()
+    flat = parse_params(default_params()).flat()
     assert flat["train.learning_rate"] == 0.0005
     assert flat["data.mirror"] is None
     assert "seed" in flat
@@ -65,7 +76,7 @@ def test_bad_values_are_refused_naming_the_key(dotted, value, message):
 
 
 def test_misspelt_key_gets_a_suggestion():
-    raw = committed_params()
+    raw = default_params()
     raw["train"]["learning_rat"] = raw["train"].pop("learning_rate")
     with pytest.raises(ParamsError, match=r"unknown key 'train.learning_rat'; did you mean 'train.learning_rate'\?"):
         parse_params(raw)
@@ -73,7 +84,7 @@ def test_misspelt_key_gets_a_suggestion():
 
 def test_unknown_section_lists_the_known_keys():
     with pytest.raises(ParamsError, match=r"unknown key 'optimizer'; known keys: seed, data, model, train"):
-        parse_params(committed_params() | {"optimizer": {}})
+        parse_params(default_params() | {"optimizer": {}})
 
 
 def test_exponent_without_a_dot_is_a_number():
