@@ -15,28 +15,34 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import edit_params, free_port, make_project, run, serve_mlflow, stages_run
+from tests.conftest import ROOT, edit_params, free_port, make_project, project_env, run, serve_mlflow, stages_run
 
 pytestmark = pytest.mark.slow
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 
 
-def test_pushed_results_pull_into_a_fresh_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
+def readme_blocks(heading: str) -> list[str]:
+    """The bash blocks of the README's section `heading`, as a user copies them."""
+    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
+    push, pull = readme_blocks("### Share data, models and figures through a DVC remote")
     origin = make_project(tmp_path / "origin", mirror)
     run(["dvc", "repro"], origin)
-    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], origin)
-    run([*GIT, "add", "-A"], origin)
-    run([*GIT, "commit", "-qm", "results"], origin)
-    run(["dvc", "push"], origin)
+    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+    run(["bash", "-euo", "pipefail", "-c", push.replace("/mnt/shared/vae-dvc", str(tmp_path / "remote"))], origin,
+        env=project_env() | identity)
+    assert run(["git", "status", "--porcelain"], origin).stdout == "", "the recipe committed everything DVC wrote"
 
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
-    assert not (clone / "models/model.pt").exists()
-    run(["dvc", "pull"], clone)
-    assert "Data and pipelines are up to date." in run(["dvc", "status"], clone).stdout
-    for output in ("models/model.pt", "data/split/train_images.npy", "figures/manifold.png"):
+    pulled = run(["bash", "-euo", "pipefail", "-c", pull.replace("<url>", str(origin))], tmp_path).stdout
+    clone = tmp_path / "vae-pipeline"
+    assert "Data and pipelines are up to date." in pulled
+    assert stages_run(pulled) == [], "reproduced, without re-running"
+    for output in ("models/model.pt", "data/split/train_images.npy", "figures/manifold.png", "metrics/test.json"):
         assert (clone / output).read_bytes() == (origin / output).read_bytes(), output
-    assert stages_run(run(["dvc", "repro"], clone).stdout) == [], "reproduced, without re-running"
+    assert run(["git", "status", "--porcelain"], clone).stdout == "", "the pull left the clone as committed"
 
 
 POSTGRES_BIN = Path("/usr/lib/postgresql")
