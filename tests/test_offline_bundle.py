@@ -40,8 +40,9 @@ def test_what_is_left_out_follows_the_lock():
     reasons = script.left_out(lock, include=set())
     assert {"torch", "torchvision", "triton", "nvidia-cublas"} <= reasons.keys()
     assert reasons["sympy"] == "required by PyTorch, so on the node with it"
-    assert reasons["selenium"] == "only this repository's browser and database tests"
+    assert reasons["selenium"] == "only this repository's browser, database and workflow tests"
     assert reasons["trio"].startswith("needed only by")  # selenium's, transitively
+    assert reasons["rpds-py"].startswith("needed only by")  # check-jsonschema's, through jsonschema
     for needed in ("mlflow", "mlflow-skinny", "dvc", "nvidia-ml-py", "antlr4-python3-runtime", "certifi"):
         assert needed not in reasons, needed
     assert "scipy" not in script.left_out(lock, include={"scipy"})
