@@ -1,0 +1,80 @@
+"""CI as a user's pull request meets it: the reproducibility check and the report on a real
+two-commit change, and the GitHub Actions workflow that runs them, checked against GitHub's schema."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, edit_params, make_project, project_env, run
+
+WORKFLOW = ROOT / ".github" / "workflows" / "pipeline.yml"
+IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
+def commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", message], project, env=project_env() | IDENTITY)
+
+
+@pytest.mark.slow
+def test_the_report_of_a_learning_rate_change_shows_its_params_metrics_images_and_verdict(tmp_path, mirror):
+    project = make_project(tmp_path / "project", mirror, **{"mlflow.enabled": False, "train.epochs": 2})
+    shutil.copytree(ROOT / ".ci", project / ".ci")
+    run(["dvc", "repro"], project)
+    commit(project, "results")
+    edit_params(project, **{"train.learning_rate": 0.001})
+    run(["dvc", "repro"], project)
+    commit(project, "a higher learning rate")
+
+    check = run([".ci/reproducibility-check", str(mirror), "mnist"], project, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    (tmp_path / "reproducibility.log").write_text(check.stdout + check.stderr)
+    run([sys.executable, str(ROOT / "scripts/ci-report"), "--base", "HEAD~1", "--reproducibility",
+         str(tmp_path / "reproducibility.log"), "--out", str(tmp_path / "report")], project)
+
+    report = (tmp_path / "report" / "report.md").read_text()
+    params, metrics = report.split("## Params")[1].split("## Metrics")
+    assert re.search(r"^\| params\.yaml +\| train\.learning_rate +\| 0\.0005 +\| 0\.001 +\|$", params, re.M), params
+    assert len(re.findall(r"^\| params\.yaml", params, re.M)) == 1, "only the learning rate changed"
+    for name in ("val_total", "test_total", "test_knn_accuracy"):
+        assert re.search(rf"^\| metrics/(train|test)\.json +\| {name} +\| [\d.-]+ +\| [\d.-]+ +\| [\d.-]+ +\|$",
+                         metrics, re.M), f"{name} not compared:\n{metrics}"
+    for image in ("loss_curves.png", "reconstructions.png"):
+        assert f"](./{image})" in report
+        assert (tmp_path / "report" / image).stat().st_size > 5_000, image
+    assert (tmp_path / "report" / "reconstructions.png").read_bytes() == \
+        (project / "figures/reconstructions.png").read_bytes()
+    assert "- compared on: cpu (" in report
+    assert "- reproducible: every output hash in dvc.lock is identical across the two runs" in report
+
+
+def test_the_report_refuses_a_base_that_is_not_here(tmp_path, mirror):
+    project = make_project(tmp_path / "project", mirror)
+    result = run([sys.executable, str(ROOT / "scripts/ci-report"), "--base", "origin/main"], project, check=False)
+    assert result.returncode == 1
+    assert result.stderr == ("error: --base origin/main is not a commit here; fetch it first "
+                             "(git fetch origin origin/main)\n")
+    assert not (project / "report").exists()
+
+
+def test_the_workflow_is_valid_against_githubs_schema():
+    """check-jsonschema ships a copy of GitHub's workflow schema: no network needed."""
+    checker = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    result = run([checker, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)], ROOT, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_workflow_runs_the_readmes_set_up_and_tests_then_the_check_and_the_report():
+    section = (ROOT / "README.md").read_text().split("\n## The two commands\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)]
+    set_up = blocks[0].removesuffix(" && dvc repro")  # the pipeline's 200 epochs are the user's, not CI's
+    tests = next(block for block in blocks if "pytest" in block)
+    text = WORKFLOW.read_text()
+    for step in (set_up, tests, ".ci/reproducibility-check", "scripts/ci-report", "cml comment"):
+        assert step in text, step
