@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -122,28 +123,35 @@ def test_second_repro_runs_nothing(reproduced):
     assert "Data and pipelines are up to date." in result.stdout
 
 
-def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(reproduced):
-    edit_params(reproduced, **{"visualize.num_images": 6})
-    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["visualize"]
-    edit_params(reproduced, **{"train.learning_rate": 0.001})
-    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["train", "evaluate", "visualize"]
-    client = client_for(reproduced)
+@pytest.fixture
+def edited(project) -> Path:
+    """A reproduced project of the test's own, for a test that edits it (`reproduced` is only read)."""
+    run(["dvc", "repro"], project)
+    return project
+
+
+def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(edited):
+    edit_params(edited, **{"visualize.num_images": 6})
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == ["visualize"]
+    edit_params(edited, **{"train.learning_rate": 0.001})
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == ["train", "evaluate", "visualize"]
+    client = client_for(edited)
     [newest] = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id],
                                   order_by=["attributes.start_time DESC"], max_results=1)
-    head = run(["git", "rev-parse", "--short=7", "HEAD"], reproduced).stdout.strip()
+    head = run(["git", "rev-parse", "--short=7", "HEAD"], edited).stdout.strip()
     assert newest.info.run_name == f"{head} train.learning_rate=0.001 visualize.num_images=6", \
         "named by the commit and the params that differ from its params.yaml"
-    edit_params(reproduced, **{"data.val_fraction": 0.25})
-    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == ["split", "train", "evaluate", "visualize"]
-    edit_params(reproduced, **{"mlflow.experiment_name": "elsewhere"})
-    assert stages_run(run(["dvc", "repro"], reproduced).stdout) == []
+    edit_params(edited, **{"data.val_fraction": 0.25})
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == ["split", "train", "evaluate", "visualize"]
+    edit_params(edited, **{"mlflow.experiment_name": "elsewhere"})
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == []
 
 
-def test_a_code_edit_reruns_exactly_the_stages_whose_results_it_can_change(reproduced):
+def test_a_code_edit_reruns_exactly_the_stages_whose_results_it_can_change(edited):
     def touch(module: str) -> list[str]:
-        with open(reproduced / "pipeline" / module, "a") as fh:
+        with open(edited / "pipeline" / module, "a") as fh:
             fh.write("# edited\n")
-        return stages_run(run(["dvc", "repro"], reproduced).stdout)
+        return stages_run(run(["dvc", "repro"], edited).stdout)
 
     assert touch("tracking/run.py") == [], "reporting code changes no result"
     # Retraining gives the same model bytes on the CPU, so visualize, which does not use the loss, stays.
