@@ -65,9 +65,10 @@ def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu", chan
     return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
 
 
-def training_fingerprint(params: Params, precision: str) -> dict:
+def training_fingerprint(params: Params, precision: str, device_type: str) -> dict:
     """What a checkpoint must match to be resumed: every param that shapes the weights, the precision
-    `train.precision` resolved to (a resume never mixes precisions), and the data. Not
+    `train.precision` resolved to (a resume never mixes precisions), the kind of device it ran on
+    (`train.device: auto` is a GPU on one machine and the CPU on another) and the data. Not
     `train.epochs`: the first epochs do not depend on how many follow, so a killed run can be
     resumed with more epochs."""
     train = dataclasses.asdict(params.train) | {"precision": precision}
@@ -76,40 +77,56 @@ def training_fingerprint(params: Params, precision: str) -> dict:
         "seed": params.seed,
         "model": dataclasses.asdict(params.model),
         "train": train,
+        "device": device_type,
         "data": file_sha256(images_file("train")) + file_sha256(images_file("val")),
     }
 
 
-def save_checkpoint(fingerprint: dict, model: VAE, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    history: list[dict], run_id: str | None) -> None:
-    """All a killed run needs to go on as if it had not stopped: weights, optimizer, every random
-    state (the CPU's, the data order's, the GPU's), the epochs' history and the MLflow run."""
+def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """This process's random states: the CPU's, the data order's and the GPU's."""
     rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
     if generator.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(generator.device)
+    return rng
+
+
+def save_checkpoint(fingerprint: dict, model: VAE, optimizer: torch.optim.Optimizer,
+                    rng_by_rank: list[dict[str, torch.Tensor]], history: list[dict], run_id: str | None) -> None:
+    """All a killed run needs to go on as if it had not stopped: weights, optimizer, every process's
+    random states (`random_states` of each rank, in rank order), the epochs' history and the MLflow run."""
     save_torch({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng, "history": history, "run_id": run_id}, CHECKPOINT_FILE)
+                "rng": rng_by_rank, "history": history, "run_id": run_id}, CHECKPOINT_FILE)
 
 
 def load_checkpoint(fingerprint: dict, epochs: int) -> dict | None:
-    """The checkpoint of an interrupted run of these same params and data, if there is one. Read
-    onto the CPU, where random states must be; restoring copies the weights to their device."""
+    """The checkpoint of an interrupted run of these same params and data, if there is one; one
+    of other params or data is deleted. Read onto the CPU, where random states must be; restoring
+    copies the weights to their device. Under torchrun rank 0 reads it first (it alone deletes)."""
     if not CHECKPOINT_FILE.exists():
         return None
     checkpoint = load_torch(CHECKPOINT_FILE, "cpu")
-    if checkpoint["fingerprint"] != fingerprint or len(checkpoint["history"]) > epochs:
+    saved = checkpoint["fingerprint"]
+    if "device" in saved and saved["device"] != fingerprint["device"] \
+            and saved | {"device": fingerprint["device"]} == fingerprint:
+        raise PipelineError(
+            f"{CHECKPOINT_FILE} holds a run trained on {saved['device']} and this run is on {fingerprint['device']}: "
+            f"resume it where {saved['device']} is used (train.device: {saved['device']}), "
+            f"or delete {CHECKPOINT_FILE} to train from scratch here"
+        )
+    if saved != fingerprint or len(checkpoint["history"]) > epochs:
         print(f"discarding {CHECKPOINT_FILE}: it was written with other params or data")
-        CHECKPOINT_FILE.unlink(missing_ok=True)  # every rank reads it; the first one removes it
+        CHECKPOINT_FILE.unlink()
         return None
     return checkpoint
 
 
 def restore_checkpoint(checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer,
-                       generator: torch.Generator) -> None:
-    """Put the weights, optimizer and every random state back as `save_checkpoint` found them."""
+                       generator: torch.Generator, rank: int = 0) -> None:
+    """Put the weights, optimizer and this rank's random states back as `save_checkpoint` found them."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    generator.set_state(checkpoint["rng"]["permutation"])
+    rng = checkpoint["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    generator.set_state(rng["permutation"])
     if generator.device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], generator.device)
+        torch.cuda.set_rng_state(rng["cuda"], generator.device)

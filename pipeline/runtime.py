@@ -84,6 +84,32 @@ def join_process_group(device_spec: str) -> Ranks:
     return ranks
 
 
+def check_processes(device_spec: str, num_processes: int) -> None:
+    """Before torchrun starts any process: one GPU per process, and no more processes than GPUs."""
+    if num_processes < 2:
+        return
+    if device_spec.startswith("cuda:"):
+        raise PipelineError(f"train.device is '{device_spec}', one GPU, but train.num_processes is {num_processes}: "
+                            "each process needs a GPU of its own; set train.device to cuda (process i on GPU i)")
+    if resolve_device(device_spec).type == "cuda" and num_processes > torch.cuda.device_count():
+        raise PipelineError(f"train.num_processes is {num_processes} but PyTorch sees {torch.cuda.device_count()} "
+                            f"GPU(s) (CUDA_VISIBLE_DEVICES may hide some); set it to {torch.cuda.device_count()} or fewer")
+
+
+def gather_to_writer(value, ranks: Ranks) -> list | None:
+    """`value` of every rank, in rank order, on rank 0 (None on the others); every rank must call it."""
+    if ranks.world_size == 1:
+        return [value]
+    gathered = [None] * ranks.world_size if ranks.writer else None
+    torch.distributed.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1:
+        torch.distributed.barrier()
+
+
 def leave_process_group(ranks: Ranks) -> None:
     if ranks.world_size > 1:
         torch.distributed.destroy_process_group()

@@ -32,6 +32,7 @@ from pipeline.model_files import (
     file_sha256,
     load_checkpoint,
     load_model,
+    random_states,
     restore_checkpoint,
     save_checkpoint,
     save_model,
@@ -42,7 +43,10 @@ from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, TRAIN_HISTORY, TRAIN_MET
 from pipeline.progress import progress
 from pipeline.runtime import (
     Ranks,
+    barrier,
+    check_processes,
     configure_determinism,
+    gather_to_writer,
     join_process_group,
     leave_process_group,
     resolve_device,
@@ -66,7 +70,7 @@ def train(params: Params) -> None:
     configure_determinism(cfg.deterministic)
     data = load_data(params, ranks, device)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
-    fingerprint = training_fingerprint(params, precision)
+    fingerprint = training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
                      loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision)
@@ -78,9 +82,10 @@ def train(params: Params) -> None:
             for epoch in range(len(state.history) + 1, cfg.epochs + 1):
                 started = time.perf_counter()
                 row = run_epoch(epoch, state, step, data, cfg, ranks)
+                rng_by_rank = gather_to_writer(random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
-                    save_checkpoint(fingerprint, state.model, state.optimizer, state.generator, state.history,
+                    save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank, state.history,
                                     tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
@@ -152,9 +157,13 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
         step_model = torch.nn.parallel.DistributedDataParallel(model)
     state = Training(model, step_model, optimizer, torch.Generator(device=device).manual_seed(params.seed), [], None)
 
-    checkpoint = load_checkpoint(fingerprint, cfg.epochs)
+    # Rank 0 reads the checkpoint first and alone deletes a stale one; the others read after it.
+    checkpoint = load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
+    barrier(ranks)
+    if not ranks.writer:
+        checkpoint = load_checkpoint(fingerprint, cfg.epochs)
     if checkpoint is not None:
-        restore_checkpoint(checkpoint, model, optimizer, state.generator)
+        restore_checkpoint(checkpoint, model, optimizer, state.generator, ranks.rank)
         state.history, state.run_id = checkpoint["history"], checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
@@ -286,8 +295,16 @@ def train_epoch(step: TrainStep, generator: torch.Generator, advance: Callable[[
     sums, first_bad_step = step.sums.clone(), step.first_bad_step.clone()
     if step.world_size > 1:
         torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(first_bad_step, torch.distributed.ReduceOp.MAX)
+        first_bad_step = earliest_over_ranks(first_bad_step)
     return sums / n, first_bad_step
+
+
+def earliest_over_ranks(first_bad_step: torch.Tensor) -> torch.Tensor:
+    """The earliest of the ranks' first bad steps (-1: none on any rank)."""
+    none = torch.iinfo(first_bad_step.dtype).max
+    earliest = torch.where(first_bad_step < 0, none, first_bad_step)
+    torch.distributed.all_reduce(earliest, torch.distributed.ReduceOp.MIN)
+    return torch.where(earliest == none, -1, earliest)
 
 
 def history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:
@@ -343,6 +360,7 @@ def history_csv(history: list[dict]) -> str:
 def main() -> None:
     params = load_params()
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        check_processes(params.train.device, params.train.num_processes)
         # Relaunch this stage under PyTorch's own launcher, one process per rank.
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={params.train.num_processes}", "-m", "pipeline.train"]

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -128,3 +129,14 @@ def test_evaluate_and_visualize_on_the_cpu_agree_with_the_device(on_device, tmp_
         cpu_pixels = matplotlib.image.imread(figure)
         assert device_pixels.shape == cpu_pixels.shape, figure.name
         assert np.abs(device_pixels - cpu_pixels).mean() < 0.01, figure.name
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts GPUs")
+def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path):
+    gpus = torch.cuda.device_count()
+    (tmp_path / "params.yaml").write_text(f"train: {{device: cuda, num_processes: {gpus + 1}}}\n")
+    result = run([sys.executable, "-m", "pipeline.train"], tmp_path, check=False,
+                 env=project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert result.returncode == 2
+    assert result.stderr == (f"error: train.num_processes is {gpus + 1} but PyTorch sees {gpus} GPU(s) "
+                             f"(CUDA_VISIBLE_DEVICES may hide some); set it to {gpus} or fewer\n")

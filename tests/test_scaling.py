@@ -7,15 +7,30 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
+import torch
 
-from tests.conftest import ROOT, edit_params, free_port, make_project, project_env, run, serve_mlflow, stages_run
+from tests.conftest import (
+    ROOT,
+    edit_params,
+    epoch_ended,
+    free_port,
+    make_project,
+    project_env,
+    read_until,
+    run,
+    serve_mlflow,
+    stages_run,
+)
+from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +118,26 @@ def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres
         assert (tmp_path / "artifacts").exists() and not (project / "mlruns/mlflow.db").exists()
 
 
-def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(tmp_path, mirror):
-    project = make_project(tmp_path / "p", mirror, **{"train.num_processes": 2, "train.epochs": 3, "train.device": "cpu"})
-    result = run(["dvc", "repro", "train"], project)
-    assert "rank 0 of 2 on cpu: training and writing every output" in result.stdout
-    assert "rank 1 of 2 on cpu: training only" in result.stdout
-    assert [int(e) for e in re.findall(r"^epoch (\d)/3", result.stdout, re.M)] == [1, 2, 3], \
+TORCHRUN = {"train.num_processes": 2, "train.epochs": 3, "train.device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def torchrun_mirror(tmp_path_factory) -> Path:
+    return write_mirror(tmp_path_factory.mktemp("mirror"), n_train=1500, n_test=100)  # epochs of about a second
+
+
+@pytest.fixture(scope="module")
+def torchrun_result(tmp_path_factory, torchrun_mirror) -> tuple[Path, str]:
+    """A 2-process CPU training under torchrun, uninterrupted, and what it printed."""
+    project = make_project(tmp_path_factory.mktemp("torchrun") / "p", torchrun_mirror, **TORCHRUN)
+    return project, run(["dvc", "repro", "train"], project).stdout
+
+
+def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(torchrun_result):
+    project, stdout = torchrun_result
+    assert "rank 0 of 2 on cpu: training and writing every output" in stdout
+    assert "rank 1 of 2 on cpu: training only" in stdout
+    assert [int(e) for e in re.findall(r"^epoch (\d)/3", stdout, re.M)] == [1, 2, 3], \
         "each epoch reported once: by rank 0, not by every rank"
     with open(project / "metrics/history.csv") as fh:
         history = list(csv.DictReader(fh))
@@ -119,3 +148,25 @@ def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(tmp_path, 
     [only] = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id])
     assert only.data.params["train.num_processes"] == "2"
     assert sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_total")) == [1, 2, 3]
+
+
+def test_a_killed_torchrun_run_resumes_each_rank_with_its_own_random_states_to_the_same_bytes(
+        tmp_path, torchrun_mirror, torchrun_result, started):
+    uninterrupted, _ = torchrun_result
+    project = make_project(tmp_path / "killed", torchrun_mirror, **TORCHRUN)
+    proc = started(["dvc", "repro", "train"], project)
+    read_until(proc, epoch_ended(1))
+    # Everything at once, as a lost node or a job scheduler does: torchrun starts each rank in a
+    # session of its own, which a signal to DVC's process group does not reach.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=30)
+    assert not (project / "models/model.pt").exists(), "killed before the end"
+    rng = torch.load(project / "models/checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"]), "each rank's own noise, saved"
+
+    result = run(["dvc", "repro", "train"], project)
+    assert re.search(r"resuming from epoch [12] of 3", result.stdout), result.stdout
+    assert (project / "models/model.pt").read_bytes() == (uninterrupted / "models/model.pt").read_bytes()
+    assert (project / "metrics/history.csv").read_text() == (uninterrupted / "metrics/history.csv").read_text()

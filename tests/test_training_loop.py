@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import VAE
-from pipeline.train import TrainStep, make_optimizer, train_epoch
+from pipeline.train import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
 from tests.synthetic import make_images
 
 SEED, BATCH = 3, 32
@@ -132,3 +132,22 @@ def test_the_cuda_graph_step_matches_the_eager_step(monkeypatch, precision):
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-5)
     for (name, ours), theirs in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def first_bad_steps_of_two_ranks(rank: int, init_file: str, cases: list[tuple[int, int]], results) -> None:
+    """One of two gloo processes: each case's first bad steps (rank 0's, rank 1's) combined over the ranks."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results.put((rank, [earliest_over_ranks(torch.tensor(case[rank])).item() for case in cases]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_first_bad_step_over_ranks_is_the_earliest(tmp_path):
+    cases = [(5, 2), (2, 5), (-1, 3), (4, -1), (-1, -1), (0, 7)]
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    torch.multiprocessing.start_processes(first_bad_steps_of_two_ranks, args=(str(tmp_path / "init"), cases, results),
+                                          nprocs=2, start_method="spawn")
+    answers = dict(results.get() for _ in range(2))
+    assert answers[0] == answers[1] == [2, 2, 3, 4, -1, 0]
