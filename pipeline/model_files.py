@@ -1,6 +1,7 @@
-"""The model's files on disk: the trained model (models/model.pt) and the checkpoint of a run in
-progress (models/checkpoint.pt). Both are read as tensors and plain values only, never arbitrary
-pickles, and written atomically, the same weights always giving the same bytes."""
+"""The model's files on disk: the trained model (models/model.pt), the checkpoint of a run in
+progress (models/checkpoint.pt) and the finished run's last checkpoint (models/state.pt). All are
+read as tensors and plain values only, never arbitrary pickles, and written atomically, the same
+weights always giving the same bytes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pickle
 from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline import atomic
 from pipeline.data_parts import images_file
 from pipeline.errors import PipelineError
 from pipeline.model import VAE
 from pipeline.params import Params
-from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE
+from pipeline.paths import CHECKPOINT_FILE, DVC_FILE, MODEL_FILE, STATE_FILE
 
 
 def file_sha256(path: Path) -> str:
@@ -66,11 +68,11 @@ def load_model(path: Path = MODEL_FILE, device: torch.device | str = "cpu", chan
 
 
 def training_fingerprint(params: Params, precision: str, device_type: str) -> dict:
-    """What a checkpoint must match to be resumed: every param that shapes the weights, the precision
-    `train.precision` resolved to (a resume never mixes precisions), the kind of device it ran on
-    (`train.device: auto` is a GPU on one machine and the CPU on another) and the data. Not
-    `train.epochs`: the first epochs do not depend on how many follow, so a killed run can be
-    resumed with more epochs."""
+    """What a checkpoint must match to be resumed or continued: every param that shapes the weights,
+    the precision `train.precision` resolved to (a resume never mixes precisions), the kind of device
+    it ran on (`train.device: auto` is a GPU on one machine and the CPU on another), the training
+    code and the data. Not `train.epochs`: the first epochs do not depend on how many follow, so a
+    killed run can be resumed, and a finished one continued, with more epochs."""
     train = dataclasses.asdict(params.train) | {"precision": precision}
     del train["epochs"]
     return {
@@ -78,8 +80,19 @@ def training_fingerprint(params: Params, precision: str, device_type: str) -> di
         "model": dataclasses.asdict(params.model),
         "train": train,
         "device": device_type,
+        "code": training_code_sha256(),
         "data": file_sha256(images_file("train")) + file_sha256(images_file("val")),
     }
+
+
+def training_code_sha256() -> str:
+    """The Python files dvc.yaml names as the train stage's code, hashed together: a change to
+    any of them that reruns training also means training from scratch."""
+    deps = yaml.safe_load(DVC_FILE.read_text())["stages"]["train"]["deps"]
+    digest = hashlib.sha256()
+    for path in sorted(dep for dep in deps if dep.endswith(".py")):
+        digest.update(path.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -118,6 +131,26 @@ def load_checkpoint(fingerprint: dict, epochs: int) -> dict | None:
         CHECKPOINT_FILE.unlink()
         return None
     return checkpoint
+
+
+def load_finished(fingerprint: dict, epochs: int) -> tuple[dict | None, str | None]:
+    """The finished run in STATE_FILE, if this run continues it (the same fingerprint, fewer epochs
+    than `epochs`); otherwise None and why training starts from scratch (None: there is no state)."""
+    if not STATE_FILE.exists():
+        return None, None
+    state = load_torch(STATE_FILE, "cpu")
+    trained = len(state["history"])
+    if state["fingerprint"] != fingerprint:
+        return None, f"{STATE_FILE} was trained with other params, code, device or data"
+    if trained >= epochs:
+        return None, f"{STATE_FILE} holds {trained} epochs, and train.epochs is {epochs}"
+    return state, None
+
+
+def finish_checkpoint() -> None:
+    """The finished run's last checkpoint becomes STATE_FILE: nothing is left that a later run
+    could resume by mistake, and a run with more epochs continues from it."""
+    atomic.move(CHECKPOINT_FILE, STATE_FILE)
 
 
 def restore_checkpoint(checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer,

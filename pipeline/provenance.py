@@ -32,6 +32,7 @@ UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts
 MODEL_SHA256_TAG = "model.sha256"  # the bytes of models/model.pt a run trained or evaluated
 MODEL_ID_TAG = "model_id"  # the MLflow LoggedModel of those bytes
 TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
+CONTINUED_RUN_TAG = "continued_from_run_id"  # on a run that trained more epochs: the finished run it went on from
 PRECISION_TAG = "train.precision_used"  # fp32 or bf16: what `train.precision` (auto, say) resolved to
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
@@ -198,6 +199,9 @@ def describe(run: Run) -> str:
     experiment = f"#/experiments/{run.info.experiment_id}"
     if MODEL_ID_TAG in tags:
         lines.append(f"- **Logged model**: [{tags[MODEL_ID_TAG]}]({experiment}/models/{tags[MODEL_ID_TAG]})")
+    if CONTINUED_RUN_TAG in tags:
+        lines.append(f"- **Continues**: [run {tags[CONTINUED_RUN_TAG]}]({experiment}/runs/{tags[CONTINUED_RUN_TAG]}), "
+                     "whose epochs it holds too; it trained the epochs after them")
     if TRAINING_RUN_TAG in tags:
         lines.append(f"- **Trained by**: [run {tags[TRAINING_RUN_TAG]}]({experiment}/runs/{tags[TRAINING_RUN_TAG]}); "
                      "this run reran only the later stages")

@@ -30,7 +30,9 @@ from pipeline.losses import LOSS_NAMES, dataset_loss, loss_function, vae_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.model_files import (
     file_sha256,
+    finish_checkpoint,
     load_checkpoint,
+    load_finished,
     load_model,
     random_states,
     restore_checkpoint,
@@ -39,7 +41,7 @@ from pipeline.model_files import (
     training_fingerprint,
 )
 from pipeline.params import Params, TrainParams, load_params
-from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, STATE_FILE, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.progress import progress
 from pipeline.runtime import (
     Ranks,
@@ -74,7 +76,8 @@ def train(params: Params) -> None:
     state = start_or_resume(params, ranks, device, fingerprint)
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
                      loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision)
-    tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict())
+    tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
+                                    state.continues_run_id)
     tracked.log_history(state.history)
     status = "FAILED"
     try:
@@ -101,7 +104,7 @@ def train(params: Params) -> None:
         leave_process_group(ranks)
     if ranks.writer:
         tracking.record_trained_model(tracked, file_sha256(MODEL_FILE))  # for the later stages of this execution
-        CHECKPOINT_FILE.unlink()  # finished: nothing left that a later run could resume by mistake
+        finish_checkpoint()
 
 
 class Data(NamedTuple):
@@ -138,11 +141,13 @@ class Training:
     generator: torch.Generator  # draws each epoch's data order
     history: list[dict]  # a row of losses per finished epoch
     run_id: str | None  # the MLflow run an interrupted run was logging into
+    continues_run_id: str | None = None  # the finished MLflow run whose epochs this run continues
 
 
 def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerprint: dict) -> Training:
     """The model, optimizer and data order built from the seed; then, if a killed run of the same
-    params and data left a checkpoint, its weights, optimizer, random states and history."""
+    params and data left a checkpoint, its weights, optimizer, random states and history; or else,
+    if a finished run of them trained fewer epochs than asked, all of those from its last epoch."""
     cfg = params.train
     torch.manual_seed(params.seed)
     model = VAE(**dataclasses.asdict(params.model)).to(device)
@@ -167,6 +172,15 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
         state.history, state.run_id = checkpoint["history"], checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
+        return state
+    finished, why_not = load_finished(fingerprint, cfg.epochs)
+    if finished is not None:  # a new run (its record is the finished run's no more), with the epochs so far
+        restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
+        state.history, state.continues_run_id = finished["history"], finished["run_id"]
+        if ranks.writer:
+            print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
+    elif why_not and ranks.writer:
+        print(f"training from scratch: {why_not}")
     return state
 
 

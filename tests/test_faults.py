@@ -40,7 +40,7 @@ from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
-OUTPUTS = ("data/raw", "data/split", "models/model.pt", "metrics", "figures")  # every DVC output of the pipeline
+OUTPUTS = ("data/raw", "data/split", "models/model.pt", "models/state.pt", "metrics", "figures")  # every DVC output
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +225,28 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     assert runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_total")]
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
+
+
+def test_more_epochs_continue_a_finished_run_to_the_bytes_of_the_longer_run(tmp_path, bigger_mirror, uninterrupted):
+    project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": 2})
+    run(["dvc", "exp", "run", "train"], project)
+    _, [first] = runs_of(project)
+
+    result = run(["dvc", "exp", "run", "-S", f"train.epochs={EPOCHS}", "train"], project)
+    assert f"continuing from epoch 2 of {EPOCHS} (models/state.pt)" in result.stdout, result.stdout
+    assert re.findall(r"^epoch (\d+)/\d+  train_", result.stdout, re.M) == ["3", "4"], "only the epochs after 2"
+    assert (project / "models/model.pt").read_bytes() == (uninterrupted / "models/model.pt").read_bytes()
+    assert (project / "metrics/history.csv").read_text() == (uninterrupted / "metrics/history.csv").read_text()
+    client, runs = runs_of(project)
+    [continued] = [r for r in runs if r.info.run_id != first.info.run_id]
+    assert continued.data.tags["continued_from_run_id"] == first.info.run_id
+    assert sorted(m.step for m in client.get_metric_history(continued.info.run_id, "val_total")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "val_total")) == [1, 2], \
+        "the finished run is not rewritten"
+
+    result = run(["dvc", "exp", "run", "-S", "train.epochs=1", "train"], project)
+    assert f"training from scratch: models/state.pt holds {EPOCHS} epochs, and train.epochs is 1" in result.stdout
+    assert re.findall(r"^epoch (\d+)/\d+  train_", result.stdout, re.M) == ["1"]
 
 
 def test_bf16_training_through_dvc_tracks_fp32_and_a_killed_run_resumes_to_the_same_bytes(tmp_path, bigger_mirror,

@@ -24,7 +24,7 @@ import torch
 from pipeline import atomic, provenance
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
-from pipeline.provenance import MODEL_ID_TAG, MODEL_SHA256_TAG, PRECISION_TAG, TRAINING_RUN_TAG
+from pipeline.provenance import CONTINUED_RUN_TAG, MODEL_ID_TAG, MODEL_SHA256_TAG, PRECISION_TAG, TRAINING_RUN_TAG
 from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import redact
 
@@ -66,10 +66,11 @@ def write_record(record: Record) -> None:
 
 
 def training_run(experiment_id: str | None, resumed_run_id: str | None, params: Params, device: torch.device,
-                 precision: str, datasets: dict[str, torch.Tensor]) -> TrackedRun:
+                 precision: str, datasets: dict[str, torch.Tensor], continues_run_id: str | None = None) -> TrackedRun:
     """The run to train into: the interrupted run again when training resumes, otherwise this
-    execution's new run, with its data (`datasets`: context -> uint8 images) as inputs and the
-    precision it trains in (`train.precision` resolved) as a tag."""
+    execution's new run, with its data (`datasets`: context -> uint8 images) as inputs, the
+    precision it trains in (`train.precision` resolved) and the finished run it continues, if
+    any, as tags."""
     if experiment_id is None:
         return TrackedRun(None)
     tracked = None
@@ -82,7 +83,7 @@ def training_run(experiment_id: str | None, resumed_run_id: str | None, params: 
                   file=sys.stderr)
     if tracked is None:
         tracked = _new_run(experiment_id, params, "train", device)
-        tracked.set_tags({PRECISION_TAG: precision})
+        tracked.set_tags({PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {}))
         log_data(tracked, params, datasets)
     return tracked
 
