@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
+
+# Under torchrun, where each rank writes its error instead of printing it: the launcher reports
+# the first rank's once, in one line, instead of every rank's line and torchrun's failure dump.
+RANK_ERRORS_VARIABLE = "PIPELINE_RANK_ERRORS"
 
 
 class PipelineError(Exception):
@@ -14,7 +20,10 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if RANK_ERRORS_VARIABLE in os.environ:
+            Path(os.environ[RANK_ERRORS_VARIABLE], os.environ["RANK"]).write_text(str(exc))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the stage's previous outputs are left as they were; `dvc repro` runs it again",

@@ -12,20 +12,24 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed.elastic.multiprocessing.errors
+import torch.distributed.run
 import torchvision
 
 from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import RANK_ERRORS_VARIABLE, PipelineError, run_stage
 from pipeline.losses import LOSS_NAMES, dataset_loss, loss_function, vae_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.model_files import (
@@ -375,11 +379,29 @@ def main() -> None:
     params = load_params()
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         check_processes(params.train.device, params.train.num_processes)
-        # Relaunch this stage under PyTorch's own launcher, one process per rank.
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={params.train.num_processes}", "-m", "pipeline.train"]
-        sys.exit(subprocess.run(launcher).returncode)
-    train(params)
+        relaunch_under_torchrun(params.train.num_processes)
+    else:
+        train(params)
+
+
+def relaunch_under_torchrun(num_processes: int) -> None:
+    """This stage again under PyTorch's own launcher, one process per rank. A rank stopped by a
+    PipelineError is reported as the single process reports it: one line, exit status 2."""
+    args = torch.distributed.run.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={num_processes}", "-m", "pipeline.train"])
+    # torchrun logs each failed rank as an error of its own; the failure is reported below instead.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="pipeline-rank-errors.") as errors:
+        os.environ[RANK_ERRORS_VARIABLE] = errors  # for the ranks, which inherit it
+        try:
+            torch.distributed.run.run(args)
+        except torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+            reported = sorted(Path(errors).iterdir(), key=lambda path: int(path.name))
+            if not reported:
+                raise  # a crash, not a mistake to fix: torchrun's account of it, with the tracebacks
+            raise PipelineError(reported[0].read_text()) from None
+        finally:
+            del os.environ[RANK_ERRORS_VARIABLE]
 
 
 if __name__ == "__main__":

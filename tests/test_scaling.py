@@ -170,3 +170,13 @@ def test_a_killed_torchrun_run_resumes_each_rank_with_its_own_random_states_to_t
     assert re.search(r"resuming from epoch [12] of 3", result.stdout), result.stdout
     assert (project / "models/model.pt").read_bytes() == (uninterrupted / "models/model.pt").read_bytes()
     assert (project / "metrics/history.csv").read_text() == (uninterrupted / "metrics/history.csv").read_text()
+
+
+def test_a_mistake_found_inside_the_ranks_is_one_line_and_exit_2_not_torchruns_dump(tmp_path, mirror):
+    project = make_project(tmp_path / "p", mirror, **TORCHRUN | {"train.batch_size": 7})
+    result = run(["dvc", "repro", "train"], project, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.batch_size 7 (the global batch) must split evenly over train.num_processes 2, "
+                      "with every batch at least one image per process"], result.stderr
+    assert "exited with 2" in result.stderr
+    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr, result.stderr
