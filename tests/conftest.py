@@ -306,13 +306,18 @@ def pytest_configure(config) -> None:
 
 
 def processes_started_by_this_session() -> list[psutil.Process]:
+    """Every live process with this session's marker, but for pytest's own multiprocessing resource
+    tracker (started by the tests that spawn gloo ranks), which ends when pytest does."""
     marker, found = os.environ.get(SESSION_MARKER), []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
         with contextlib.suppress(psutil.Error):
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARKER) == marker:
-                found.append(proc)
+            if proc.status() == psutil.STATUS_ZOMBIE or proc.environ().get(SESSION_MARKER) != marker:
+                continue
+            if proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline()):
+                continue
+            found.append(proc)
     return found
 
 

@@ -150,18 +150,33 @@ def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(torchrun_r
     assert sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_total")) == [1, 2, 3]
 
 
+def kill_whole_job(proc) -> None:
+    """SIGKILL DVC, torchrun and the ranks at once, as a lost node or a job scheduler does: torchrun
+    starts each rank in a session of its own, which a signal to DVC's process group does not reach."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def test_a_stale_checkpoint_is_discarded_once_by_rank_0(tmp_path, torchrun_mirror, started):
+    project = make_project(tmp_path / "p", torchrun_mirror, **TORCHRUN | {"mlflow.enabled": False})
+    proc = started(["dvc", "repro", "train"], project)
+    read_until(proc, epoch_ended(1))
+    kill_whole_job(proc)
+    edit_params(project, **{"train.learning_rate": 0.001, "train.epochs": 1})
+    result = run(["dvc", "repro", "train"], project)
+    assert result.stdout.count("discarding models/checkpoint.pt: it was written with other params or data") == 1
+    assert "resuming" not in result.stdout and (project / "models/state.pt").exists()
+
+
 def test_a_killed_torchrun_run_resumes_each_rank_with_its_own_random_states_to_the_same_bytes(
         tmp_path, torchrun_mirror, torchrun_result, started):
     uninterrupted, _ = torchrun_result
     project = make_project(tmp_path / "killed", torchrun_mirror, **TORCHRUN)
     proc = started(["dvc", "repro", "train"], project)
     read_until(proc, epoch_ended(1))
-    # Everything at once, as a lost node or a job scheduler does: torchrun starts each rank in a
-    # session of its own, which a signal to DVC's process group does not reach.
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for process in tree:
-        process.kill()
-    psutil.wait_procs(tree, timeout=30)
+    kill_whole_job(proc)
     assert not (project / "models/model.pt").exists(), "killed before the end"
     rng = torch.load(project / "models/checkpoint.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"]), "each rank's own noise, saved"

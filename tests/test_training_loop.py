@@ -151,3 +151,54 @@ def test_the_first_bad_step_over_ranks_is_the_earliest(tmp_path):
                                           nprocs=2, start_method="spawn")
     answers = dict(results.get() for _ in range(2))
     assert answers[0] == answers[1] == [2, 2, 3, 4, -1, 0]
+
+
+class ImageNoiseVAE(VAE):
+    """The reference model with its reparameterisation noise a fixed function of each image, so that
+    one process and two ranks, which draw from different generators, see the same noise per image."""
+
+    def forward(self, x, noise=None):
+        projection = torch.randn(x[0].numel(), self.config["latent_dim"], generator=torch.Generator().manual_seed(0))
+        return super().forward(x, torch.sin(x.flatten(1) @ projection))
+
+
+def gradients_of_steps(batches: list[torch.Tensor], rank: int = 0, world_size: int = 1) -> list[list[np.ndarray]]:
+    """The gradients (after DDP's averaging, under it) of one step on each of `batches` in turn."""
+    torch.manual_seed(SEED)
+    model = ImageNoiseVAE()
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    step = TrainStep(step_model, make_optimizer(model, 5e-4, torch.device("cpu")), images(), BATCH,
+                     rank=rank, world_size=world_size)
+    gradients = []
+    for index in batches:
+        step(index)
+        gradients.append([p.grad.numpy().copy() for p in model.parameters()])  # by value, not shared memory
+    return gradients
+
+
+def gradients_of_a_rank(rank: int, init_file: str, batches: list[torch.Tensor], results) -> None:
+    """One of two gloo processes; rank 0 sends its gradients back."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        gradients = gradients_of_steps(batches, rank, world_size=2)
+        if rank == 0:
+            results.put(gradients)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_take_the_gradient_of_the_global_batch(tmp_path):
+    """Each rank takes every second image of a global batch and weights its loss by its share: the
+    averaged gradient is the one process's, for a full batch and for a ragged one split 4 and 3."""
+    batches = [torch.arange(BATCH), torch.arange(BATCH, BATCH + 7)]
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    one_process = gradients_of_steps(batches)
+    ranks = torch.multiprocessing.start_processes(gradients_of_a_rank, args=(str(tmp_path / "init"), batches, results),
+                                                  nprocs=2, join=False, start_method="spawn")
+    two_ranks = results.get()  # before joining: a large result fills the pipe until it is read
+    while not ranks.join():
+        pass
+    for step, (ours, theirs) in enumerate(zip(two_ranks, one_process)):
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"step {step}, parameter {index}")
