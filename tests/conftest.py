@@ -263,8 +263,11 @@ def started():
     processes = []
 
     def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+        # Ctrl-C's SIGINT as a terminal's foreground job gets it: not ignored, also where pytest itself
+        # ignores it (a shell started it in the background: `pytest &` ignores SIGINT, and so would its children).
         proc = subprocess.Popen(args, cwd=cwd, env=kwargs.pop("env", project_env()), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
         processes.append(proc)
         return proc
 
