@@ -149,8 +149,10 @@ def load_finished(fingerprint: dict, epochs: int) -> tuple[dict | None, str | No
 
 def finish_checkpoint() -> None:
     """The finished run's last checkpoint becomes STATE_FILE: nothing is left that a later run
-    could resume by mistake, and a run with more epochs continues from it."""
-    atomic.move(CHECKPOINT_FILE, STATE_FILE)
+    could resume by mistake, and a run with more epochs continues from it. Without its MLflow run
+    id: a DVC output must be the same bytes on every run of the same commit."""
+    save_torch(load_torch(CHECKPOINT_FILE, "cpu") | {"run_id": None}, STATE_FILE)
+    CHECKPOINT_FILE.unlink()
 
 
 def restore_checkpoint(checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer,

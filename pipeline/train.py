@@ -80,8 +80,10 @@ def train(params: Params) -> None:
     state = start_or_resume(params, ranks, device, fingerprint)
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
                      loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision)
+    continues_run_id = tracking.run_that_trained(experiment_id, file_sha256(MODEL_FILE)) \
+        if state.continued and experiment_id is not None and MODEL_FILE.exists() else None
     tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
-                                    state.continues_run_id)
+                                    continues_run_id)
     tracked.log_history(state.history)
     status = "FAILED"
     try:
@@ -145,7 +147,7 @@ class Training:
     generator: torch.Generator  # draws each epoch's data order
     history: list[dict]  # a row of losses per finished epoch
     run_id: str | None  # the MLflow run an interrupted run was logging into
-    continues_run_id: str | None = None  # the finished MLflow run whose epochs this run continues
+    continued: bool = False  # from a finished run's state, with more epochs
 
 
 def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerprint: dict) -> Training:
@@ -180,7 +182,7 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     finished, why_not = load_finished(fingerprint, cfg.epochs)
     if finished is not None:  # a new run (its record is the finished run's no more), with the epochs so far
         restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
-        state.history, state.continues_run_id = finished["history"], finished["run_id"]
+        state.history, state.continued = finished["history"], True
         if ranks.writer:
             print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
     elif why_not and ranks.writer:

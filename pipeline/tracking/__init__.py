@@ -8,10 +8,11 @@ from pipeline.tracking.link import (
     model_tags,
     record_trained_model,
     run_for_stage,
+    run_that_trained,
     training_run,
 )
 from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import connect
 
 __all__ = ["TrackedRun", "connect", "dvc_tags", "log_data", "model_tags", "record_trained_model", "run_for_stage",
-           "training_run"]
+           "run_that_trained", "training_run"]

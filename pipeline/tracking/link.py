@@ -140,6 +140,15 @@ def run_for_stage(experiment_id: str | None, params: Params, stage: str, device:
     return tracked
 
 
+def run_that_trained(experiment_id: str, model_sha256: str) -> str | None:
+    """The MLflow run that trained the model of these bytes: this workspace's record of it, or the
+    store's newest LoggedModel of them."""
+    record = read_record()
+    if record is not None and record.model_sha256 == model_sha256 and record.training_run_id:
+        return record.training_run_id
+    return _find_trained_model(experiment_id, model_sha256)[1]
+
+
 def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | None, str | None]:
     """The newest LoggedModel of these exact bytes, and the run that trained it (after `dvc pull`
     or a checkout the record may be gone; CPU training is bit-identical, so the newest is taken)."""
