@@ -93,12 +93,6 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def move(source: Path, target: Path) -> None:
-    """Rename a file that is already on the disk (a written checkpoint) to `target`, durably."""
-    os.replace(source, target)
-    _fsync(Path(target).parent)
-
-
 def write_bytes(target: Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
