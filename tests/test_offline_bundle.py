@@ -40,7 +40,8 @@ def test_what_is_left_out_follows_the_lock():
     reasons = script.left_out(lock, include=set())
     assert {"torch", "torchvision", "triton", "nvidia-cublas"} <= reasons.keys()
     assert reasons["sympy"] == "required by PyTorch, so on the node with it"
-    assert reasons["selenium"] == "only this repository's browser, database and workflow tests"
+    assert reasons["selenium"] == reasons["flask-wtf"] == "only this repository's browser, team-server and workflow tests"
+    assert reasons["wtforms"] == "needed only by flask-wtf"
     assert reasons["trio"].startswith("needed only by")  # selenium's, transitively
     assert reasons["rpds-py"].startswith("needed only by")  # check-jsonschema's, through jsonschema
     for needed in ("mlflow", "mlflow-skinny", "dvc", "nvidia-ml-py", "antlr4-python3-runtime", "certifi"):
@@ -78,7 +79,7 @@ def test_the_bundle_installs_with_no_index_and_runs_the_pipeline(bundle, tmp_pat
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path)}
     project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"))
     result = run([str(venv / "bin" / "dvc"), "repro"], project, env=env)
-    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
+    assert stages_run(result.stdout) == ["check", "download", "split", "train", "evaluate", "visualize"]
     assert (project / "models/model.pt").exists()
 
 
