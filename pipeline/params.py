@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -26,8 +27,9 @@ class ParamsError(PipelineError):
     """params.yaml holds an unknown key, a wrong type or an out-of-range value."""
 
 
-def _check(predicate, requirement: str) -> dict:
-    return {"check": predicate, "requirement": requirement}
+def _check(predicate, requirement: str, shown=repr) -> dict:
+    """A value's range check; `shown` writes the refused value into the message."""
+    return {"check": predicate, "requirement": requirement, "shown": shown}
 
 
 _positive = _check(lambda v: v > 0, "must be greater than 0")
@@ -81,10 +83,31 @@ class VisualizeParams:
     interpolation_steps: int = field(default=10, metadata=_check(lambda v: v >= 2, "must be 2 or more"))
 
 
+def _holds_no_credentials(uri: str) -> bool:
+    parts = urlsplit(uri)
+    return parts.username is None and parts.password is None
+
+
+def _without_credentials(uri: str) -> str:
+    """The URI with its user:password@ masked: a refused password is not echoed into a log."""
+    parts = urlsplit(uri)
+    return repr(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl())
+
+
+# params.yaml is committed, and pushed with every DVC experiment: a secret in it is a published one.
+_NO_CREDENTIALS = _check(
+    _holds_no_credentials,
+    "must not hold a user or password, as params.yaml is committed and pushed with every experiment: "
+    "remove them, and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+    "in the environment instead",
+    shown=_without_credentials,
+)
+
+
 @dataclass(frozen=True)
 class MlflowParams:
     enabled: bool = True
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    tracking_uri: str = field(default="sqlite:///mlruns/mlflow.db", metadata=_NO_CREDENTIALS)
     experiment_name: str = field(default="vae-pipeline", metadata=_check(lambda v: v.strip(), "must not be empty"))
     registered_model: str | None = None
 
@@ -161,7 +184,7 @@ def _build(cls, raw: Any, prefix: str):
         if not _matches(value, tp):
             raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         if "check" in f.metadata and value is not None and not f.metadata["check"](value):
-            raise ParamsError(f"{key}: {f.metadata['requirement']}, got {raw[name]!r}")
+            raise ParamsError(f"{key}: {f.metadata['requirement']}, got {f.metadata['shown'](raw[name])}")
         values[name] = float(value) if tp is float else value
     return cls(**values)
 

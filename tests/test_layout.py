@@ -1,4 +1,4 @@
-"""The code's shape: five stage modules side by side, none importing another, and each stage's DVC
+"""The code's shape: six stage modules side by side, none importing another, and each stage's DVC
 deps naming exactly the shared modules it imports, directly or through another, that can change its
 outputs."""
 
@@ -9,7 +9,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-STAGES = {"download", "split", "train", "evaluate", "visualize"}
+STAGES = {"check", "download", "split", "train", "evaluate", "visualize"}
 # Shared modules that cannot change a stage's outputs: reporting to MLflow and progress on screen,
 # the params file's parsing, paths, atomic writes and the error type. Editing one reruns nothing.
 NOT_SHAPING = {"tracking", "progress", "params", "paths", "atomic", "errors"}

@@ -75,6 +75,24 @@ def test_bad_values_are_refused_naming_the_key(dotted, value, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("uri, shown", [("https://alice:s3cret@mlflow.internal:5443", "https://***@mlflow.internal:5443"),
+                                        ("http://alice@localhost:5000/", "http://***@localhost:5000/"),
+                                        ("https://:token@host", "https://***@host")])
+def test_a_tracking_uri_with_a_login_is_refused_without_echoing_it(uri, shown):
+    with pytest.raises(ParamsError) as error:
+        parse_params(with_change("mlflow.tracking_uri", uri))
+    assert str(error.value).startswith("mlflow.tracking_uri: must not hold a user or password")
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)" in str(error.value)
+    assert str(error.value).endswith(f"got '{shown}'") and "alice" not in str(error.value)
+    assert "s3cret" not in str(error.value) and "token" not in str(error.value).split("got")[-1]
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlruns/mlflow.db", "https://mlflow.internal:5443", "file:///srv/mlruns",
+                                 "mlruns", "databricks"])
+def test_a_tracking_uri_without_a_login_is_taken(uri):
+    assert parse_params(with_change("mlflow.tracking_uri", uri)).mlflow.tracking_uri == uri
+
+
 def test_misspelt_key_gets_a_suggestion():
     raw = default_params()
     raw["train"]["learning_rat"] = raw["train"].pop("learning_rate")
@@ -97,7 +115,7 @@ def test_missing_keys_take_the_reference_defaults():
     assert params.train.epochs == 3 and params.train.batch_size == 64 and params.model.latent_dim == 2
 
 
-@pytest.mark.parametrize("stage", ["download", "split", "train", "evaluate", "visualize"])
+@pytest.mark.parametrize("stage", ["check", "download", "split", "train", "evaluate", "visualize"])
 def test_every_stage_stops_on_bad_params_before_any_work(tmp_path, stage):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("train.learning_rate", -1)))
     result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=tmp_path, capture_output=True, text=True,
