@@ -29,7 +29,7 @@ from tests.synthetic import write_mirror
 ROOT = Path(__file__).resolve().parent.parent
 # The project as a user clones it, but for params.yaml: tests write theirs from the code's defaults,
 # so a user's edits (another dataset, a team tracking server) never reach a test.
-PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "mlruns/.gitignore"]
+PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "mlruns/.gitignore"]
 
 
 @pytest.fixture
@@ -101,6 +101,35 @@ SYSTEM_METRICS_OFTEN = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
 BF16_LOSS_TOLERANCE = 0.02
 
 
+OUTPUTS = ("data/raw", "data/split", "models/model.pt", "models/state.pt", "metrics", "figures")  # every DVC output
+
+
+def outputs_of(project: Path) -> dict[str, bytes]:
+    """The bytes of every file of every DVC output, by path."""
+    files = {}
+    for name in OUTPUTS:
+        path = project / name
+        for file in [path] if path.is_file() else sorted(path.rglob("*")):
+            if file.is_file():
+                files[str(file.relative_to(project))] = file.read_bytes()
+    return files
+
+
+def assert_kept(project: Path, before: dict[str, bytes]) -> None:
+    """Every output as it was, nothing half-written beside it, and DVC agrees nothing is missing."""
+    after = outputs_of(project)
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    assert not changed, f"outputs lost or changed: {changed}"
+    status = run(["dvc", "status"], project).stdout
+    assert "changed outs" not in status, status
+
+
+def readme_blocks(heading: str) -> list[str]:
+    """The bash blocks of the README's section `heading`, as a user copies them."""
+    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+
+
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
@@ -112,7 +141,7 @@ def reproduced(tmp_path_factory) -> Path:
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"),
                            **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"})
     result = run(["dvc", "repro"], project, env=project_env() | SYSTEM_METRICS_OFTEN)
-    assert stages_run(result.stdout) == ["download", "split", "train", "evaluate", "visualize"]
+    assert stages_run(result.stdout) == ["check", "download", "split", "train", "evaluate", "visualize"]
     return project
 
 

@@ -25,6 +25,8 @@ import torch
 from pipeline.idx import FILES, write_idx
 from pipeline.runtime import has_native_bf16
 from tests.conftest import (
+    assert_kept,
+    outputs_of,
     BF16_LOSS_TOLERANCE,
     edit_params,
     free_port,
@@ -40,7 +42,6 @@ from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
-OUTPUTS = ("data/raw", "data/split", "models/model.pt", "models/state.pt", "metrics", "figures")  # every DVC output
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +70,6 @@ def reproduced_once(tmp_path_factory) -> Path:
 def finished(reproduced_once, tmp_path) -> Path:
     """A copy of a project with every output in place, as a user has it after a good `dvc repro`."""
     return Path(shutil.copytree(reproduced_once, tmp_path / "project", symlinks=True))
-
-
-def outputs_of(project: Path) -> dict[str, bytes]:
-    """The bytes of every file of every DVC output, by path."""
-    files = {}
-    for name in OUTPUTS:
-        path = project / name
-        for file in [path] if path.is_file() else sorted(path.rglob("*")):
-            if file.is_file():
-                files[str(file.relative_to(project))] = file.read_bytes()
-    return files
-
-
-def assert_kept(project: Path, before: dict[str, bytes]) -> None:
-    """Every output as it was, nothing half-written beside it, and DVC agrees nothing is missing."""
-    after = outputs_of(project)
-    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
-    assert not changed, f"outputs lost or changed: {changed}"
-    status = run(["dvc", "status"], project).stdout
-    assert "changed outs" not in status, status
 
 
 def finish(proc: subprocess.Popen, seen: str, timeout: float = 300) -> tuple[int, str]:
@@ -423,16 +404,15 @@ def test_a_crafted_pickle_in_place_of_the_model_is_refused(finished):
 
 # --- tracking ---------------------------------------------------------------------------------------
 
-def test_unreachable_tracking_server_fails_fast_naming_it_without_credentials(finished):
-    uri = f"http://alice:s3cret@127.0.0.1:{free_port()}"
+def test_unreachable_tracking_server_fails_fast_naming_it(finished):
+    uri = f"http://127.0.0.1:{free_port()}"
     edit_params(finished, **{"mlflow.enabled": True, "mlflow.tracking_uri": uri, "train.learning_rate": 0.001})
     before = outputs_of(finished)
     started = time.monotonic()
     result = run(["dvc", "repro"], finished, check=False)
     seconds = time.monotonic() - started
     assert result.returncode != 0
-    assert f"cannot reach the MLflow tracking store http://***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in result.stderr
-    assert "s3cret" not in result.stdout + result.stderr
+    assert f"error: cannot reach the MLflow tracking store {uri} (" in result.stderr
     assert seconds < 60, f"took {seconds:.0f} s to give up"
     assert_kept(finished, before)
     assert not (finished / "models/checkpoint.pt").exists()
@@ -448,9 +428,12 @@ def test_tracking_disabled_runs_the_whole_pipeline_without_a_store(project):
 def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror, mlflow_server, started):
     url, store, server = mlflow_server
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": 5})
-    edit_params(project, **{"mlflow.tracking_uri": url.replace("http://", "http://alice:s3cret@")})
-    # The stage's end waits this long for the store to come back; this one never does.
-    proc = started(["dvc", "repro", "train"], project, env=project_env() | {"PIPELINE_TRACKING_RETRY_SECONDS": "1"})
+    edit_params(project, **{"mlflow.tracking_uri": url})
+    # The stage's end waits this long for the store to come back; this one never does. A login in
+    # the environment (this server takes any) is never logged.
+    login = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret"}
+    proc = started(["dvc", "repro", "train"], project,
+                   env=project_env() | login | {"PIPELINE_TRACKING_RETRY_SECONDS": "1"})
     seen = read_until(proc, epoch_ended(2))
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()
@@ -465,7 +448,7 @@ def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror,
     [logged] = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id])
     steps = sorted(m.step for m in client.get_metric_history(logged.info.run_id, "train_total"))
     assert steps[:2] == [1, 2] and steps == list(range(1, len(steps) + 1)), "what was logged is intact"
-    assert logged.data.params["mlflow.tracking_uri"] == url.replace("http://", "http://***@")
+    assert logged.data.params["mlflow.tracking_uri"] == url
     assert "s3cret" not in Path(store[len("sqlite:///"):]).read_bytes().decode("latin-1")
 
 

@@ -6,8 +6,8 @@ import csv
 import json
 import os
 import re
+import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import urllib.request
@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from tests.conftest import (
-    ROOT,
     edit_params,
     epoch_ended,
     free_port,
     make_project,
     project_env,
     read_until,
+    readme_blocks,
     run,
     serve_mlflow,
     stages_run,
@@ -35,14 +35,11 @@ from tests.synthetic import write_mirror
 pytestmark = pytest.mark.slow
 
 
-def readme_blocks(heading: str) -> list[str]:
-    """The bash blocks of the README's section `heading`, as a user copies them."""
-    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+DVC_REMOTE_HEADING = "### Share data, models and figures through a DVC remote"
 
 
 def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
-    push, pull = readme_blocks("### Share data, models and figures through a DVC remote")
+    push, pull, _ = readme_blocks(DVC_REMOTE_HEADING)
     origin = make_project(tmp_path / "origin", mirror)
     run(["dvc", "repro"], origin)
     identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
@@ -58,6 +55,22 @@ def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_wit
     for output in ("models/model.pt", "data/split/train_images.npy", "figures/manifold.png", "metrics/test.json"):
         assert (clone / output).read_bytes() == (origin / output).read_bytes(), output
     assert run(["git", "status", "--porcelain"], clone).stdout == "", "the pull left the clone as committed"
+
+
+def test_the_readmes_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_path, mirror):
+    *_, credentials = readme_blocks(DVC_REMOTE_HEADING)
+    project = make_project(tmp_path / "project", mirror)
+    keys = {"AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}", "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    printed = run(["bash", "-euo", "pipefail", "-c", credentials], project, env=project_env() | keys).stdout
+    assert printed.splitlines()[-1] == ".dvc/config.local", "git ignores the credentials' file"
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "remote"], project)
+    committed = run(["git", "show", "HEAD:.dvc/config"], project).stdout
+    assert "s3://team-bucket/vae-dvc" in committed
+    local = (project / ".dvc/config.local").read_text()
+    for value in keys.values():
+        assert value in local and value not in committed
+        assert run(["git", "grep", "-c", value, "HEAD"], project, check=False).stdout == "", "in no committed file"
 
 
 POSTGRES_BIN = Path("/usr/lib/postgresql")

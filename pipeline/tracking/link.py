@@ -26,7 +26,6 @@ from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import CONTINUED_RUN_TAG, MODEL_ID_TAG, MODEL_SHA256_TAG, PRECISION_TAG, TRAINING_RUN_TAG
 from pipeline.tracking.run import TrackedRun
-from pipeline.tracking.store import redact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +163,9 @@ def _new_run(experiment_id: str, params: Params, stage: str, device: torch.devic
     source = provenance.source()
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=provenance.run_name(params, source))
     tracked = TrackedRun(run.info.run_id)
-    uri = params.mlflow.tracking_uri
-    tracked.log_params(provenance.flat_yaml(params) | {"mlflow.tracking_uri": provenance.yaml_value(redact(uri))})
+    tracked.log_params(provenance.flat_yaml(params))
     tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags())
-    tracked.log_text(PARAMS_FILE.read_text().replace(uri, redact(uri)), PARAMS_FILE.name)
+    tracked.log_text(PARAMS_FILE.read_text(), PARAMS_FILE.name)
     tracked.log_text(provenance.environment(), "environment/requirements.txt")
     return tracked
 

@@ -1,5 +1,5 @@
 """The MLflow store: where it is (a local SQLite file beside the project, or a server), reaching it
-before any long work, its experiment, and a URI safe to print."""
+before any long work, with a login that may log runs to its experiment."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import mlflow
+from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import PipelineError
 from pipeline.params import MlflowParams
@@ -24,15 +26,6 @@ def resolve_tracking_uri(uri: str) -> str:
     if parsed.scheme in ("", "file"):
         return from_root(parsed.path if parsed.scheme else uri).as_uri()
     return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without any user:password part, safe to print, log or tag."""
-    parsed = urlparse(uri)
-    if parsed.password is None and parsed.username is None:
-        return uri
-    host = parsed.hostname or ""
-    return urlunparse(parsed._replace(netloc=f"***@{host}" + (f":{parsed.port}" if parsed.port else "")))
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -50,7 +43,8 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
 def connect(params: MlflowParams) -> str | None:
     """Point MLflow at the store and return the experiment id (None when tracking is off).
 
-    Called before any long work, so an unreachable store stops the stage at once, naming the URI.
+    Called before any long work, so an unreachable store, a refused login or a login that may not
+    log runs stops the stage at once, in one line that names the URI, the user and the fix.
     """
     if not params.enabled:
         return None
@@ -58,15 +52,71 @@ def connect(params: MlflowParams) -> str | None:
         os.environ.setdefault(name, value)
     uri = resolve_tracking_uri(params.tracking_uri)
     mlflow.set_tracking_uri(uri)
+    server = urlparse(uri).scheme in ("http", "https")
     try:
+        if server:
+            _check_login(uri, params.experiment_name)
         with _store_lock(uri):
-            return _experiment_id(params.experiment_name, uri)
+            experiment_id = _experiment_id(params.experiment_name, uri)
+        if server:
+            _check_may_log(uri, params.experiment_name, experiment_id)
+        return experiment_id
+    except PipelineError:
+        raise
     except Exception as exc:
-        reason = str(exc).replace(uri, redact(uri)).splitlines()[0][:300]
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise PipelineError(
+                f"cannot verify the certificate of the MLflow server {uri}: set MLFLOW_TRACKING_SERVER_CERT_PATH "
+                "to the certificate of the CA that signed it") from None
+        reason = str(exc).splitlines()[0][:300]
         raise PipelineError(
-            f"cannot reach the MLflow tracking store {redact(uri)} ({type(exc).__name__}: {reason}). "
-            "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false"
-        ) from None
+            f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {reason}). "
+            "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false") from None
+
+
+def _login() -> str:
+    """Who the requests log in as, for messages: never the password."""
+    username = read_mlflow_creds().username
+    if username:
+        return f"user '{username}'"
+    return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "an anonymous user"
+
+
+def _status(uri: str, endpoint: str, method: str, **request) -> int:
+    """The HTTP status the server answers a request with, logged in as MLflow's client would be
+    (MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN, MLFLOW_TRACKING_SERVER_CERT_PATH)."""
+    return http_request(get_default_host_creds(uri), endpoint, method, **request).status_code
+
+
+def _check_login(uri: str, experiment_name: str) -> None:
+    """The server accepts the login (an authenticating server answers 401 otherwise) and lets it
+    read the experiment (403 otherwise)."""
+    status = _status(uri, "/api/2.0/mlflow/experiments/get-by-name", "GET", params={"experiment_name": experiment_name})
+    if status == 401 and _login() == "an anonymous user":
+        raise PipelineError(
+            f"the MLflow server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) in the environment")
+    if status == 401:
+        raise PipelineError(
+            f"the MLflow server {uri} refused the login of {_login()}: check MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN), and ask the server's admin whether the user exists")
+    if status == 403:
+        raise PipelineError(
+            f"{_login()} may not read MLflow experiment '{experiment_name}' on {uri}: ask the server's admin "
+            "for EDIT permission on it")
+
+
+def _check_may_log(uri: str, experiment_name: str, experiment_id: str) -> None:
+    """The login may create runs in the experiment, asked of the server without creating one: a
+    run-create request whose start time is not a number. The server authorises a request before
+    it reads it, so it answers 403 to a login without EDIT permission, and 400 (a bad request,
+    nothing created) to one with it."""
+    status = _status(uri, "/api/2.0/mlflow/runs/create", "POST",
+                     json={"experiment_id": experiment_id, "start_time": "not a time"})
+    if status == 403:
+        raise PipelineError(
+            f"{_login()} may read MLflow experiment '{experiment_name}' on {uri} but not log runs to it: ask the "
+            "server's admin for EDIT permission on it")
 
 
 @contextlib.contextmanager
