@@ -166,11 +166,12 @@ def test_a_login_that_may_not_log_runs_is_refused_before_training_in_one_line(te
     url = team_server.url
     environment, expected = {
         "anonymous": ({"MLFLOW_TRACKING_SERVER_CERT_PATH": str(team_server.ca)},
-                      f"error: the MLflow server {url} requires a login: set MLFLOW_TRACKING_USERNAME and "
-                      "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"),
+                      f"error: the MLflow server {url} requires a login to log runs to experiment '{EXPERIMENT}': set "
+                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                      "environment"),
         "wrong password": (team_server.login("alice", "not-alices-password"),
-                           f"error: the MLflow server {url} refused the login of user 'alice': check "
-                           "MLFLOW_TRACKING_PASSWORD"),
+                           f"error: the MLflow server {url} refused the login of user 'alice', so no run can be "
+                           f"logged to experiment '{EXPERIMENT}': check MLFLOW_TRACKING_PASSWORD"),
         "read only": (team_server.login("victor"),
                       f"error: user 'victor' may read MLflow experiment '{EXPERIMENT}' on {url} but not log runs to "
                       "it: ask the server's admin for EDIT permission on it"),

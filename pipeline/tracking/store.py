@@ -94,12 +94,13 @@ def _check_login(uri: str, experiment_name: str) -> None:
     status = _status(uri, "/api/2.0/mlflow/experiments/get-by-name", "GET", params={"experiment_name": experiment_name})
     if status == 401 and _login() == "an anonymous user":
         raise PipelineError(
-            f"the MLflow server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-            "(or MLFLOW_TRACKING_TOKEN) in the environment")
+            f"the MLflow server {uri} requires a login to log runs to experiment '{experiment_name}': set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
     if status == 401:
         raise PipelineError(
-            f"the MLflow server {uri} refused the login of {_login()}: check MLFLOW_TRACKING_PASSWORD "
-            "(or MLFLOW_TRACKING_TOKEN), and ask the server's admin whether the user exists")
+            f"the MLflow server {uri} refused the login of {_login()}, so no run can be logged to experiment "
+            f"'{experiment_name}': check MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), and ask the server's "
+            "admin whether the user exists")
     if status == 403:
         raise PipelineError(
             f"{_login()} may not read MLflow experiment '{experiment_name}' on {uri}: ask the server's admin "
