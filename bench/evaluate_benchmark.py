@@ -54,7 +54,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         download("fashion_mnist", str(args.mirror.resolve()), Path(tmp) / "raw")
-        split(Path(tmp) / "raw", Path(tmp) / "split", params.data.val_fraction, params.seed)
+        split(Path(tmp) / "raw", Path(tmp) / "split", params.data.val_fraction, params.data.split_seed)
         parts = {part: load_part(part, Path(tmp) / "split") for part in ("train", "val", "test")}
     (train_images, train_labels), (val_images, _), (test_images, test_labels) = (
         (torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long())

@@ -41,6 +41,7 @@ class DataParams:
     dataset: Literal["mnist", "fashion_mnist"] = "mnist"
     mirror: str | None = None
     val_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1, "must be strictly between 0 and 1"))
+    split_seed: int = field(default=42, metadata=_non_negative)  # apart from `seed`: sweeping that keeps the split
 
 
 @dataclass(frozen=True)

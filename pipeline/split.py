@@ -38,7 +38,7 @@ def split(raw_dir: Path, target: Path, val_fraction: float, seed: int) -> dict[s
 
 def main() -> None:
     params = load_params()
-    sizes = split(RAW_DIR, SPLIT_DIR, params.data.val_fraction, params.seed)
+    sizes = split(RAW_DIR, SPLIT_DIR, params.data.val_fraction, params.data.split_seed)
     print(", ".join(f"{part}: {n} images" for part, n in sizes.items()))
 
 

@@ -31,6 +31,7 @@ def test_the_code_ships_the_reference_model_by_default():
     builds its params.yaml from them."""
     p = Params()
     assert (p.data.dataset, p.data.mirror, p.data.val_fraction) == ("mnist", None, 0.2)  # 80/20 of MNIST's 60,000
+    assert p.seed == p.data.split_seed == 42  # the split the reference results were measured on
     assert (p.model.input_dim, p.model.hidden_dim, p.model.latent_dim, p.model.leaky_relu) == (1, 64, 2, 0.01)
     assert (p.train.batch_size, p.train.learning_rate, p.train.epochs) == (64, 0.0005, 200)
     assert (p.train.beta, p.train.reconstruction, p.train.precision) == (1.0, "mse", "fp32")  # MSE + KL, in fp32

@@ -143,6 +143,12 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(edited):
         "named by the commit and the params that differ from its params.yaml"
     edit_params(edited, **{"data.val_fraction": 0.25})
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["split", "train", "evaluate", "visualize"]
+    split_before = {f.name: f.read_bytes() for f in (edited / "data/split").iterdir()}
+    edit_params(edited, **{"seed": 7})  # a sweep over the training seed keeps the validation set
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == ["train", "evaluate", "visualize"]
+    assert {f.name: f.read_bytes() for f in (edited / "data/split").iterdir()} == split_before
+    edit_params(edited, **{"data.split_seed": 7})
+    assert stages_run(run(["dvc", "repro"], edited).stdout) == ["split", "train", "evaluate", "visualize"]
     edit_params(edited, **{"mlflow.experiment_name": "elsewhere"})
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["check"], "where results are logged changes none"
 
