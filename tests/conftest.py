@@ -29,7 +29,8 @@ from tests.synthetic import write_mirror
 ROOT = Path(__file__).resolve().parent.parent
 # The project as a user clones it, but for params.yaml: tests write theirs from the code's defaults,
 # so a user's edits (another dataset, a team tracking server) never reach a test.
-PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "mlruns/.gitignore"]
+PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
+                 "mlruns/.gitignore"]
 
 
 @pytest.fixture

@@ -74,12 +74,15 @@ def connect(params: MlflowParams) -> str | None:
             "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false") from None
 
 
+ANONYMOUS = "an anonymous user"
+
+
 def _login() -> str:
-    """Who the requests log in as, for messages: never the password."""
+    """Who the requests log in as, for messages (never the password): a user, a token, or ANONYMOUS."""
     username = read_mlflow_creds().username
     if username:
         return f"user '{username}'"
-    return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "an anonymous user"
+    return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else ANONYMOUS
 
 
 def _status(uri: str, endpoint: str, method: str, **request) -> int:
@@ -92,18 +95,19 @@ def _check_login(uri: str, experiment_name: str) -> None:
     """The server accepts the login (an authenticating server answers 401 otherwise) and lets it
     read the experiment (403 otherwise)."""
     status = _status(uri, "/api/2.0/mlflow/experiments/get-by-name", "GET", params={"experiment_name": experiment_name})
-    if status == 401 and _login() == "an anonymous user":
+    login = _login()
+    if status == 401 and login == ANONYMOUS:
         raise PipelineError(
             f"the MLflow server {uri} requires a login to log runs to experiment '{experiment_name}': set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
     if status == 401:
         raise PipelineError(
-            f"the MLflow server {uri} refused the login of {_login()}, so no run can be logged to experiment "
+            f"the MLflow server {uri} refused the login of {login}, so no run can be logged to experiment "
             f"'{experiment_name}': check MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), and ask the server's "
             "admin whether the user exists")
     if status == 403:
         raise PipelineError(
-            f"{_login()} may not read MLflow experiment '{experiment_name}' on {uri}: ask the server's admin "
+            f"{login} may not read MLflow experiment '{experiment_name}' on {uri}: ask the server's admin "
             "for EDIT permission on it")
 
 
