@@ -34,6 +34,8 @@ MODEL_ID_TAG = "model_id"  # the MLflow LoggedModel of those bytes
 TRAINING_RUN_TAG = "training_run_id"  # on a run that did not train: the run that trained its model
 CONTINUED_RUN_TAG = "continued_from_run_id"  # on a run that trained more epochs: the finished run it went on from
 PRECISION_TAG = "train.precision_used"  # fp32 or bf16: what `train.precision` (auto, say) resolved to
+# Set by a sweep for its trials' `dvc exp run`: the run of the trial is nested under the sweep's run.
+PARENT_RUN_VARIABLE = "PIPELINE_PARENT_RUN_ID"
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
 DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}

@@ -48,6 +48,11 @@ def project_env() -> dict[str, str]:
     return env
 
 
+# Who test commits are by, whatever the machine's git config (DVC's experiment commits too).
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
 def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=kwargs.pop("env", project_env()), capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
@@ -84,8 +89,8 @@ def make_project(dest: Path, mirror: Path, **changes) -> Path:
     edit_params(dest, **{"data.mirror": str(mirror), "train.device": "cpu", "train.epochs": 1, "train.batch_size": 32,
                          "visualize.num_samples": 16, "visualize.manifold_size": 5, **changes})
     run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "add", "-A"], dest)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "project"], dest, env=project_env() | GIT_IDENTITY)
     return dest
 
 

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, edit_params, make_project, project_env, run
+from tests.conftest import GIT_IDENTITY, ROOT, edit_params, make_project, project_env, run
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pipeline.yml"
-IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 
 
 def commit(project: Path, message: str) -> None:
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", message], project, env=project_env() | IDENTITY)
+    run(["git", "commit", "-qm", message], project, env=project_env() | GIT_IDENTITY)
 
 
 @pytest.mark.slow

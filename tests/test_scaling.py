@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import (
+    GIT_IDENTITY,
     edit_params,
     epoch_ended,
     free_port,
@@ -42,10 +43,8 @@ def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_wit
     push, pull, _ = readme_blocks(DVC_REMOTE_HEADING)
     origin = make_project(tmp_path / "origin", mirror)
     run(["dvc", "repro"], origin)
-    identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
     run(["bash", "-euo", "pipefail", "-c", push.replace("/mnt/shared/vae-dvc", str(tmp_path / "remote"))], origin,
-        env=project_env() | identity)
+        env=project_env() | GIT_IDENTITY)
     assert run(["git", "status", "--porcelain"], origin).stdout == "", "the recipe committed everything DVC wrote"
 
     pulled = run(["bash", "-euo", "pipefail", "-c", pull.replace("<url>", str(origin))], tmp_path).stdout
@@ -64,7 +63,7 @@ def test_the_readmes_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_pat
     printed = run(["bash", "-euo", "pipefail", "-c", credentials], project, env=project_env() | keys).stdout
     assert printed.splitlines()[-1] == ".dvc/config.local", "git ignores the credentials' file"
     run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "remote"], project)
+    run(["git", "commit", "-qm", "remote"], project, env=project_env() | GIT_IDENTITY)
     committed = run(["git", "show", "HEAD:.dvc/config"], project).stdout
     assert "s3://team-bucket/vae-dvc" in committed
     local = (project / ".dvc/config.local").read_text()

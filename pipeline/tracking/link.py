@@ -20,11 +20,19 @@ from pathlib import Path
 import mlflow
 import psutil
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import atomic, provenance
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
-from pipeline.provenance import CONTINUED_RUN_TAG, MODEL_ID_TAG, MODEL_SHA256_TAG, PRECISION_TAG, TRAINING_RUN_TAG
+from pipeline.provenance import (
+    CONTINUED_RUN_TAG,
+    MODEL_ID_TAG,
+    MODEL_SHA256_TAG,
+    PARENT_RUN_VARIABLE,
+    PRECISION_TAG,
+    TRAINING_RUN_TAG,
+)
 from pipeline.tracking.run import TrackedRun
 
 
@@ -189,8 +197,11 @@ def runtime_tags(device: torch.device) -> dict[str, str]:
 
 def dvc_tags() -> dict[str, str]:
     """What ties the run to DVC: the experiment name under `dvc exp run`, and the dvc.lock the
-    stage started from (DVC writes the new one after the stage)."""
+    stage started from (DVC writes the new one after the stage); and, for a trial of a sweep, the
+    sweep's run as MLflow's parent, so the UI nests it there."""
     tags = {}
+    if os.environ.get(PARENT_RUN_VARIABLE):
+        tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_RUN_VARIABLE]
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     lock = Path("dvc.lock")

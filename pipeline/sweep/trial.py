@@ -1,0 +1,155 @@
+"""One trial of a sweep, as a Ray task on whichever node has room for it: the repository at the
+sweep's commit from the git remote, the data from the DVC remote, `dvc exp run` with the trial's
+params, and the experiment pushed back to both remotes, so it outlives the node that ran it.
+
+A failed trial (a diverged loss, a bad stage) raises TrialFailed, which Ray does not retry; a lost
+node is a system failure, which Ray retries elsewhere, and the lost attempt's MLflow run is marked
+FAILED when the next attempt starts."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import ray
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.provenance import PARENT_RUN_VARIABLE
+
+STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What every trial of a sweep shares."""
+
+    name: str
+    git_url: str  # where the workers clone from, and push the experiments to
+    commit: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialResult:
+    name: str
+    metrics: dict[str, float]  # metrics/train.json and metrics/test.json, as `dvc exp show` shows them
+    run_id: str | None
+    seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
+    node: str
+
+
+class TrialFailed(Exception):
+    """The trial's own failure, not its node's: reported, not retried."""
+
+    def __init__(self, name: str, reason: str, output_tail: str):
+        super().__init__(name, reason, output_tail)  # as args, so the exception pickles back to the driver
+        self.name, self.reason, self.output_tail = name, reason, output_tail
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
+    """The Ray task: one trial, start to pushed experiment, in a temporary clone."""
+    started = time.monotonic()
+    node = ray.get_runtime_context().get_node_id()
+    if ray.get(board.start.remote(name, node)) > 1:
+        _fail_lost_attempts(sweep, name)
+    env = dict(os.environ, **{PARENT_RUN_VARIABLE: sweep.parent_run_id})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's dvc
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a trial given no GPU share uses none
+    with tempfile.TemporaryDirectory(prefix=f"sweep-{name}-") as folder:
+        repo = Path(folder)
+        _step(["git", "clone", "--quiet", sweep.git_url, str(repo)], name, Path(folder).parent, env)
+        _step(["git", "checkout", "--quiet", "--detach", sweep.commit], name, repo, env)
+        board.doing.remote(name, "pulling data")
+        # The data stages' outputs, if the DVC remote has them; whatever it lacks, download and split make.
+        subprocess.run(["dvc", "pull", "--quiet", "--allow-missing", "download", "split"], cwd=repo, env=env,
+                       capture_output=True)
+        _exp_run(["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
+                 name, repo, env, board)
+        board.doing.remote(name, "pushing")
+        _step(["dvc", "exp", "push", "origin", name], name, repo, env)
+        metrics = {}
+        for path in (TRAIN_METRICS, TEST_METRICS):
+            metrics |= {k: v for k, v in json.loads((repo / path).read_text()).items() if k != "epochs"}
+        run_file = repo / RUN_FILE
+        run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    return TrialResult(name, metrics, run_id, time.monotonic() - started, node)
+
+
+def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TrialFailed(name, f"`{' '.join(args[:3])}` exited with {done.returncode}", done.stdout + done.stderr)
+
+
+_STAGE = re.compile(r"Running stage '(\w+)'")
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)  train_")
+
+
+def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
+    """`dvc exp run`, its output read as it comes for the stage and epoch it is at; a cancelled
+    task (Ctrl-C on the driver) interrupts it as Ctrl-C would, so its run ends KILLED."""
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            tail.append(line)
+            if stage := _STAGE.search(line):
+                board.doing.remote(name, stage[1])
+            elif epoch := _EPOCH.match(line):
+                board.doing.remote(name, f"train epoch {epoch[1]}/{epoch[2]}")
+        proc.wait()
+    except BaseException:  # KeyboardInterrupt: Ray cancelled the task
+        _interrupt(proc)
+        raise
+    if proc.returncode != 0:
+        raise TrialFailed(name, _reason(list(tail), proc.returncode), "".join(tail))
+
+
+def _reason(lines: list[str], returncode: int) -> str:
+    """The stage's own one-line error (a diverged loss says so), else DVC's."""
+    for prefix in ("error: ", "ERROR: "):
+        found = [line.strip() for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1].removeprefix("error: ")
+    return f"`dvc exp run` exited with {returncode}"
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT to `dvc exp run` and the stage it runs, SIGKILL to what is left after the grace."""
+    with contextlib.suppress(psutil.Error):
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGINT)
+        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def _fail_lost_attempts(sweep: Sweep, name: str) -> None:
+    """The runs of this trial's earlier attempts still RUNNING: their node was lost, so FAILED."""
+    client = mlflow.MlflowClient(sweep.tracking_uri)
+    for run in client.search_runs(
+            [sweep.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' "
+                                                 f"and attributes.run_name = '{name}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "FAILED")

@@ -1,0 +1,240 @@
+"""Sweeps on a Ray cluster as a user runs them: a Ray head and a second Ray node started as `ray
+start` processes, a bare git remote, a local DVC remote and an `mlflow server`; the sweep command
+as the README gives it, and what it leaves in DVC, git and MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from tests.conftest import (
+    GIT_IDENTITY,
+    free_port,
+    make_project,
+    processes_started_by_this_session,
+    project_env,
+    read_until,
+    run,
+    serve_mlflow,
+)
+from tests.synthetic import write_mirror
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+GRID = ["-S", "train.learning_rate=0.001,0.0005", "-S", "train.beta=1,4"]  # 4 trials
+
+
+def cluster_env() -> dict[str, str]:
+    """What every Ray node runs in, and so every trial: this environment, a git identity for DVC's
+    experiment commits, no RAY_ADDRESS of the user's."""
+    env = project_env() | GIT_IDENTITY
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in a session of its own; returns once the node says it is up."""
+    proc = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], env=cluster_env(),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "will now block" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_node(proc)
+            raise AssertionError(f"ray start {' '.join(args)} did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """The node and everything it started (raylet, GCS, workers and what they run), as a machine
+    going away takes them: `sig` to every process of the tree, SIGKILL to what outlives 5 s."""
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(sig)
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head with 1 CPU and an MLflow server; yields (RAY_ADDRESS, tracking URI, folder). After
+    the tests: no raylet, GCS or worker of it is left."""
+    folder = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    with serve_mlflow(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as (url, _, _):
+        head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"], folder / "head.log")
+        try:
+            yield f"127.0.0.1:{port}", url, folder
+        finally:
+            stop_node(head)
+    ray_left = [p for p in processes_started_by_this_session()
+                if re.search(r"raylet|gcs_server|ray::|ray/_private", " ".join(p.cmdline()))]
+    assert not ray_left, f"Ray processes left running: {[' '.join(p.cmdline())[:120] for p in ray_left]}"
+
+
+@pytest.fixture
+def second_node(cluster, tmp_path):
+    """A second Ray node with 1 CPU, joined to the head as a user's `ray start --address` joins it."""
+    node = start_node([f"--address={cluster[0]}", "--num-cpus=1"], tmp_path / "node.log")
+    yield node
+    stop_node(node)
+
+
+@pytest.fixture
+def sweep_project(cluster, tmp_path):
+    """The project as a team has it before a sweep: committed and pushed to a bare git remote, its
+    data in a local DVC remote, params.yaml pointing at the MLflow server."""
+    mirror = write_mirror(tmp_path / "mirror")
+    project = make_project(tmp_path / "project", mirror, **{"mlflow.tracking_uri": cluster[1], "train.epochs": 2})
+    run(["git", "init", "-q", "--bare", str(tmp_path / "remote.git")], tmp_path)
+    run(["git", "remote", "add", "origin", str(tmp_path / "remote.git")], project)
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
+    run(["dvc", "repro", "split"], project)
+    run(["dvc", "push"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "data"], project, env=project_env() | GIT_IDENTITY)
+    run(["git", "push", "-q", "origin", "HEAD"], project)
+    return project
+
+
+def sweep_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.sweep", *args]
+
+
+def sweep_env(cluster) -> dict[str, str]:
+    return cluster_env() | {"RAY_ADDRESS": cluster[0], "PIPELINE_PROGRESS_SECONDS": "0"}
+
+
+def experiments_on_remote(project: Path) -> list[str]:
+    """The names of the experiments the git remote holds, one per ref."""
+    refs = run(["git", "ls-remote", "origin", "refs/exps/*"], project).stdout.split("\n")
+    return sorted(line.rsplit("/", 1)[1] for line in refs if line.strip())
+
+
+def exp_show(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as name -> {params, metrics} (flat, dotted keys)."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                params = data["params"]["params.yaml"]["data"]
+                metrics = {k: v for file in data["metrics"].values() for k, v in file["data"].items()}
+                found[rev["name"]] = {"params": flat(params), "metrics": metrics}
+    return found
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def nested_runs(tracking_uri: str, parent_name: str):
+    """The sweep's parent run and every run nested under it."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    parents = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{parent_name}'")
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parents[0].info.run_id}'")
+    return client, parents[0], children
+
+
+def test_a_grid_runs_as_dvc_experiments_pushed_and_nested_under_one_mlflow_run(cluster, second_node, sweep_project):
+    done = run(sweep_command(*GRID, "--name", "grid"), sweep_project, env=sweep_env(cluster), timeout=600)
+    names = [f"grid-{i}" for i in range(1, 5)]
+    assert "4 finished, 0 running, 0 failed, 0 waiting" in done.stdout, done.stdout
+
+    assert experiments_on_remote(sweep_project) == names
+    shown = exp_show(sweep_project)
+    assert sorted(shown) == names, "dvc exp pull brought every trial to the driver's `dvc exp show`"
+    expected = {"grid-1": (0.001, 1), "grid-2": (0.001, 4), "grid-3": (0.0005, 1), "grid-4": (0.0005, 4)}
+    for name, (learning_rate, beta) in expected.items():
+        assert (shown[name]["params"]["train.learning_rate"], shown[name]["params"]["train.beta"]) == (learning_rate, beta)
+
+    client, parent, children = nested_runs(cluster[1], "grid")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.trials"] == "4"
+    assert parent.data.params["sweep.commit"] == run(["git", "rev-parse", "HEAD"], sweep_project).stdout.strip()
+    assert sorted(child.info.run_name for child in children) == names
+    for child in children:
+        name = child.info.run_name
+        assert child.info.status == "FINISHED", name
+        assert float(child.data.params["train.learning_rate"]) == expected[name][0]
+        assert float(child.data.params["train.beta"]) == expected[name][1]
+        for metric, value in shown[name]["metrics"].items():
+            if metric != "epochs":
+                assert child.data.metrics[metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, metric)
+
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [row["trial"] for row in rows] == names
+    assert {row["run_id"] for row in rows} == {child.info.run_id for child in children}
+    best = min(names, key=lambda name: shown[name]["metrics"]["val_total"])
+    assert parent.data.tags["best_trial"] == best
+    assert parent.data.metrics["best_val_total"] == pytest.approx(shown[best]["metrics"]["val_total"], rel=1e-5)
+    assert parent.data.metrics["best_test_total"] == pytest.approx(shown[best]["metrics"]["test_total"], rel=1e-5)
+
+
+def test_a_lost_node_reruns_its_trial_elsewhere_and_each_trial_lands_once(cluster, second_node, sweep_project,
+                                                                           started):
+    # Trials long enough that both running ones are seen training before the node goes.
+    sweep = started(sweep_command(*GRID, "-S", "train.epochs=30", "--name", "lost"), sweep_project,
+                    env=sweep_env(cluster))
+    read_until(sweep, r"2 running \(.*train epoch.*train epoch")
+    stop_node(second_node, signal.SIGKILL)
+    output = sweep.stdout.read()
+    assert sweep.wait(timeout=600) == 0, output
+    assert "4 finished, 0 running, 0 failed, 0 waiting" in output
+    assert "(attempt 2)" in output, "the lost trial ran again"
+
+    names = [f"lost-{i}" for i in range(1, 5)]
+    assert experiments_on_remote(sweep_project) == names, "each trial pushed once"
+    _, parent, children = nested_runs(cluster[1], "lost")
+    assert parent.info.status == "FINISHED"
+    finished = sorted(c.info.run_name for c in children if c.info.status == "FINISHED")
+    lost = [c.info.run_name for c in children if c.info.status != "FINISHED"]
+    assert finished == names, "each trial FINISHED once in MLflow"
+    assert len(lost) == 1 and lost[0] in names, f"the lost attempt's run, marked FAILED: {lost}"
+    assert [c.info.status for c in children if c.info.status != "FINISHED"] == ["FAILED"]
+
+
+@pytest.mark.parametrize(("grid", "refusal"), [
+    (["-S", "train.learning_rate=0.001,-1"], "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0"),
+    (["-S", "train.lerning_rate=0.001,0.01"], "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?"),
+    (["-S", "train.epochs=2,two"], "train.epochs: expected an integer, got 'two'"),
+    (["-S", "train.beta=1,4", "-S", "mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"],
+     "a sweep's trials run on other machines and cannot share sqlite:///mlruns/mlflow.db"),
+])
+def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project, grid, refusal):
+    done = run(sweep_command(*grid, "--name", "bad"), sweep_project, env=sweep_env(cluster), check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
+    assert refusal in done.stderr
+    assert "ray:" not in done.stdout, "refused before joining the Ray cluster"
+    assert experiments_on_remote(sweep_project) == []
+    client = mlflow.MlflowClient(cluster[1])
+    experiment = client.get_experiment_by_name("vae-pipeline")
+    assert experiment is None or not client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
