@@ -42,6 +42,8 @@ def test_what_is_left_out_follows_the_lock():
     assert reasons["sympy"] == "required by PyTorch, so on the node with it"
     assert reasons["selenium"] == reasons["flask-wtf"] == "only this repository's browser, team-server and workflow tests"
     assert reasons["wtforms"] == "needed only by flask-wtf"
+    assert reasons["ray"] == "only sweeps on a Ray cluster (the `sweep` extra)"
+    assert reasons["msgpack"] == "needed only by ray"
     assert reasons["trio"].startswith("needed only by")  # selenium's, transitively
     assert reasons["rpds-py"].startswith("needed only by")  # check-jsonschema's, through jsonschema
     for needed in ("mlflow", "mlflow-skinny", "dvc", "nvidia-ml-py", "antlr4-python3-runtime", "certifi"):

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +40,15 @@ RAY = str(Path(sys.executable).parent / "ray")
 GRID = ["-S", "train.learning_rate=0.001,0.0005", "-S", "train.beta=1,4"]  # 4 trials
 
 
+# The cluster's token, as a team's cluster has one (Ray's token authentication), from the environment
+# of every node and of the driver: whatever ~/.ray holds on this machine, the tests' cluster is their own.
+RAY_TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 def cluster_env() -> dict[str, str]:
     """What every Ray node runs in, and so every trial: this environment, a git identity for DVC's
-    experiment commits, no RAY_ADDRESS of the user's."""
-    env = project_env() | GIT_IDENTITY
+    experiment commits, the cluster's token, no RAY_ADDRESS of the user's."""
+    env = project_env() | GIT_IDENTITY | RAY_TOKEN
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -75,16 +84,21 @@ def stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A Ray head with 1 CPU and an MLflow server; yields (RAY_ADDRESS, tracking URI, folder). After
+    """A Ray head with 1 CPU and an MLflow server; yields (RAY_ADDRESS, tracking URI, Ray's folder). After
     the tests: no raylet, GCS or worker of it is left."""
     folder = tmp_path_factory.mktemp("cluster")
     port = free_port()
+    # Ray's files (sockets, logs, the record of the last head) in a folder of the test's own, short
+    # enough for Unix socket paths, and removed after: nothing of this cluster is found by a later `ray.init()`.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     with serve_mlflow(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as (url, _, _):
-        head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"], folder / "head.log")
+        head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                           f"--temp-dir={ray_temp}"], folder / "head.log")
         try:
-            yield f"127.0.0.1:{port}", url, folder
+            yield f"127.0.0.1:{port}", url, ray_temp
         finally:
             stop_node(head)
+            shutil.rmtree(ray_temp)
     ray_left = [p for p in processes_started_by_this_session()
                 if re.search(r"raylet|gcs_server|ray::|ray/_private", " ".join(p.cmdline()))]
     assert not ray_left, f"Ray processes left running: {[' '.join(p.cmdline())[:120] for p in ray_left]}"
@@ -93,7 +107,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def second_node(cluster, tmp_path):
     """A second Ray node with 1 CPU, joined to the head as a user's `ray start --address` joins it."""
-    node = start_node([f"--address={cluster[0]}", "--num-cpus=1"], tmp_path / "node.log")
+    node = start_node([f"--address={cluster[0]}", "--num-cpus=1", f"--temp-dir={cluster[2]}"], tmp_path / "node.log")
     yield node
     stop_node(node)
 
@@ -161,12 +175,21 @@ def nested_runs(tracking_uri: str, parent_name: str):
     return client, parents[0], children
 
 
-def test_a_grid_runs_as_dvc_experiments_pushed_and_nested_under_one_mlflow_run(cluster, second_node, sweep_project):
-    done = run(sweep_command(*GRID, "--name", "grid"), sweep_project, env=sweep_env(cluster), timeout=600)
-    names = [f"grid-{i}" for i in range(1, 5)]
-    assert "4 finished, 0 running, 0 failed, 0 waiting" in done.stdout, done.stdout
+def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_is_lost(cluster, second_node,
+                                                                                      sweep_project, started):
+    """The 4-point grid, and mid-sweep (both nodes training a trial) the second node goes, SIGKILLed
+    with all it runs: its trial runs again on the head, and every trial still lands once."""
+    sweep = started(sweep_command(*GRID, "-S", "train.epochs=10", "--name", "grid"), sweep_project,
+                    env=sweep_env(cluster))
+    read_until(sweep, r"2 running \(.*train epoch.*train epoch")
+    stop_node(second_node, signal.SIGKILL)
+    output = sweep.stdout.read()
+    assert sweep.wait(timeout=600) == 0, output
+    assert "4 finished, 0 running, 0 failed, 0 waiting" in output, output
+    assert "(attempt 2)" in output, "the lost trial ran again"
 
-    assert experiments_on_remote(sweep_project) == names
+    names = [f"grid-{i}" for i in range(1, 5)]
+    assert experiments_on_remote(sweep_project) == names, "each trial pushed once"
     shown = exp_show(sweep_project)
     assert sorted(shown) == names, "dvc exp pull brought every trial to the driver's `dvc exp show`"
     expected = {"grid-1": (0.001, 1), "grid-2": (0.001, 4), "grid-3": (0.0005, 1), "grid-4": (0.0005, 4)}
@@ -177,10 +200,12 @@ def test_a_grid_runs_as_dvc_experiments_pushed_and_nested_under_one_mlflow_run(c
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.trials"] == "4"
     assert parent.data.params["sweep.commit"] == run(["git", "rev-parse", "HEAD"], sweep_project).stdout.strip()
-    assert sorted(child.info.run_name for child in children) == names
-    for child in children:
+    finished = [child for child in children if child.info.status == "FINISHED"]
+    lost = [child for child in children if child.info.status != "FINISHED"]
+    assert sorted(child.info.run_name for child in finished) == names, "each trial FINISHED once, named as in DVC"
+    assert [(c.info.run_name in names, c.info.status) for c in lost] == [(True, "FAILED")], "the lost attempt's run"
+    for child in finished:
         name = child.info.run_name
-        assert child.info.status == "FINISHED", name
         assert float(child.data.params["train.learning_rate"]) == expected[name][0]
         assert float(child.data.params["train.beta"]) == expected[name][1]
         for metric, value in shown[name]["metrics"].items():
@@ -190,51 +215,52 @@ def test_a_grid_runs_as_dvc_experiments_pushed_and_nested_under_one_mlflow_run(c
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [row["trial"] for row in rows] == names
-    assert {row["run_id"] for row in rows} == {child.info.run_id for child in children}
+    assert {row["run_id"] for row in rows} == {child.info.run_id for child in finished}
     best = min(names, key=lambda name: shown[name]["metrics"]["val_total"])
     assert parent.data.tags["best_trial"] == best
     assert parent.data.metrics["best_val_total"] == pytest.approx(shown[best]["metrics"]["val_total"], rel=1e-5)
     assert parent.data.metrics["best_test_total"] == pytest.approx(shown[best]["metrics"]["test_total"], rel=1e-5)
 
 
-def test_a_lost_node_reruns_its_trial_elsewhere_and_each_trial_lands_once(cluster, second_node, sweep_project,
-                                                                           started):
-    # Trials long enough that both running ones are seen training before the node goes.
-    sweep = started(sweep_command(*GRID, "-S", "train.epochs=30", "--name", "lost"), sweep_project,
-                    env=sweep_env(cluster))
-    read_until(sweep, r"2 running \(.*train epoch.*train epoch")
-    stop_node(second_node, signal.SIGKILL)
-    output = sweep.stdout.read()
-    assert sweep.wait(timeout=600) == 0, output
-    assert "4 finished, 0 running, 0 failed, 0 waiting" in output
-    assert "(attempt 2)" in output, "the lost trial ran again"
-
-    names = [f"lost-{i}" for i in range(1, 5)]
-    assert experiments_on_remote(sweep_project) == names, "each trial pushed once"
-    _, parent, children = nested_runs(cluster[1], "lost")
-    assert parent.info.status == "FINISHED"
-    finished = sorted(c.info.run_name for c in children if c.info.status == "FINISHED")
-    lost = [c.info.run_name for c in children if c.info.status != "FINISHED"]
-    assert finished == names, "each trial FINISHED once in MLflow"
-    assert len(lost) == 1 and lost[0] in names, f"the lost attempt's run, marked FAILED: {lost}"
-    assert [c.info.status for c in children if c.info.status != "FINISHED"] == ["FAILED"]
-
-
-@pytest.mark.parametrize(("grid", "refusal"), [
+BAD_GRIDS = [  # a grid, and what its refusal says
     (["-S", "train.learning_rate=0.001,-1"], "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0"),
     (["-S", "train.lerning_rate=0.001,0.01"], "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?"),
     (["-S", "train.epochs=2,two"], "train.epochs: expected an integer, got 'two'"),
     (["-S", "train.beta=1,4", "-S", "mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"],
      "a sweep's trials run on other machines and cannot share sqlite:///mlruns/mlflow.db"),
-])
-def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project, grid, refusal):
-    done = run(sweep_command(*grid, "--name", "bad"), sweep_project, env=sweep_env(cluster), check=False)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
-    assert refusal in done.stderr
-    assert "ray:" not in done.stdout, "refused before joining the Ray cluster"
+]
+
+
+def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project):
+    for grid, refusal in BAD_GRIDS:
+        done = run(sweep_command(*grid, "--name", "bad"), sweep_project, env=sweep_env(cluster), check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip().removeprefix('error: ')}"]
+        assert refusal in done.stderr
+        assert "ray:" not in done.stdout, "refused before joining the Ray cluster"
     assert experiments_on_remote(sweep_project) == []
     client = mlflow.MlflowClient(cluster[1])
     experiment = client.get_experiment_by_name("vae-pipeline")
     assert experiment is None or not client.search_runs(
         [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
+
+
+def test_ctrl_c_cancels_the_sweep_and_what_finished_stays_pushed_and_logged(cluster, sweep_project, started):
+    sweep = started(sweep_command("-S", "train.learning_rate=0.001,0.002", "--name", "stop"), sweep_project,
+                    env=sweep_env(cluster))
+    read_until(sweep, r"^stop-1 finished")
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
+    output = sweep.stdout.read()
+    assert sweep.wait(timeout=300) == 130, output
+    assert "cancelling the 1 unfinished trial(s)" in output
+    assert re.search(r"^stop-2 +CANCELLED", output, re.MULTILINE), output
+
+    assert experiments_on_remote(sweep_project) == ["stop-1"]
+    _, parent, children = nested_runs(cluster[1], "stop")
+    assert parent.info.status == "KILLED"
+    statuses = {(child.info.run_name, child.info.status) for child in children}
+    assert ("stop-1", "FINISHED") in statuses
+    assert statuses <= {("stop-1", "FINISHED"), ("stop-2", "KILLED")}, statuses
+    stages_left = [p.cmdline() for p in processes_started_by_this_session()
+                   if re.search(r"dvc exp run|pipeline\.(train|evaluate|visualize)", " ".join(p.cmdline()))]
+    assert not stages_left, f"the cancelled trial's stages still run: {stages_left}"

@@ -50,6 +50,7 @@ from pipeline.sweep.trial import (
 )
 from pipeline.tracking.store import connect
 
+CANCELLED = "cancelled"  # why a trial did not finish, when Ctrl-C stopped it
 SELECTION_METRIC = "val_total"  # the best trial has the lowest: chosen on validation, never on test
 
 
@@ -148,7 +149,8 @@ def start_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
     """Join the cluster RAY_ADDRESS names, or start a Ray on this machine; the workers import this
     package as the driver has it. A trial no node can hold is refused now, not left pending."""
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
+    # "local": Ray would otherwise join the cluster its last `ray start --head` here recorded, gone or not.
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
              runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
              **({} if address else {"include_dashboard": False}))
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
@@ -223,7 +225,7 @@ def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace
             except TrialFailed as exc:
                 failed[trial.name] = exc.reason
             except ray.exceptions.TaskCancelledError:
-                failed[trial.name] = "cancelled"
+                failed[trial.name] = CANCELLED
             except ray.exceptions.RayTaskError as exc:
                 failed[trial.name] = str(exc.cause).splitlines()[0] if exc.cause else str(exc).splitlines()[0]
             except ray.exceptions.RayError as exc:  # its node lost more often than --retries allows
@@ -244,9 +246,9 @@ def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace
             progress.show(ray.get(board.snapshot.remote()), [t.name for t in running.values()], len(finished),
                           len(failed))
     except KeyboardInterrupt:
-        print(f"cancelling {len(running)} running trial(s) and {len(waiting)} waiting; finished ones stay pushed "
-              "and logged", flush=True)
-        failed.update({trial.name: "cancelled" for trial in waiting})
+        print(f"cancelling the {len(running) + len(waiting)} unfinished trial(s); the finished ones stay pushed and "
+              "logged", flush=True)
+        failed.update({trial.name: CANCELLED for trial in waiting})
         waiting.clear()
         for ref in running:
             ray.cancel(ref)
@@ -276,9 +278,14 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
         table["run_id"].append(result.run_id if result else None)
     mlflow.log_table(table, artifact_file="trials.json", run_id=sweep.parent_run_id)
 
+    # Only the run of each trial's pushed experiment stays FINISHED: a lost attempt's run, or the run
+    # of a trial cancelled or failed between its stages or in its push, does not count as a result.
+    kept = {result.run_id for result in finished.values()}
     for trial_run in client.search_runs([sweep.experiment_id], filter_string=(
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.status = 'RUNNING'")):
-        client.set_terminated(trial_run.info.run_id, "KILLED" if cancelled else "FAILED")  # ended without its stages
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")):
+        if trial_run.info.run_id not in kept and trial_run.info.status in ("RUNNING", "FINISHED"):
+            cancelled_trial = failed.get(trial_run.info.run_name) == CANCELLED
+            client.set_terminated(trial_run.info.run_id, "KILLED" if cancelled_trial else "FAILED")
 
     now = int(time.time() * 1000)
     metrics = [Metric("trials_finished", len(finished), now, 0), Metric("trials_failed", len(failed), now, 0)]
@@ -299,7 +306,8 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
         result = finished.get(trial.name)
         score = f"{result.metrics.get(SELECTION_METRIC, float('nan')):.4f}" if result else "-"
         mark = "  <- best" if best is not None and trial.name == best.name else ""
-        print(f"{trial.name:<16}{'FINISHED' if result else 'FAILED':<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
+        status = "FINISHED" if result else "CANCELLED" if failed.get(trial.name) == CANCELLED else "FAILED"
+        print(f"{trial.name:<16}{status:<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
     return best.name if best else None
 
 

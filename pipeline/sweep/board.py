@@ -11,12 +11,11 @@ class Board:
     def __init__(self):
         self.trials: dict[str, dict] = {}
 
-    def start(self, name: str, node: str) -> int:
-        """A trial's attempt starts on `node`; returns the attempt's number (2 and up: a retry after
-        the node of an earlier attempt was lost)."""
+    def start(self, name: str, node: str) -> None:
+        """A trial's attempt starts on `node` (attempt 2 and up: a retry after the node of an
+        earlier attempt was lost)."""
         attempt = self.trials.get(name, {}).get("attempt", 0) + 1
         self.trials[name] = {"attempt": attempt, "node": node, "doing": "cloning"}
-        return attempt
 
     def doing(self, name: str, what: str) -> None:
         self.trials[name]["doing"] = what

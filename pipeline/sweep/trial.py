@@ -50,7 +50,6 @@ class TrialResult:
     metrics: dict[str, float]  # metrics/train.json and metrics/test.json, as `dvc exp show` shows them
     run_id: str | None
     seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
-    node: str
 
 
 class TrialFailed(Exception):
@@ -67,9 +66,9 @@ class TrialFailed(Exception):
 def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
     """The Ray task: one trial, start to pushed experiment, in a temporary clone."""
     started = time.monotonic()
-    node = ray.get_runtime_context().get_node_id()
-    if ray.get(board.start.remote(name, node)) > 1:
-        _fail_lost_attempts(sweep, name)
+    # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
+    board.start.remote(name, ray.get_runtime_context().get_node_id())
+    _fail_lost_attempts(sweep, name)
     env = dict(os.environ, **{PARENT_RUN_VARIABLE: sweep.parent_run_id})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's dvc
     if cpu_only:
@@ -91,7 +90,7 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
             metrics |= {k: v for k, v in json.loads((repo / path).read_text()).items() if k != "epochs"}
         run_file = repo / RUN_FILE
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
-    return TrialResult(name, metrics, run_id, time.monotonic() - started, node)
+    return TrialResult(name, metrics, run_id, time.monotonic() - started)
 
 
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
@@ -147,7 +146,8 @@ def _interrupt(proc: subprocess.Popen) -> None:
 
 
 def _fail_lost_attempts(sweep: Sweep, name: str) -> None:
-    """The runs of this trial's earlier attempts still RUNNING: their node was lost, so FAILED."""
+    """The runs of this trial's earlier attempts still RUNNING (none on a first attempt): their
+    node was lost, so FAILED."""
     client = mlflow.MlflowClient(sweep.tracking_uri)
     for run in client.search_runs(
             [sweep.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' "
