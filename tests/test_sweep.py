@@ -5,6 +5,7 @@ as the README gives it, and what it leaves in DVC, git and MLflow."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -53,9 +54,18 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
-def start_node(args: list[str], log: Path) -> subprocess.Popen:
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    address: str  # RAY_ADDRESS
+    tracking_uri: str  # the MLflow server
+    ray_temp: str  # Ray's sockets and logs
+    folder: Path  # the server's store, the nodes' logs, and trials/, where trials clone the repository
+
+
+def start_node(args: list[str], cluster_folder: Path, log: Path) -> subprocess.Popen:
     """`ray start ... --block` in a session of its own; returns once the node says it is up."""
-    proc = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], env=cluster_env(),
+    env = cluster_env() | {"TMPDIR": str(cluster_folder / "trials")}
+    proc = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while "will now block" not in log.read_text():
@@ -84,18 +94,19 @@ def stop_node(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A Ray head with 1 CPU and an MLflow server; yields (RAY_ADDRESS, tracking URI, Ray's folder). After
+    """A Ray head with 1 CPU and an MLflow server. After
     the tests: no raylet, GCS or worker of it is left."""
     folder = tmp_path_factory.mktemp("cluster")
     port = free_port()
     # Ray's files (sockets, logs, the record of the last head) in a folder of the test's own, short
     # enough for Unix socket paths, and removed after: nothing of this cluster is found by a later `ray.init()`.
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    (folder / "trials").mkdir()
     with serve_mlflow(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as (url, _, _):
         head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                           f"--temp-dir={ray_temp}"], folder / "head.log")
+                           f"--temp-dir={ray_temp}"], folder, folder / "head.log")
         try:
-            yield f"127.0.0.1:{port}", url, ray_temp
+            yield Cluster(f"127.0.0.1:{port}", url, ray_temp, folder)
         finally:
             stop_node(head)
             shutil.rmtree(ray_temp)
@@ -107,7 +118,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def second_node(cluster, tmp_path):
     """A second Ray node with 1 CPU, joined to the head as a user's `ray start --address` joins it."""
-    node = start_node([f"--address={cluster[0]}", "--num-cpus=1", f"--temp-dir={cluster[2]}"], tmp_path / "node.log")
+    node = start_node([f"--address={cluster.address}", "--num-cpus=1", f"--temp-dir={cluster.ray_temp}"],
+                      cluster.folder, tmp_path / "node.log")
     yield node
     stop_node(node)
 
@@ -117,7 +129,7 @@ def sweep_project(cluster, tmp_path):
     """The project as a team has it before a sweep: committed and pushed to a bare git remote, its
     data in a local DVC remote, params.yaml pointing at the MLflow server."""
     mirror = write_mirror(tmp_path / "mirror")
-    project = make_project(tmp_path / "project", mirror, **{"mlflow.tracking_uri": cluster[1], "train.epochs": 2})
+    project = make_project(tmp_path / "project", mirror, **{"mlflow.tracking_uri": cluster.tracking_uri, "train.epochs": 2})
     run(["git", "init", "-q", "--bare", str(tmp_path / "remote.git")], tmp_path)
     run(["git", "remote", "add", "origin", str(tmp_path / "remote.git")], project)
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
@@ -134,7 +146,7 @@ def sweep_command(*args: str) -> list[str]:
 
 
 def sweep_env(cluster) -> dict[str, str]:
-    return cluster_env() | {"RAY_ADDRESS": cluster[0], "PIPELINE_PROGRESS_SECONDS": "0"}
+    return cluster_env() | {"RAY_ADDRESS": cluster.address, "PIPELINE_PROGRESS_SECONDS": "0"}
 
 
 def experiments_on_remote(project: Path) -> list[str]:
@@ -194,9 +206,10 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
     assert sorted(shown) == names, "dvc exp pull brought every trial to the driver's `dvc exp show`"
     expected = {"grid-1": (0.001, 1), "grid-2": (0.001, 4), "grid-3": (0.0005, 1), "grid-4": (0.0005, 4)}
     for name, (learning_rate, beta) in expected.items():
-        assert (shown[name]["params"]["train.learning_rate"], shown[name]["params"]["train.beta"]) == (learning_rate, beta)
+        params = shown[name]["params"]
+        assert (params["train.learning_rate"], params["train.beta"]) == (learning_rate, beta), name
 
-    client, parent, children = nested_runs(cluster[1], "grid")
+    client, parent, children = nested_runs(cluster.tracking_uri, "grid")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.trials"] == "4"
     assert parent.data.params["sweep.commit"] == run(["git", "rev-parse", "HEAD"], sweep_project).stdout.strip()
@@ -216,6 +229,9 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [row["trial"] for row in rows] == names
     assert {row["run_id"] for row in rows} == {child.info.run_id for child in finished}
+    assert parent.data.metrics["trial_seconds_sum"] == pytest.approx(sum(row["seconds"] for row in rows), abs=1)
+    assert all(0 < row["run_seconds"] < row["seconds"] for row in rows)
+    assert parent.data.metrics["wall_seconds"] > max(row["seconds"] for row in rows)
     best = min(names, key=lambda name: shown[name]["metrics"]["val_total"])
     assert parent.data.tags["best_trial"] == best
     assert parent.data.metrics["best_val_total"] == pytest.approx(shown[best]["metrics"]["val_total"], rel=1e-5)
@@ -223,7 +239,8 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
 
 
 BAD_GRIDS = [  # a grid, and what its refusal says
-    (["-S", "train.learning_rate=0.001,-1"], "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0"),
+    (["-S", "train.learning_rate=0.001,-1"],
+     "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0"),
     (["-S", "train.lerning_rate=0.001,0.01"], "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?"),
     (["-S", "train.epochs=2,two"], "train.epochs: expected an integer, got 'two'"),
     (["-S", "train.beta=1,4", "-S", "mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"],
@@ -239,7 +256,7 @@ def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project):
         assert refusal in done.stderr
         assert "ray:" not in done.stdout, "refused before joining the Ray cluster"
     assert experiments_on_remote(sweep_project) == []
-    client = mlflow.MlflowClient(cluster[1])
+    client = mlflow.MlflowClient(cluster.tracking_uri)
     experiment = client.get_experiment_by_name("vae-pipeline")
     assert experiment is None or not client.search_runs(
         [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
@@ -256,7 +273,7 @@ def test_ctrl_c_cancels_the_sweep_and_what_finished_stays_pushed_and_logged(clus
     assert re.search(r"^stop-2 +CANCELLED", output, re.MULTILINE), output
 
     assert experiments_on_remote(sweep_project) == ["stop-1"]
-    _, parent, children = nested_runs(cluster[1], "stop")
+    _, parent, children = nested_runs(cluster.tracking_uri, "stop")
     assert parent.info.status == "KILLED"
     statuses = {(child.info.run_name, child.info.status) for child in children}
     assert ("stop-1", "FINISHED") in statuses

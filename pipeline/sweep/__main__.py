@@ -120,7 +120,12 @@ def prepare(args: argparse.Namespace) -> Plan:
     if _git("status", "--porcelain", "--untracked-files=no"):
         raise PipelineError("the workspace has uncommitted changes, and trials run the commit, not the workspace: "
                             "commit them (and push), or stash them")
+    if args.git_remote not in _git("remote").split():
+        raise PipelineError(f"no git remote '{args.git_remote}', which the workers clone the repository from: "
+                            f"`git remote add {args.git_remote} URL` and push, or name another with --git-remote")
     git_url = _git("remote", "get-url", args.git_remote)
+    if Path(git_url).exists():  # a folder: the workers clone it from their own working folder
+        git_url = str(Path(git_url).resolve())
     if not _on_remote(commit, args.git_remote):
         raise PipelineError(f"commit {commit[:7]} is not on git remote '{args.git_remote}', where the workers clone "
                             f"the repository from: `git push {args.git_remote}` first")
@@ -232,8 +237,8 @@ def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace
                 failed[trial.name] = f"lost ({type(exc).__name__}) after {args.retries} retries"
             else:
                 finished[trial.name] = result
-                print(f"{trial.name} finished in {result.seconds:.0f} s: {SELECTION_METRIC} "
-                      f"{result.metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
+                print(f"{trial.name} finished in {result.seconds:.0f} s ({result.run_seconds:.0f} s of `dvc exp run`): "
+                      f"{SELECTION_METRIC} {result.metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
                 continue
             print(f"{trial.name} failed: {failed[trial.name]}", flush=True)
 
@@ -259,12 +264,13 @@ def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace
 
 
 def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], finished: dict[str, TrialResult],
-           failed: dict[str, str], cancelled: bool) -> str | None:
-    """The table of trials and the best one, on the parent run and on screen; the status every run
-    ends with. Returns the best trial's name."""
+           failed: dict[str, str], cancelled: bool, wall_seconds: float) -> str | None:
+    """The table of trials, the best one and the time it all took, on the parent run and on screen;
+    the status every run ends with. Returns the best trial's name."""
     keys = list(dict.fromkeys(o.split("=", 1)[0].lstrip("+") for t in trials for o in t.overrides))
     metric_names = sorted({name for result in finished.values() for name in result.metrics})
-    table: dict[str, list] = {column: [] for column in ["trial", *keys, "status", *metric_names, "seconds", "run_id"]}
+    table: dict[str, list] = {column: [] for column in
+                              ["trial", *keys, "status", *metric_names, "seconds", "run_seconds", "run_id"]}
     for trial in trials:
         values = dict(o.lstrip("+").split("=", 1) for o in trial.overrides)
         result = finished.get(trial.name)
@@ -275,6 +281,7 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
         for name in metric_names:
             table[name].append(result.metrics.get(name) if result else None)
         table["seconds"].append(round(result.seconds, 1) if result else None)
+        table["run_seconds"].append(round(result.run_seconds, 1) if result else None)
         table["run_id"].append(result.run_id if result else None)
     mlflow.log_table(table, artifact_file="trials.json", run_id=sweep.parent_run_id)
 
@@ -288,9 +295,14 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
             client.set_terminated(trial_run.info.run_id, "KILLED" if cancelled_trial else "FAILED")
 
     now = int(time.time() * 1000)
-    metrics = [Metric("trials_finished", len(finished), now, 0), Metric("trials_failed", len(failed), now, 0)]
+    trial_seconds = sum(result.seconds for result in finished.values())
+    overhead = (trial_seconds - sum(result.run_seconds for result in finished.values())) / max(len(finished), 1)
+    metrics = [Metric(name, value, now, 0) for name, value in (
+        ("trials_finished", len(finished)), ("trials_failed", len(failed)), ("wall_seconds", wall_seconds),
+        ("trial_seconds_sum", trial_seconds), ("overhead_seconds_per_trial", overhead))]
     best = min(finished.values(), key=lambda r: r.metrics.get(SELECTION_METRIC, float("inf")), default=None)
-    summary = f"Sweep of {len(trials)} trials at commit {sweep.commit[:7]}: {len(finished)} finished, {len(failed)} failed."
+    summary = (f"Sweep of {len(trials)} trials at commit {sweep.commit[:7]}: {len(finished)} finished, "
+               f"{len(failed)} failed.")
     tags = []
     if best is not None:
         metrics += [Metric(f"best_{name}", value, now, 0) for name, value in best.metrics.items()
@@ -308,18 +320,24 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
         mark = "  <- best" if best is not None and trial.name == best.name else ""
         status = "FINISHED" if result else "CANCELLED" if failed.get(trial.name) == CANCELLED else "FAILED"
         print(f"{trial.name:<16}{status:<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
+    print(f"\n{wall_seconds:.0f} s in all; the finished trials took {trial_seconds:.0f} s together, each "
+          f"{overhead:.0f} s of it outside `dvc exp run` (clone, data, push)")
     return best.name if best else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.name = args.name or gen_random_name()
+    started = time.monotonic()
     try:
         plan = prepare(args)
         start_ray(args.cpus_per_trial, args.gpus_per_trial)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before any trial started", file=sys.stderr)
+        return 130
     client = mlflow.MlflowClient()
     parent_run_id = open_parent_run(client, plan, args)
     sweep = Sweep(args.name, plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
@@ -332,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         ray.shutdown()
-    best = report(client, sweep, plan.trials, finished, failed, cancelled)
+    best = report(client, sweep, plan.trials, finished, failed, cancelled, time.monotonic() - started)
     if finished:
         pulled = _dvc("exp", "pull", args.git_remote, *finished)
         print(f"\n`dvc exp show` lists the {len(finished)} finished trials" + (f"; the best is {best}" if best else "")

@@ -50,6 +50,7 @@ class TrialResult:
     metrics: dict[str, float]  # metrics/train.json and metrics/test.json, as `dvc exp show` shows them
     run_id: str | None
     seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
+    run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
 
 
 class TrialFailed(Exception):
@@ -81,8 +82,10 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
         # The data stages' outputs, if the DVC remote has them; whatever it lacks, download and split make.
         subprocess.run(["dvc", "pull", "--quiet", "--allow-missing", "download", "split"], cwd=repo, env=env,
                        capture_output=True)
+        run_started = time.monotonic()
         _exp_run(["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
                  name, repo, env, board)
+        run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
         _step(["dvc", "exp", "push", "origin", name], name, repo, env)
         metrics = {}
@@ -90,7 +93,7 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
             metrics |= {k: v for k, v in json.loads((repo / path).read_text()).items() if k != "epochs"}
         run_file = repo / RUN_FILE
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
-    return TrialResult(name, metrics, run_id, time.monotonic() - started)
+    return TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
 
 
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
@@ -100,7 +103,7 @@ def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
 
 
 _STAGE = re.compile(r"Running stage '(\w+)'")
-_EPOCH = re.compile(r"^epoch (\d+)/(\d+)  train_")
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)(?:  train_|: .*\((\d+%)\))")  # an epoch's end, or its progress line
 
 
 def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
@@ -114,7 +117,7 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
             if stage := _STAGE.search(line):
                 board.doing.remote(name, stage[1])
             elif epoch := _EPOCH.match(line):
-                board.doing.remote(name, f"train epoch {epoch[1]}/{epoch[2]}")
+                board.doing.remote(name, f"train epoch {epoch[1]}/{epoch[2]}" + (f" ({epoch[3]})" if epoch[3] else ""))
         proc.wait()
     except BaseException:  # KeyboardInterrupt: Ray cancelled the task
         _interrupt(proc)
@@ -149,7 +152,7 @@ def _fail_lost_attempts(sweep: Sweep, name: str) -> None:
     """The runs of this trial's earlier attempts still RUNNING (none on a first attempt): their
     node was lost, so FAILED."""
     client = mlflow.MlflowClient(sweep.tracking_uri)
-    for run in client.search_runs(
-            [sweep.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' "
-                                                 f"and attributes.run_name = '{name}' and attributes.status = 'RUNNING'"):
+    lost = (f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.run_name = '{name}' "
+            "and attributes.status = 'RUNNING'")
+    for run in client.search_runs([sweep.experiment_id], filter_string=lost):
         client.set_terminated(run.info.run_id, "FAILED")
