@@ -262,22 +262,26 @@ def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project):
         [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
 
 
-def test_ctrl_c_cancels_the_sweep_and_what_finished_stays_pushed_and_logged(cluster, sweep_project, started):
-    sweep = started(sweep_command("-S", "train.learning_rate=0.001,0.002", "--name", "stop"), sweep_project,
+def test_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(cluster, sweep_project, started):
+    """On the head alone (one trial at a time): the first trial diverges and is reported, not
+    retried; the second finishes; Ctrl-C then cancels the third."""
+    sweep = started(sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop"), sweep_project,
                     env=sweep_env(cluster))
-    read_until(sweep, r"^stop-1 finished")
+    seen = read_until(sweep, r"^stop-2 finished")
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
-    output = sweep.stdout.read()
+    output = seen + sweep.stdout.read()
     assert sweep.wait(timeout=300) == 130, output
+    assert "stop-1 failed: loss became NaN or infinite at epoch 1" in output, output
+    assert "(attempt 2)" not in output, "a trial that failed by itself is not retried"
     assert "cancelling the 1 unfinished trial(s)" in output
-    assert re.search(r"^stop-2 +CANCELLED", output, re.MULTILINE), output
+    assert re.search(r"^stop-3 +CANCELLED", output, re.MULTILINE), output
 
-    assert experiments_on_remote(sweep_project) == ["stop-1"]
+    assert experiments_on_remote(sweep_project) == ["stop-2"]
     _, parent, children = nested_runs(cluster.tracking_uri, "stop")
     assert parent.info.status == "KILLED"
-    statuses = {(child.info.run_name, child.info.status) for child in children}
-    assert ("stop-1", "FINISHED") in statuses
-    assert statuses <= {("stop-1", "FINISHED"), ("stop-2", "KILLED")}, statuses
+    statuses = sorted((child.info.run_name, child.info.status) for child in children)
+    assert statuses[:2] == [("stop-1", "FAILED"), ("stop-2", "FINISHED")], statuses
+    assert statuses[2:] in ([], [("stop-3", "KILLED")]), "the cancelled trial's run, if it had begun"
     stages_left = [p.cmdline() for p in processes_started_by_this_session()
                    if re.search(r"dvc exp run|pipeline\.(train|evaluate|visualize)", " ".join(p.cmdline()))]
     assert not stages_left, f"the cancelled trial's stages still run: {stages_left}"
