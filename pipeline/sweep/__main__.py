@@ -267,16 +267,15 @@ def report(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], 
            failed: dict[str, str], cancelled: bool, wall_seconds: float) -> str | None:
     """The table of trials, the best one and the time it all took, on the parent run and on screen;
     the status every run ends with. Returns the best trial's name."""
-    keys = list(dict.fromkeys(o.split("=", 1)[0].lstrip("+") for t in trials for o in t.overrides))
+    keys = list(dict.fromkeys(key for trial in trials for key in trial.values))
     metric_names = sorted({name for result in finished.values() for name in result.metrics})
     table: dict[str, list] = {column: [] for column in
                               ["trial", *keys, "status", *metric_names, "seconds", "run_seconds", "run_id"]}
     for trial in trials:
-        values = dict(o.lstrip("+").split("=", 1) for o in trial.overrides)
         result = finished.get(trial.name)
         table["trial"].append(trial.name)
         for key in keys:
-            table[key].append(values.get(key))
+            table[key].append(trial.values.get(key))
         table["status"].append("FINISHED" if result else failed.get(trial.name, "not run"))
         for name in metric_names:
             table[name].append(result.metrics.get(name) if result else None)
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     client = mlflow.MlflowClient()
     parent_run_id = open_parent_run(client, plan, args)
-    sweep = Sweep(args.name, plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
+    sweep = Sweep(plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
     print(f"sweep {args.name}: {len(plan.trials)} trials of commit {plan.commit[:7]}, MLflow run {parent_run_id} in "
           f"experiment '{plan.tracking.experiment_name}'", flush=True)
     try:

@@ -27,6 +27,11 @@ class Trial:
     name: str
     overrides: tuple[str, ...]
 
+    @property
+    def values(self) -> dict[str, str]:
+        """The overrides as params.yaml key -> value as written (`+` to add, `~` to delete dropped)."""
+        return {key.lstrip("+~"): value for key, _, value in (o.partition("=") for o in self.overrides)}
+
 
 def overrides_from_file(path: Path) -> list[str]:
     """`key: [v1, v2]` (or `key: v`) lines of a YAML file as `-S key=v1,v2` overrides."""
@@ -77,15 +82,14 @@ def check(trials: list[Trial], params_text: str) -> list[Params]:
                 apply_overrides(path, list(trial.overrides))
                 checked.append(parse_params(yaml.safe_load(path.read_text())))
             except (ParamsError, InvalidArgumentError) as exc:
-                reason = str(exc) if isinstance(exc, ParamsError) else _unknown_key(trial.overrides)
+                reason = str(exc) if isinstance(exc, ParamsError) else _unknown_key(trial)
                 raise PipelineError(f"trial {trial.name} ({' '.join(trial.overrides)}): {reason}") from None
     return checked
 
 
-def _unknown_key(overrides: tuple[str, ...]) -> str:
+def _unknown_key(trial: Trial) -> str:
     """What Hydra refused, said as a stage says it: the unknown key, and the key meant."""
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+    for key in trial.values:
         tree: dict = {}
         node = tree
         *parents, leaf = key.split(".")

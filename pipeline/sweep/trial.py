@@ -36,7 +36,6 @@ STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow ru
 class Sweep:
     """What every trial of a sweep shares."""
 
-    name: str
     git_url: str  # where the workers clone from, and push the experiments to
     commit: str
     tracking_uri: str
@@ -56,9 +55,9 @@ class TrialResult:
 class TrialFailed(Exception):
     """The trial's own failure, not its node's: reported, not retried."""
 
-    def __init__(self, name: str, reason: str, output_tail: str):
-        super().__init__(name, reason, output_tail)  # as args, so the exception pickles back to the driver
-        self.name, self.reason, self.output_tail = name, reason, output_tail
+    def __init__(self, name: str, reason: str):
+        super().__init__(name, reason)  # as args, so the exception pickles back to the driver
+        self.name, self.reason = name, reason
 
     def __str__(self) -> str:
         return f"{self.name}: {self.reason}"
@@ -99,7 +98,9 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise TrialFailed(name, f"`{' '.join(args[:3])}` exited with {done.returncode}", done.stdout + done.stderr)
+        said = (done.stdout + done.stderr).strip().splitlines()  # git's or DVC's last word: why
+        reason = f"`{' '.join(args[:3])}` exited with {done.returncode}" + (f": {said[-1]}" if said else "")
+        raise TrialFailed(name, reason)
 
 
 _STAGE = re.compile(r"Running stage '(\w+)'")
@@ -123,7 +124,7 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
         _interrupt(proc)
         raise
     if proc.returncode != 0:
-        raise TrialFailed(name, _reason(list(tail), proc.returncode), "".join(tail))
+        raise TrialFailed(name, _reason(list(tail), proc.returncode))
 
 
 def _reason(lines: list[str], returncode: int) -> str:
