@@ -4,9 +4,10 @@ variants, side by side.
 All train the reference model (batch 64, Adam 5e-4) from the same seed on the same 80/20 split of
 a local IDX mirror, on the same device, alternating epoch by epoch so drift in the machine hits all
 alike. An epoch is training plus validation. The variants change one thing each against the
-pipeline's default: `train.precision` bf16 (the forward pass under autocast), the step eager
-instead of a CUDA graph, Adam's multi-tensor (foreach) update instead of the fused kernel, a larger
-validation batch.
+pipeline's default: `train.precision` bf16 (the forward pass under autocast), and on a GPU the
+forward not compiled (`train.compile: false`), the step not captured (`train.cuda_graph: false`),
+NCHW instead of channels_last, Adam's multi-tensor (foreach) update instead of the fused kernel, a
+larger validation batch.
 Each variant's losses per round are printed beside its time, so a change that alters the loss
 curve shows. Prints a table and writes the result as JSON.
 
@@ -94,7 +95,9 @@ class Variant:
     """How the pipeline's loop is run; the defaults are what `dvc repro` does."""
 
     name: str
+    compile: bool = True  # as pipeline.train: on CUDA only
     cuda_graph: bool = True
+    channels_last: bool = True
     fused_adam: bool = True
     precision: str = "fp32"
     val_batch: int = EVAL_BATCH_SIZE
@@ -103,28 +106,32 @@ class Variant:
 PIPELINE = Variant("pipeline")
 BF16 = Variant("pipeline bf16", precision="bf16")
 VARIANTS = {
-    "cuda": [PIPELINE, BF16, Variant("eager step", cuda_graph=False), Variant("foreach Adam", fused_adam=False),
+    "cuda": [PIPELINE, BF16, Variant("not compiled", compile=False), Variant("no CUDA graph", cuda_graph=False),
+             Variant("NCHW", channels_last=False), Variant("foreach Adam", fused_adam=False),
              Variant("val batch 12000", val_batch=12_000)],
     "cpu": [PIPELINE, BF16],
 }
 
 
 class PipelineLoop:
-    """pipeline.train's own epoch (device-resident uint8 data, device-side sums, channels_last, a
-    CUDA graph of the step on a GPU), run as `variant` says."""
+    """pipeline.train's own epoch (device-resident uint8 data, device-side sums, channels_last; on a
+    GPU the forward compiled and the step a CUDA graph), run as `variant` says."""
 
     def __init__(self, train_images, val_images, device, variant: Variant):
         self.val_images, self.variant = val_images.to(device), variant
         torch.manual_seed(SEED)
-        self.model = VAE().to(device).to(memory_format=torch.channels_last)
+        self.model = VAE().to(device)
+        if variant.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
-        self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, True,
-                              cuda_graph=variant.cuda_graph, precision=variant.precision)
+        self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, variant.channels_last,
+                              cuda_graph=variant.cuda_graph, precision=variant.precision,
+                              compile=variant.compile and device.type == "cuda")
         self.generator = torch.Generator(device=device).manual_seed(SEED)
 
     def epoch(self) -> float:
         parts, _ = train_epoch(self.step, self.generator)
-        val = dataset_loss(self.model, self.val_images, True, batch_size=self.variant.val_batch)
+        val = dataset_loss(self.model, self.val_images, self.variant.channels_last, batch_size=self.variant.val_batch)
         return parts[2].item(), val[2].item()
 
 
@@ -142,6 +149,28 @@ def timed(loop, device) -> dict:
     return result
 
 
+def kernels_per_step(loop: PipelineLoop, steps: int) -> dict:
+    """The GPU kernels `steps` full training steps run (inside a CUDA graph's replay too), read by
+    PyTorch's profiler: how many a step, the GPU's busy time a step, and the costliest by name."""
+    index = torch.arange(BATCH, device=loop.val_images.device)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            loop.step(index)
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    costliest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    return {
+        "kernels_per_step": sum(map(len, by_name.values())) / steps,
+        "busy_us_per_step": sum(map(sum, by_name.values())) / steps,
+        "costliest": [{"kernel": name[:100], "us_per_step": sum(times) / steps, "calls_per_step": len(times) / steps}
+                      for name, times in costliest],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mirror", type=Path, help="folder with the four IDX files (.gz or not)")
@@ -150,6 +179,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-images", type=int, default=None,
                         help="use only the first N of the mirror's training images (a quick rehearsal)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="on a GPU, afterwards profile this many steps of each variant's loop (kernels per step)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -171,6 +202,8 @@ def main() -> None:
                 t = timings[name][-1]
                 print(f"round {round_}  {name:16s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
                       f"  val_total {t['val_total']:.3f}", flush=True)
+        profiles = {name: kernels_per_step(loop, args.profile_steps) for name, loop in loops.items()
+                    if args.profile_steps and device.type == "cuda" and name != "user"}
 
     # The first epoch of each loop includes warm-up (allocator, cuDNN autotuning, the graph's
     # capture); report the median.
@@ -189,6 +222,7 @@ def main() -> None:
         "images_per_second": {name: len(images) / s for name, s in summary.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "epochs": timings,
+        "profile": profiles,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -198,6 +232,10 @@ def main() -> None:
         last = timings[name][-1]
         print(f"  {name:16s} {seconds:7.3f} s  {summary['user'] / seconds:6.2f}x the user's loop"
               f"  {len(images) / seconds:9.0f} images/s  last val_total {last['val_total']:.3f}")
+    for name, profile in profiles.items():
+        print(f"  {name:16s} {profile['kernels_per_step']:5.1f} kernels a step, the GPU busy"
+              f" {profile['busy_us_per_step']:6.1f} us a step; costliest: "
+              + ", ".join(f"{k['kernel'][:40]} {k['us_per_step']:.1f} us" for k in profile["costliest"][:3]))
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB  -> {args.out}")
 
 

@@ -68,6 +68,7 @@ class TrainParams:
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     deterministic: bool = False
     cuda_graph: bool = True
+    compile: bool = True
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torchvision
 from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
 from pipeline.errors import RANK_ERRORS_VARIABLE, PipelineError, run_stage
-from pipeline.losses import LOSS_NAMES, dataset_loss, loss_function, vae_loss
+from pipeline.losses import LOSS_NAMES, LossParts, dataset_loss, loss_function, vae_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.model_files import (
     file_sha256,
@@ -78,8 +78,11 @@ def train(params: Params) -> None:
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
+    # Compiling gains nothing measurable on a CPU (it costs half a minute there), and under DDP it
+    # would need DDP's own graph splitting: a single CUDA process only.
+    compiles = cfg.compile and device.type == "cuda" and ranks.world_size == 1
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
-                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision)
+                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision, compiles)
     continues_run_id = tracking.run_that_trained(experiment_id, file_sha256(MODEL_FILE)) \
         if state.continued and experiment_id is not None and MODEL_FILE.exists() else None
     tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
@@ -229,11 +232,12 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                  batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
-                 cuda_graph: bool = False, precision: str = "fp32"):
+                 cuda_graph: bool = False, precision: str = "fp32", compile: bool = False):
         device = images.device
         self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
         self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
         self.autocast = AUTOCAST_DTYPES[precision]
+        self.latent_dim = getattr(model, "module", model).config["latent_dim"]  # the model, or the one DDP wraps
         self.sums = torch.zeros(3, device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)
@@ -241,6 +245,9 @@ class TrainStep:
         self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
         self.warmup_left = WARMUP_STEPS
         self.graph: torch.cuda.CUDAGraph | None = None
+        # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
+        # gradients) and the loss; a full batch is always one shape, so it compiles once.
+        self.compiled_losses = torch.compile(self.losses) if compile else None
 
     def start_epoch(self) -> None:
         self.sums.zero_()
@@ -248,7 +255,10 @@ class TrainStep:
         self.steps.zero_()
 
     def __call__(self, index: torch.Tensor) -> None:
-        if not self.uses_graph or len(index) < self.batch_size:
+        if len(index) < self.batch_size:
+            self.run(index, self.losses)  # the ragged last batch: eager, not a second compiled shape
+            return
+        if not self.uses_graph:
             self.run(index)
             return
         self.batch.copy_(index)
@@ -268,21 +278,28 @@ class TrainStep:
                 self.run(self.batch)
             self.graph.replay()  # capturing records the step without running it
 
-    def run(self, index: torch.Tensor) -> None:
-        """The step itself, as plain PyTorch."""
-        x = to_input(self.images[index[self.rank :: self.world_size]], self.channels_last)
+    def losses(self, images: torch.Tensor, noise: torch.Tensor) -> LossParts:
+        """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass."""
+        x = to_input(images, self.channels_last)
         # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
         with torch.autocast(x.device.type, self.autocast, cache_enabled=False) if self.autocast \
                 else contextlib.nullcontext():
-            output = self.model(x)
-        parts = self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
+            output = self.model(x, noise)
+        return self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
+
+    def run(self, index: torch.Tensor, losses: Callable | None = None) -> None:
+        """The step itself, as plain PyTorch (the forward compiled if asked)."""
+        images = self.images[index[self.rank :: self.world_size]]
+        # Drawn here, outside what is compiled, so a compiled and an eager step see the same noise.
+        noise = torch.randn(len(images), self.latent_dim, device=images.device, dtype=self.autocast or torch.float32)
+        parts = (losses or self.compiled_losses or self.losses)(images, noise)
         self.optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
-            (parts.total * (len(x) * self.world_size / len(index))).backward()
+            (parts.total * (len(images) * self.world_size / len(index))).backward()
         else:
             parts.total.backward()
         self.optimizer.step()
-        self.sums += torch.stack(parts).detach() * len(x)
+        self.sums += torch.stack(parts).detach() * len(images)
         bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
         self.steps += 1

@@ -36,13 +36,13 @@ def plain_reference_epoch(data: torch.Tensor) -> tuple[list[float], VAE]:
     return losses, model
 
 
-def our_epoch(data: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, VAE]:
+def our_epoch(data: torch.Tensor, channels_last: bool, compile: bool = False) -> tuple[torch.Tensor, VAE]:
     torch.manual_seed(SEED)
     model = VAE()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, 5e-4, data.device)
-    step = TrainStep(model, optimizer, data, BATCH, channels_last)
+    step = TrainStep(model, optimizer, data, BATCH, channels_last, compile=compile)
     parts, first_bad_step = train_epoch(step, torch.Generator().manual_seed(SEED))
     assert first_bad_step.item() == -1
     return parts, model
@@ -56,14 +56,29 @@ def test_our_loop_matches_the_plain_loop(channels_last):
     reconstruction, kl, total = parts.tolist()
     assert total == pytest.approx(sum(reference_losses) / len(data), rel=1e-5)
     assert total == pytest.approx(reconstruction + kl, rel=1e-6)
-    for (name, ours), theirs in zip(model.state_dict().items(), reference_model.state_dict().values()):
-        if channels_last:
-            # Other kernels round differently; Adam scales each update to about lr whatever the
-            # gradient's size, so a rounding-level gradient can move a weight by up to lr a step.
-            steps = -(-len(data) // BATCH)
-            assert (ours - theirs).abs().max() <= 5e-4 * steps, f"{name} drifted further than Adam's step bound"
-        else:
+    if channels_last:
+        assert_within_adams_step_bound(model, reference_model, steps=-(-len(data) // BATCH))
+    else:
+        for (name, ours), theirs in zip(model.state_dict().items(), reference_model.state_dict().values()):
             assert torch.equal(ours, theirs), f"{name} differs"
+
+
+def assert_within_adams_step_bound(ours: VAE, theirs: VAE, steps: int) -> None:
+    """Other kernels round differently; Adam scales each update to about lr whatever the gradient's
+    size, so a rounding-level gradient can move a weight by up to lr a step."""
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert (a - b).abs().max() <= 5e-4 * steps, f"{name} drifted further than Adam's step bound"
+
+
+@pytest.mark.slow
+def test_the_compiled_step_matches_the_eager_step_on_the_cpu():
+    """torch.compile fuses the forward and the loss into other kernels, fed the same noise: an
+    epoch's losses agree to float rounding (the ragged last batch runs eagerly in both)."""
+    data = images(6 * BATCH + 7)
+    eager_parts, eager = our_epoch(data, channels_last=True)
+    compiled_parts, compiled = our_epoch(data, channels_last=True, compile=True)
+    torch.testing.assert_close(compiled_parts, eager_parts, rtol=1e-5, atol=1e-5)
+    assert_within_adams_step_bound(compiled, eager, steps=7)
 
 
 def test_same_seed_gives_bit_identical_weights_on_the_cpu():
@@ -102,15 +117,16 @@ def test_cuda_loop_matches_the_cpu_loop():
     torch.testing.assert_close(cuda_parts.cpu(), cpu_parts, rtol=0.05, atol=0.5)
 
 
-def cuda_epochs(data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2
+def cuda_epochs(data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2, compile: bool = False
                 ) -> tuple[list[list[float]], TrainStep]:
-    """`epochs` epochs on the GPU in deterministic mode, the step captured as a CUDA graph or not."""
+    """`epochs` epochs on the GPU in deterministic mode, the step captured as a CUDA graph or not,
+    its forward compiled or not."""
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(SEED)
         model = VAE().cuda().to(memory_format=torch.channels_last)
         step = TrainStep(model, make_optimizer(model, 5e-4, torch.device("cuda")), data.cuda(), BATCH, True,
-                         cuda_graph=cuda_graph, precision=precision)
+                         cuda_graph=cuda_graph, precision=precision, compile=compile)
         generator = torch.Generator("cuda").manual_seed(SEED)
         losses = [train_epoch(step, generator)[0].tolist() for _ in range(epochs)]
     finally:
@@ -132,6 +148,22 @@ def test_the_cuda_graph_step_matches_the_eager_step(monkeypatch, precision):
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=1e-5)
     for (name, ours), theirs in zip(graphed.model.state_dict().items(), eager.model.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_compiled_graph_step_matches_the_eager_step(monkeypatch, precision):
+    """The pipeline's default on a GPU, the compiled forward inside the CUDA graph, against the plain
+    eager step: other (fused) kernels fed the same noise, so an epoch's losses agree to float
+    rounding and the weights within Adam's step bound."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    data = images(20 * BATCH + 7)
+    eager_losses, eager = cuda_epochs(data, cuda_graph=False, precision=precision, epochs=1)
+    compiled_losses, compiled = cuda_epochs(data, cuda_graph=True, precision=precision, epochs=1, compile=True)
+    assert compiled.graph is not None, "the graph was not captured"
+    tolerance = 1e-4 if precision == "fp32" else 1e-2  # bf16: fused kernels round bf16 activations elsewhere
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=tolerance, atol=tolerance)
+    assert_within_adams_step_bound(compiled.model, eager.model, steps=21)
 
 
 def first_bad_steps_of_two_ranks(rank: int, init_file: str, cases: list[tuple[int, int]], results) -> None:
