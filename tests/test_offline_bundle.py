@@ -22,12 +22,31 @@ from tests.synthetic import write_mirror
 SCRIPT = ROOT / "scripts" / "offline-bundle"
 
 
-def bundle_script():
-    """scripts/offline-bundle as a module (it has no .py suffix: it is a command)."""
-    loader = importlib.machinery.SourceFileLoader("offline_bundle", str(SCRIPT))
+def script_module(path: Path):
+    """A script as a module (it has no .py suffix: it is a command)."""
+    loader = importlib.machinery.SourceFileLoader(path.name.replace("-", "_"), str(path))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     loader.exec_module(module)
     return module
+
+
+def distribution(folder: Path, name: str, version: str, *requires: str) -> None:
+    info = folder / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                   + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+
+def test_a_bundled_package_shadows_the_nodes_older_one(tmp_path, monkeypatch):
+    """Seen on an H200 and an H100: the node's certifi is older than databricks-sdk needs, the
+    bundle's is new enough; the bundle comes first on the path, so its certifi is the one imported."""
+    site, node = tmp_path / "site", tmp_path / "node"
+    distribution(site, "databricks_sdk", "0.70.0", "certifi>=2026.10.19", "nowhere-pkg>=1")
+    distribution(site, "certifi", "2026.10.19.post1")
+    distribution(node, "certifi", "2026.7.22")
+    monkeypatch.setattr(sys, "path", [str(site), str(node)])
+    unmet = script_module(ROOT / "scripts" / "gpu-check").unmet_requirements(site)
+    assert unmet == ["databricks_sdk needs nowhere-pkg>=1 (found nothing)"]
 
 
 def build(out: Path, *options: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,7 +54,7 @@ def build(out: Path, *options: str, check: bool = True) -> subprocess.CompletedP
 
 
 def test_what_is_left_out_follows_the_lock():
-    script = bundle_script()
+    script = script_module(SCRIPT)
     lock = script.read_lock(ROOT / "requirements.lock")
     reasons = script.left_out(lock, include=set())
     assert {"torch", "torchvision", "triton", "nvidia-cublas"} <= reasons.keys()
@@ -69,14 +88,14 @@ def test_every_requirement_of_a_python_3_12_bundle_resolves_offline(tmp_path):
         "the sdist-only package was built into a wheel"
     run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:",
          "--target", str(tmp_path / "target"), "--find-links", str(tmp_path / "bundle" / "wheels"),
-         "-r", str(tmp_path / "bundle" / "requirements.txt"), *bundle_script().pip_target_options("3.12", "2.28")],
+         "-r", str(tmp_path / "bundle" / "requirements.txt"), *script_module(SCRIPT).pip_target_options("3.12", "2.28")],
         tmp_path)
 
 
 @pytest.mark.slow
 def test_a_target_without_a_wheel_is_refused_by_name(tmp_path):
     """psycopg-binary ships wheels for glibc 2.17 and newer only, and no sdist."""
-    version = bundle_script().read_lock(ROOT / "requirements.lock")["psycopg-binary"][0]
+    version = script_module(SCRIPT).read_lock(ROOT / "requirements.lock")["psycopg-binary"][0]
     lock = tmp_path / "lock.txt"
     lock.write_text(f"psycopg-binary=={version}\n    # via vae-pipeline (pyproject.toml)\n")
     result = build(tmp_path / "bundle", "--python", "3.12", "--glibc", "2.12", "--lock", str(lock),

@@ -4,10 +4,12 @@ plain loop anyone would write, fed the same batches: the speed-ups must not chan
 import numpy as np
 import pytest
 import torch
+import torch._inductor.async_compile
 import torch.nn.functional as F
 
 from pipeline.model import VAE
 from pipeline.train import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
+from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
 
 SEED, BATCH = 3, 32
@@ -70,7 +72,16 @@ def assert_within_adams_step_bound(ours: VAE, theirs: VAE, steps: int) -> None:
         assert (a - b).abs().max() <= 5e-4 * steps, f"{name} drifted further than Adam's step bound"
 
 
+@pytest.fixture
+def compile_workers_stopped():
+    """torch.compile starts a pool of compile workers (on a machine with many cores) that would live
+    on until pytest exits; a test leaves nothing running."""
+    yield
+    torch._inductor.async_compile.shutdown_compile_workers()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("compile_workers_stopped")
 def test_the_compiled_step_matches_the_eager_step_on_the_cpu():
     """torch.compile fuses the forward and the loss into other kernels, fed the same noise: an
     epoch's losses agree to float rounding (the ragged last batch runs eagerly in both)."""
@@ -151,17 +162,25 @@ def test_the_cuda_graph_step_matches_the_eager_step(monkeypatch, precision):
 
 
 @needs_cuda
+@pytest.mark.usefixtures("compile_workers_stopped")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_compiled_graph_step_matches_the_eager_step(monkeypatch, precision):
+def test_the_compiled_cuda_graph_step_matches_the_eager_step(monkeypatch, precision):
     """The pipeline's default on a GPU, the compiled forward inside the CUDA graph, against the plain
     eager step: other (fused) kernels fed the same noise, so an epoch's losses agree to float
-    rounding and the weights within Adam's step bound."""
+    rounding, and the weights within Adam's step bound.
+
+    In fp32 with cuDNN's TF32 off: TF32 (PyTorch's default for convolutions, in both steps) keeps 10
+    mantissa bits, and one rounding difference upstream then moved an epoch's KL by 1.2e-3 (seen on
+    an H100), which says nothing about whether the compiled step computes the same function. In
+    bf16 the fused kernels round where eager does not; held to the 2% that bf16 training is held to
+    against fp32 (BF16_LOSS_TOLERANCE)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     data = images(20 * BATCH + 7)
     eager_losses, eager = cuda_epochs(data, cuda_graph=False, precision=precision, epochs=1)
     compiled_losses, compiled = cuda_epochs(data, cuda_graph=True, precision=precision, epochs=1, compile=True)
     assert compiled.graph is not None, "the graph was not captured"
-    tolerance = 1e-4 if precision == "fp32" else 1e-2  # bf16: fused kernels round bf16 activations elsewhere
+    tolerance = 1e-4 if precision == "fp32" else BF16_LOSS_TOLERANCE
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=tolerance, atol=tolerance)
     assert_within_adams_step_bound(compiled.model, eager.model, steps=21)
 
