@@ -46,6 +46,26 @@ def has_native_bf16(device: torch.device, flags: set[str] | None = None,
     return bool(NATIVE_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
 
 
+TRITON_CUDA_CAPABILITY = (7, 0)  # Volta and newer: the GPUs Triton writes kernels for
+
+
+def compiles_forward(asked: bool, device: torch.device, world_size: int, capability: tuple[int, int] | None = None,
+                     quiet: bool = False) -> bool:
+    """Whether the training step's forward is compiled (`train.compile`): in one CUDA process whose
+    GPU (of `capability`, this one's if None) Inductor can write Triton kernels for. On a CPU it
+    measured no faster and costs half a minute; under DDP it would need DDP's own graph splitting.
+    A GPU too old for Triton trains uncompiled, and says so (unless `quiet`)."""
+    if not (asked and device.type == "cuda" and world_size == 1):
+        return False
+    capability = capability or torch.cuda.get_device_capability(device)
+    if capability < TRITON_CUDA_CAPABILITY:
+        if not quiet:
+            print(f"note: train.compile is true but this GPU (compute capability {capability[0]}.{capability[1]}) "
+                  "is older than Triton supports (7.0): the step runs uncompiled", file=sys.stderr)
+        return False
+    return True
+
+
 def resolve_precision(spec: str, device: torch.device, native: bool | None = None, quiet: bool = False) -> str:
     """The precision `train.precision` means on `device`: "fp32" or "bf16". `auto` is bf16 where the
     device has it natively (`native`: has_native_bf16's answer unless given). `bf16` asked for on a

@@ -51,6 +51,7 @@ from pipeline.runtime import (
     Ranks,
     barrier,
     check_processes,
+    compiles_forward,
     configure_determinism,
     gather_to_writer,
     join_process_group,
@@ -78,9 +79,7 @@ def train(params: Params) -> None:
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
-    # Compiling gains nothing measurable on a CPU (it costs half a minute there), and under DDP it
-    # would need DDP's own graph splitting: a single CUDA process only.
-    compiles = cfg.compile and device.type == "cuda" and ranks.world_size == 1
+    compiles = compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
     step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
                      loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision, compiles)
     continues_run_id = tracking.run_that_trained(experiment_id, file_sha256(MODEL_FILE)) \

@@ -8,6 +8,7 @@ import torch._inductor.async_compile
 import torch.nn.functional as F
 
 from pipeline.model import VAE
+from pipeline.runtime import compiles_forward
 from pipeline.train import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
 from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
@@ -90,6 +91,21 @@ def test_the_compiled_step_matches_the_eager_step_on_the_cpu():
     compiled_parts, compiled = our_epoch(data, channels_last=True, compile=True)
     torch.testing.assert_close(compiled_parts, eager_parts, rtol=1e-5, atol=1e-5)
     assert_within_adams_step_bound(compiled, eager, steps=7)
+
+
+def test_the_forward_is_compiled_in_one_cuda_process_on_a_gpu_triton_supports(capsys):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compiles_forward(True, cuda, 1, capability=(9, 0))
+    assert compiles_forward(True, cuda, 1, capability=(7, 0))
+    assert not compiles_forward(False, cuda, 1, capability=(9, 0))
+    assert not compiles_forward(True, cpu, 1)
+    assert not compiles_forward(True, cuda, 2, capability=(9, 0))
+    assert capsys.readouterr().err == ""
+    assert not compiles_forward(True, cuda, 1, capability=(6, 1))
+    assert capsys.readouterr().err == ("note: train.compile is true but this GPU (compute capability 6.1) is older "
+                                       "than Triton supports (7.0): the step runs uncompiled\n")
+    assert not compiles_forward(True, cuda, 1, capability=(6, 1), quiet=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_same_seed_gives_bit_identical_weights_on_the_cpu():
