@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 from pipeline.idx import FILES, read_split
 from pipeline.losses import dataset_loss
 from pipeline.model import EVAL_BATCH_SIZE, VAE
-from pipeline.runtime import configure_determinism, has_native_bf16, resolve_device
+from pipeline.runtime import compiles_forward, configure_determinism, has_native_bf16, resolve_device
 from pipeline.train import TrainStep, make_optimizer, train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0
@@ -95,7 +95,7 @@ class Variant:
     """How the pipeline's loop is run; the defaults are what `dvc repro` does."""
 
     name: str
-    compile: bool = True  # as pipeline.train: on CUDA only
+    compile: bool = True  # where pipeline.train compiles (compiles_forward): one CUDA process
     cuda_graph: bool = True
     channels_last: bool = True
     fused_adam: bool = True
@@ -126,7 +126,7 @@ class PipelineLoop:
         optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
         self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, variant.channels_last,
                               cuda_graph=variant.cuda_graph, precision=variant.precision,
-                              compile=variant.compile and device.type == "cuda")
+                              compile=compiles_forward(variant.compile, device, world_size=1))
         self.generator = torch.Generator(device=device).manual_seed(SEED)
 
     def epoch(self) -> float:

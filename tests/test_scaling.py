@@ -59,7 +59,7 @@ def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_wit
 def test_the_readmes_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_path, mirror):
     *_, credentials = readme_blocks(DVC_REMOTE_HEADING)
     project = make_project(tmp_path / "project", mirror)
-    # A secret starting with "-" (1 in 32 of token_urlsafe's), which an option parser takes for an option.
+    # A secret starting with "-" (1 in 64 of token_urlsafe's), which an option parser takes for an option.
     keys = {"AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
             "AWS_SECRET_ACCESS_KEY": "-" + secrets.token_urlsafe(30)}
     printed = run(["bash", "-euo", "pipefail", "-c", credentials], project, env=project_env() | keys).stdout
