@@ -1,15 +1,22 @@
-"""The error type for mistakes a user can fix, and the entry point that reports them cleanly."""
+"""The error type for mistakes a user can fix, and the entry point of every stage, which reports them
+cleanly and stops a stage whose DVC is gone."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 # Under torchrun, where each rank writes its error instead of printing it: the launcher reports
 # the first rank's once, in one line, instead of every rank's line and torchrun's failure dump.
 RANK_ERRORS_VARIABLE = "PIPELINE_RANK_ERRORS"
+# DVC's own variable, set for every stage command it runs (a stage started by hand has none).
+DVC_STAGE_VARIABLE = "DVC_STAGE"
+PARENT_POLL_SECONDS = 0.25
 
 
 class PipelineError(Exception):
@@ -17,6 +24,8 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[[], None]) -> None:
+    if DVC_STAGE_VARIABLE in os.environ:
+        stop_when_orphaned(os.getppid())
     try:
         main()
     except PipelineError as exc:
@@ -29,3 +38,20 @@ def run_stage(main: Callable[[], None]) -> None:
         print("interrupted: the stage's previous outputs are left as they were; `dvc repro` runs it again",
               file=sys.stderr)
         sys.exit(130)  # the shell's status for a process ended by Ctrl-C
+
+
+def stop_when_orphaned(parent: int) -> None:
+    """A stage whose parent is killed outright (`kill -9` of `dvc`, the OOM killer's of torchrun
+    under its ranks, a lost Ray worker's `dvc exp run`) would run on unseen: outputs DVC never
+    records, written outside DVC's lock, beside the next `dvc repro` in the same workspace. Once
+    `parent` is gone the stage stops as Ctrl-C stops it: its previous outputs kept, its checkpoint
+    and its MLflow run (KILLED) left for the next repro to resume."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        # Where SIGINT is ignored (a background job of a script), Python raises no KeyboardInterrupt.
+        interruptible = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        os.kill(os.getpid(), signal.SIGINT if interruptible else signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()

@@ -208,6 +208,29 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
 
 
+def test_training_whose_dvc_is_killed_stops_as_ctrl_c_stops_it_and_the_next_repro_resumes(tmp_path, bigger_mirror,
+                                                                                         uninterrupted, started):
+    """`kill -9` of DVC alone, not its group: the stage left running would write outputs DVC never
+    records, outside its lock, beside the next `dvc repro` in the workspace."""
+    project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
+    proc = started(["dvc", "repro", "train"], project)
+    training = stage_process(proc, "train")
+    read_until(proc, epoch_ended(1))
+    proc.kill()
+    proc.wait(timeout=30)
+    training.wait(timeout=60)
+    assert not (project / "models/model.pt").exists(), "the orphaned stage trained on to the end"
+    assert (project / "models/checkpoint.pt").exists()
+    _, [interrupted] = runs_of(project)
+    assert interrupted.info.status == "KILLED"
+
+    result = run(["dvc", "repro", "train"], project)
+    assert re.search(r"resuming from epoch [1-3] of 4", result.stdout), result.stdout
+    assert (project / "models/model.pt").read_bytes() == (uninterrupted / "models/model.pt").read_bytes()
+    _, [resumed] = runs_of(project)
+    assert resumed.info.run_id == interrupted.info.run_id and resumed.info.status == "FINISHED"
+
+
 def test_more_epochs_continue_a_finished_run_to_the_bytes_of_the_longer_run(tmp_path, bigger_mirror, uninterrupted):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": 2})
     run(["dvc", "exp", "run", "train"], project)

@@ -201,6 +201,23 @@ def test_a_killed_torchrun_run_resumes_each_rank_with_its_own_random_states_to_t
     assert (project / "metrics/history.csv").read_text() == (uninterrupted / "metrics/history.csv").read_text()
 
 
+def test_torchrun_killed_alone_stops_its_ranks_and_the_next_repro_resumes(tmp_path, torchrun_mirror, started):
+    """The OOM killer's SIGKILL of torchrun alone (the train stage, which runs it): its ranks, each
+    in a session of its own, would train on unseen and write the outputs after DVC has failed."""
+    project = make_project(tmp_path / "p", torchrun_mirror, **TORCHRUN | {"mlflow.enabled": False})
+    proc = started(["dvc", "repro", "train"], project)
+    read_until(proc, epoch_ended(1))
+    [torchrun] = [p for p in psutil.Process(proc.pid).children() if "pipeline.train" in p.cmdline()]
+    ranks = torchrun.children()
+    assert len(ranks) == 2, [r.cmdline() for r in ranks]
+    torchrun.kill()
+    _, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, "ranks still running after torchrun was killed"
+    assert not (project / "models/model.pt").exists(), "the ranks trained on to the end"
+    assert (project / "models/checkpoint.pt").exists()
+    assert re.search(r"resuming from epoch [12] of 3", run(["dvc", "repro", "train"], project).stdout)
+
+
 def test_a_mistake_found_inside_the_ranks_is_one_line_and_exit_2_not_torchruns_dump(tmp_path, mirror):
     project = make_project(tmp_path / "p", mirror, **TORCHRUN | {"train.batch_size": 7})
     result = run(["dvc", "repro", "train"], project, check=False)
