@@ -25,6 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tests.conftest import (
     GIT_IDENTITY,
+    ROOT,
     free_port,
     make_project,
     processes_started_by_this_session,
@@ -285,3 +286,31 @@ def test_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(cluste
     stages_left = [p.cmdline() for p in processes_started_by_this_session()
                    if re.search(r"dvc exp run|pipeline\.(train|evaluate|visualize)", " ".join(p.cmdline()))]
     assert not stages_left, f"the cancelled trial's stages still run: {stages_left}"
+
+
+def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():
+    """A Ray worker exits at once when its raylet dies; a trial's `dvc exp run` must not train on
+    without it. Here the worker is a Python process that starts a command as the trial does."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+                               "from pipeline.sweep.trial import tied_to_this_process\n"
+                               "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                               "print(subprocess.Popen(command).pid, flush=True)\n"
+                               "time.sleep(600)\n"],
+        cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    command = psutil.Process(int(worker.stdout.readline()))
+    try:
+        deadline = time.monotonic() + 60
+        while "time.sleep(600)" not in " ".join(command.cmdline()):  # tied, then exec'd
+            assert time.monotonic() < deadline, command.cmdline()
+            time.sleep(0.05)
+        worker.kill()  # the worker alone, not its group, as its raylet's death ends it
+        worker.wait()
+        deadline = time.monotonic() + 30
+        while command.is_running() and command.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the command outlived the worker that started it"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            command.kill()
+        worker.stdout.close()

@@ -31,6 +31,16 @@ from pipeline.provenance import PARENT_RUN_VARIABLE
 
 STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
 
+# Run in place of a command, to tie it to the process that starts it: the kernel sends it SIGTERM
+# when that process dies (PR_SET_PDEATHSIG, kept across exec), then it becomes the command.
+_TIED = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # that process died before the line above
+    sys.exit(128 + signal.SIGTERM)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
@@ -111,7 +121,8 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
     """`dvc exp run`, its output read as it comes for the stage and epoch it is at; a cancelled
     task (Ctrl-C on the driver) interrupts it as Ctrl-C would, so its run ends KILLED."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
             tail.append(line)
@@ -125,6 +136,16 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
         raise
     if proc.returncode != 0:
         raise TrialFailed(name, _reason(list(tail), proc.returncode))
+
+
+def tied_to_this_process(args: list[str]) -> list[str]:
+    """`args` as a command that ends when this process does, killed or not. A Ray worker whose
+    raylet dies exits at once, and its `dvc exp run` would train on, unseen, into the MLflow run the
+    retry has marked FAILED; tied, DVC ends, and its stage with it (pipeline.errors.run_stage).
+    On Linux, where Ray clusters run; elsewhere `args` as they are."""
+    if sys.platform != "linux":
+        return args
+    return [sys.executable, "-c", _TIED, str(os.getpid()), *args]
 
 
 def _reason(lines: list[str], returncode: int) -> str:
