@@ -291,13 +291,13 @@ def test_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(cluste
 def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():
     """A Ray worker exits at once when its raylet dies; a trial's `dvc exp run` must not train on
     without it. Here the worker is a Python process that starts a command as the trial does."""
-    worker = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys, time\n"
-                               "from pipeline.sweep.trial import tied_to_this_process\n"
-                               "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-                               "print(subprocess.Popen(command).pid, flush=True)\n"
-                               "time.sleep(600)\n"],
-        cwd=ROOT, env=project_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker_code = ("import subprocess, sys, time\n"
+                   "from pipeline.sweep.trial import tied_to_this_process\n"
+                   "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                   "print(subprocess.Popen(command).pid, flush=True)\n"
+                   "time.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, "-c", worker_code], cwd=ROOT, env=project_env(),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     command = psutil.Process(int(worker.stdout.readline()))
     try:
         deadline = time.monotonic() + 60
