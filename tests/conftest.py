@@ -318,6 +318,19 @@ def epoch_ended(n: int) -> str:
     return rf"^epoch {n}/\d+  train_"
 
 
+def stage_process(dvc: subprocess.Popen, stage: str, timeout: float = 120) -> psutil.Process:
+    """The `python -m pipeline.<stage>` process that `dvc` started (its child: the shell
+    DVC runs a stage's command in execs it), once it runs; not the ranks torchrun starts under it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(dvc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if f"pipeline.{stage}" in child.cmdline():
+                    return child
+        time.sleep(0.05)
+    raise AssertionError(f"DVC did not start the {stage} stage within {timeout} s")
+
+
 def read_until(proc: subprocess.Popen, pattern: str) -> str:
     seen = ""
     for line in proc.stdout:

@@ -5,7 +5,6 @@ marks every output persist), nothing half-written appears, and interrupted train
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -36,6 +34,7 @@ from tests.conftest import (
     read_until,
     run,
     runs_of,
+    stage_process,
     stages_run,
 )
 from tests.synthetic import write_mirror
@@ -76,18 +75,6 @@ def finish(proc: subprocess.Popen, seen: str, timeout: float = 300) -> tuple[int
     """Wait for `proc`; its exit status and everything it printed."""
     seen += proc.stdout.read()
     return proc.wait(timeout=timeout), seen
-
-
-def stage_process(dvc: subprocess.Popen, stage: str, timeout: float = 120) -> psutil.Process:
-    """The `python -m pipeline.<stage>` process that `dvc` started, once it runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in psutil.Process(dvc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if f"pipeline.{stage}" in child.cmdline():
-                    return child
-        time.sleep(0.05)
-    raise AssertionError(f"DVC did not start the {stage} stage within {timeout} s")
 
 
 # --- the download stage: a bad mirror -------------------------------------------------------------

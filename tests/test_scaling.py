@@ -29,6 +29,7 @@ from tests.conftest import (
     readme_blocks,
     run,
     serve_mlflow,
+    stage_process,
     stages_run,
 )
 from tests.synthetic import write_mirror
@@ -207,7 +208,7 @@ def test_torchrun_killed_alone_stops_its_ranks_and_the_next_repro_resumes(tmp_pa
     project = make_project(tmp_path / "p", torchrun_mirror, **TORCHRUN | {"mlflow.enabled": False})
     proc = started(["dvc", "repro", "train"], project)
     read_until(proc, epoch_ended(1))
-    [torchrun] = [p for p in psutil.Process(proc.pid).children() if "pipeline.train" in p.cmdline()]
+    torchrun = stage_process(proc, "train")
     ranks = torchrun.children()
     assert len(ranks) == 2, [r.cmdline() for r in ranks]
     torchrun.kill()
