@@ -3,6 +3,7 @@ cleanly and stops a stage whose DVC is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -10,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 # Under torchrun, where each rank writes its error instead of printing it: the launcher reports
 # the first rank's once, in one line, instead of every rank's line and torchrun's failure dump.
@@ -25,7 +28,7 @@ class PipelineError(Exception):
 
 def run_stage(main: Callable[[], None]) -> None:
     if DVC_STAGE_VARIABLE in os.environ:
-        stop_when_orphaned(os.getppid())
+        stop_when_orphaned(lineage_up_to_dvc())
     try:
         main()
     except PipelineError as exc:
@@ -40,15 +43,35 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(130)  # the shell's status for a process ended by Ctrl-C
 
 
-def stop_when_orphaned(parent: int) -> None:
-    """A stage whose parent is killed outright (`kill -9` of `dvc`, the OOM killer's of torchrun
-    under its ranks, a lost Ray worker's `dvc exp run`) would run on unseen: outputs DVC never
-    records, written outside DVC's lock, beside the next `dvc repro` in the same workspace. Once
-    `parent` is gone the stage stops as Ctrl-C stops it: its previous outputs kept, its checkpoint
-    and its MLflow run (KILLED) left for the next repro to resume."""
+def lineage_up_to_dvc() -> list[int]:
+    """The pids from this process's parent up to DVC's own, the first without DVC's variable (DVC
+    sets it for the command only): between them the shell DVC runs the command in where it does not
+    exec it (dash, DVC's /bin/sh when SHELL is unset), and torchrun above its ranks."""
+    lineage = []
+    with contextlib.suppress(psutil.Error):
+        for parent in psutil.Process().parents():
+            lineage.append(parent.pid)
+            if DVC_STAGE_VARIABLE not in parent.environ():
+                return lineage
+    return lineage[:1] or [os.getppid()]
+
+
+def stop_when_orphaned(lineage: list[int]) -> None:
+    """A stage whose DVC (or torchrun, or the shell between) is killed outright (`kill -9` of
+    `dvc`, the OOM killer's of torchrun under its ranks, a lost Ray worker's `dvc exp run`) would
+    run on unseen: outputs DVC never records, written outside DVC's lock, beside the next `dvc repro`
+    in the same workspace. Once a process of `lineage` is gone (its child is then reparented) the
+    stage stops as Ctrl-C stops it: its previous outputs kept, its checkpoint and its MLflow run
+    (KILLED) left for the next repro to resume."""
+
+    def intact() -> bool:
+        try:
+            return [os.getppid(), *(psutil.Process(pid).ppid() for pid in lineage[:-1])] == lineage
+        except psutil.NoSuchProcess:
+            return False
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while intact():
             time.sleep(PARENT_POLL_SECONDS)
         # Where SIGINT is ignored (a background job of a script), Python raises no KeyboardInterrupt.
         interruptible = signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -319,14 +319,20 @@ def epoch_ended(n: int) -> str:
 
 
 def stage_process(dvc: subprocess.Popen, stage: str, timeout: float = 120) -> psutil.Process:
-    """The `python -m pipeline.<stage>` process that `dvc` started (its child: the shell
-    DVC runs a stage's command in execs it), once it runs; not the ranks torchrun starts under it."""
+    """The `python -m pipeline.<stage>` process that `dvc` started, once it runs: DVC's child where
+    its shell execs the command (bash), its grandchild where it does not (dash, DVC's /bin/sh when
+    SHELL is unset); torchrun's, not the ranks below it, under torchrun."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in psutil.Process(dvc.pid).children():
-            with contextlib.suppress(psutil.Error):
-                if f"pipeline.{stage}" in child.cmdline():
-                    return child
+        with contextlib.suppress(psutil.Error):
+            runs_stage = {}
+            for process in psutil.Process(dvc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if f"pipeline.{stage}" in process.cmdline():
+                        runs_stage[process.pid] = process
+            for process in runs_stage.values():
+                if process.ppid() not in runs_stage:
+                    return process
         time.sleep(0.05)
     raise AssertionError(f"DVC did not start the {stage} stage within {timeout} s")
 
