@@ -28,7 +28,7 @@ class PipelineError(Exception):
 
 def run_stage(main: Callable[[], None]) -> None:
     if DVC_STAGE_VARIABLE in os.environ:
-        stop_when_orphaned(lineage_up_to_dvc())
+        stop_when_orphaned([process.pid for process in lineage_up_to_dvc()] or [os.getppid()])
     try:
         main()
     except PipelineError as exc:
@@ -43,17 +43,18 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(130)  # the shell's status for a process ended by Ctrl-C
 
 
-def lineage_up_to_dvc() -> list[int]:
-    """The pids from this process's parent up to DVC's own, the first without DVC's variable (DVC
+def lineage_up_to_dvc() -> list[psutil.Process]:
+    """The processes from this one's parent up to DVC's own, the first without DVC's variable (DVC
     sets it for the command only): between them the shell DVC runs the command in where it does not
-    exec it (dash, DVC's /bin/sh when SHELL is unset), and torchrun above its ranks."""
+    exec it (dash, DVC's /bin/sh when SHELL is unset), and torchrun above its ranks. Empty where
+    that cannot be told (a parent gone or unreadable)."""
     lineage = []
     with contextlib.suppress(psutil.Error):
         for parent in psutil.Process().parents():
-            lineage.append(parent.pid)
+            lineage.append(parent)
             if DVC_STAGE_VARIABLE not in parent.environ():
                 return lineage
-    return lineage[:1] or [os.getppid()]
+    return []
 
 
 def stop_when_orphaned(lineage: list[int]) -> None:

@@ -9,6 +9,7 @@ every run)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,7 @@ import torch
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import atomic, provenance
+from pipeline.errors import DVC_STAGE_VARIABLE, lineage_up_to_dvc
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import (
@@ -50,14 +52,12 @@ class Record:
 def execution() -> str | None:
     """This stage's pipeline execution as `pid-start time` of the DVC process that runs it; None
     when the stage was started by hand (it is then an execution of its own)."""
-    if "DVC_STAGE" not in os.environ:
+    lineage = lineage_up_to_dvc() if DVC_STAGE_VARIABLE in os.environ else []
+    if not lineage:
         return None
-    try:
-        for parent in psutil.Process().parents():
-            if "DVC_STAGE" not in parent.environ():
-                return f"{parent.pid}-{parent.create_time()}"
-    except psutil.Error:
-        pass
+    dvc = lineage[-1]
+    with contextlib.suppress(psutil.Error):
+        return f"{dvc.pid}-{dvc.create_time()}"
     return None
 
 
