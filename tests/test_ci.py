@@ -3,8 +3,10 @@ two-commit change, and the GitHub Actions workflow that runs them, checked again
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,3 +78,40 @@ def test_the_workflow_runs_the_readmes_set_up_and_tests_then_the_check_and_the_r
     text = WORKFLOW.read_text()
     for step in (set_up, tests, ".ci/reproducibility-check", "scripts/ci-report", "cml comment"):
         assert step in text, step
+
+
+def path_without(tmp_path: Path, *hidden: str) -> str:
+    """A PATH of links to every program on this one but `hidden`: a machine where they are absent."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for program in Path(directory).glob("*") if Path(directory).is_dir() else []:
+            link = folder / program.name
+            if program.name not in hidden and not link.exists() and os.access(program, os.X_OK):
+                link.symlink_to(program)
+    return str(folder)
+
+
+def debian_package(program: str) -> str | None:
+    """The Debian package that holds `program` on PATH (None where none does)."""
+    path = shutil.which(program)
+    owner = path and subprocess.run(["dpkg", "-S", os.path.realpath(path)], capture_output=True, text=True)
+    return owner.stdout.split(":")[0] if owner and owner.returncode == 0 else None
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None or os.geteuid() != 0, reason="needs apt-get, as root")
+@pytest.mark.skipif(debian_package("node") is None or debian_package("node") != debian_package("npm"),
+                    reason="needs Node.js whose Debian package holds its own npm, as this image's does")
+def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_debians_npm(tmp_path):
+    """A fresh machine of this image: Node.js with its own npm, no Chromium. Debian's npm package
+    conflicts with that Node.js, and asking for it made apt refuse the whole line."""
+    env = dict(os.environ, PATH=path_without(tmp_path, "chromium", "chromedriver"))
+    result = subprocess.run([str(ROOT / ".ci/system-packages"), "--simulate"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    asked = re.search(r"^system packages: installing (.*)$", result.stdout, re.M).group(1).split()
+    assert {"chromium", "chromium-driver"} <= set(asked), asked
+    assert "npm" not in asked, asked
+    installed = re.findall(r"^Inst (\S+)", result.stdout, re.M)
+    assert {"chromium", "chromium-driver"} <= set(installed), result.stdout
+    assert not {"npm", "nodejs"} & set(installed), result.stdout
