@@ -1,4 +1,6 @@
-"""The whole pipeline, as a user runs it: real `dvc repro` in a real git repo, a real MLflow store."""
+"""The whole pipeline, as a user runs it: real `dvc repro` in a real git repo, a real MLflow store.
+The tests that only read the one reproduced project are the quick tier's end-to-end run; those
+that reproduce projects of their own are slow."""
 
 import csv
 import json
@@ -11,8 +13,6 @@ import yaml
 
 from pipeline.visualize import FIGURE_COUNT
 from tests.conftest import EPOCHS, edit_params, run, stages_run
-
-pytestmark = pytest.mark.slow
 
 
 def client_for(project) -> mlflow.MlflowClient:
@@ -130,6 +130,7 @@ def edited(project) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(edited):
     edit_params(edited, **{"visualize.num_images": 6})
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["visualize"]
@@ -153,6 +154,7 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(edited):
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["check"], "where results are logged changes none"
 
 
+@pytest.mark.slow
 def test_a_code_edit_reruns_exactly_the_stages_whose_results_it_can_change(edited):
     def touch(module: str) -> list[str]:
         with open(edited / "pipeline" / module, "a") as fh:
@@ -164,6 +166,7 @@ def test_a_code_edit_reruns_exactly_the_stages_whose_results_it_can_change(edite
     assert touch("losses.py") == ["train", "evaluate"]
 
 
+@pytest.mark.slow
 def test_a_latent_space_above_two_dimensions_is_shown_in_its_principal_plane(project):
     edit_params(project, **{"model.latent_dim": 5, "mlflow.enabled": False})
     run(["dvc", "repro"], project)
