@@ -1,6 +1,6 @@
-"""The code's shape: six stage modules side by side, none importing another, and each stage's DVC
+"""The code's shape: six stage modules side by side, none importing another, each stage's DVC
 deps naming exactly the shared modules it imports, directly or through another, that can change its
-outputs."""
+outputs, and no module that would not import on macOS or Windows."""
 
 import ast
 from pathlib import Path
@@ -53,3 +53,28 @@ def test_each_stage_depends_on_exactly_the_shared_code_that_shapes_its_outputs()
         code_deps = {Path(dep).stem for dep in stage["deps"] if dep.startswith("pipeline/")}
         shaping = shaping_imports(name)
         assert code_deps == {name} | shaping, f"dvc.yaml stage {name}: deps {sorted(code_deps)}"
+
+
+# Standard modules that exist on Unix alone (fcntl, resource, ...) or on Linux alone.
+NOT_ON_WINDOWS = {"fcntl", "termios", "tty", "pty", "resource", "pwd", "grp", "syslog", "posix", "crypt"}
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The top-level names of the modules `path` imports when it is imported (not inside a function)."""
+    names, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            todo += ast.iter_child_nodes(node)
+    return names
+
+
+def test_no_module_imports_a_unix_only_module_when_it_is_imported():
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        unix_only = module_level_imports(path) & NOT_ON_WINDOWS
+        assert not unix_only, f"{path.relative_to(ROOT)} imports {sorted(unix_only)}: import it where it is used, " \
+                              "behind a check of the OS"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -142,10 +143,17 @@ def tied_to_this_process(args: list[str]) -> list[str]:
     """`args` as a command that ends when this process does, killed or not. A Ray worker whose
     raylet dies exits at once, and its `dvc exp run` would train on, unseen, into the MLflow run the
     retry has marked FAILED; tied, DVC ends, and its stage with it (pipeline.errors.run_stage).
-    On Linux, where Ray clusters run; elsewhere `args` as they are."""
+    On Linux, where Ray clusters run; elsewhere `args` as they are, said once."""
     if sys.platform != "linux":
+        _say_untied()
         return args
     return [sys.executable, "-c", _TIED, str(os.getpid()), *args]
+
+
+@functools.cache
+def _say_untied() -> None:
+    print(f"note: on {sys.platform} a trial is not tied to its Ray worker (Linux's PR_SET_PDEATHSIG): "
+          "a trial whose worker is killed trains on until it finishes", file=sys.stderr)
 
 
 def _reason(lines: list[str], returncode: int) -> str:

@@ -4,12 +4,12 @@ before any long work, with a login that may log runs to its experiment."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+from filelock import FileLock
 from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -133,12 +133,8 @@ def _store_lock(uri: str):
         return
     database = Path(uri[len("sqlite:///"):])
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(database.with_name(database.name + ".lock")):
+        yield
 
 
 def _experiment_id(name: str, uri: str) -> str:
