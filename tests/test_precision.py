@@ -1,6 +1,7 @@
 """`train.precision`: which devices `auto` trains in bf16 on, the notice where bf16 is not native,
 and what bf16 training does to the weights and losses (tests/test_faults.py runs it through DVC)."""
 
+import re
 import shutil
 import subprocess
 
@@ -10,7 +11,8 @@ import torch
 
 from pipeline.losses import dataset_loss
 from pipeline.model import VAE
-from pipeline.runtime import has_native_bf16, resolve_precision
+from pipeline import runtime
+from pipeline.runtime import bf16_slowdown_on_cpu, has_native_bf16, resolve_precision
 from pipeline.train import TrainStep, make_optimizer, train_epoch
 from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
@@ -63,10 +65,27 @@ def test_bf16_without_native_support_runs_and_says_so_once(capsys, spec, native,
     out, err = capsys.readouterr()
     assert out == ""
     if notice:
-        assert err == ("note: train.precision is bf16 but this CPU (no AVX512_BF16 or AMX) has no native bf16: "
-                       "it runs, likely slower than fp32; train.precision auto picks the faster one\n")
+        assert re.fullmatch(r"note: train.precision is bf16 but this CPU \(no AVX512_BF16 or AMX\) has no native "
+                            r"bf16: a convolution of this model's size measured \d+\.\dx slower than in fp32 here; "
+                            r"train.precision auto picks fp32\n", err), err
     else:
         assert err == ""
+
+
+def test_the_measured_slowdown_draws_no_random_numbers():
+    before = torch.random.get_rng_state()
+    assert bf16_slowdown_on_cpu() > 0
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("spec", ["auto", "bf16"])
+def test_an_os_without_cpu_flags_trains_auto_in_fp32_and_says_so_once(capsys, monkeypatch, tmp_path, spec):
+    monkeypatch.setattr(runtime, "CPUINFO", tmp_path / "no-cpuinfo")  # macOS and Windows have none
+    assert resolve_precision(spec, CPU) == ("fp32" if spec == "auto" else "bf16")
+    notes = capsys.readouterr().err.splitlines()
+    assert notes[0] == ("note: this OS does not tell which CPU features there are (Linux's /proc/cpuinfo), so the "
+                        "CPU counts as without native bf16")
+    assert len(notes) == (1 if spec == "auto" else 2)
 
 
 def test_the_notice_is_left_to_the_first_rank(capsys):
