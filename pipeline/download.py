@@ -14,16 +14,14 @@ import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torchvision
-from torchvision.datasets.utils import download_url
-
 from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError, run_stage
 from pipeline.idx import FILES, IdxError, read_split
 from pipeline.params import load_params
 from pipeline.paths import RAW_DIR, from_root
 
-DATASETS = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}
+# data.dataset -> torchvision's class, imported only for a download: torchvision takes seconds to import
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 NETWORK_TIMEOUT_S = 30
 
 
@@ -31,8 +29,11 @@ class DownloadError(PipelineError):
     """The data could not be fetched: unreachable mirror, missing file, checksum mismatch."""
 
 
-def fetch_official(dataset_cls, dest: Path) -> None:
-    """torchvision's download, which tries each of `dataset_cls.mirrors` and checks each MD5."""
+def fetch_official(dataset: str, dest: Path) -> None:
+    """torchvision's download, which tries each of the dataset class's mirrors and checks each MD5."""
+    import torchvision
+
+    dataset_cls = getattr(torchvision.datasets, DATASETS[dataset])
     work = dest / "torchvision"
     try:
         dataset = dataset_cls(root=work, train=True, download=True)
@@ -67,6 +68,8 @@ def _copy_one(folder: Path, name: str, dest: Path) -> Path:
 
 
 def _download_one(base_url: str, name: str, dest: Path) -> Path:
+    from torchvision.datasets.utils import download_url
+
     for filename in (f"{name}.gz", name):
         url = f"{base_url}/{filename}"
         print(f"downloading {url}", flush=True)
@@ -95,7 +98,7 @@ def download(dataset: str, mirror: str | None, target: Path = RAW_DIR) -> None:
     """Fetch into a staging folder, check every file, then swap it in: a failure leaves nothing partial."""
     with atomic_dir(target) as staging:
         if mirror is None:
-            fetch_official(DATASETS[dataset], staging)
+            fetch_official(dataset, staging)
         else:
             fetch_mirror(mirror, staging)
         for split in ("train", "test"):

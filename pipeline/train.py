@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed.elastic.multiprocessing.errors
 import torch.distributed.run
-import torchvision
 
 from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
@@ -365,6 +364,8 @@ def report_epoch(tracked: tracking.TrackedRun, row: dict, seconds: float, model:
 @torch.no_grad()
 def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
     """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
+    import torchvision  # here, for a tracked run only: its import costs seconds
+
     x = to_input(images)
     grid = torchvision.utils.make_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x), padding=2, pad_value=1.0)
     return (grid[0] * 255).round().to(torch.uint8).cpu().numpy()

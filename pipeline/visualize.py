@@ -22,7 +22,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline import atomic, tracking  # noqa: E402
@@ -45,9 +44,22 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def tile(images: torch.Tensor, cols: int, padding: int = 2) -> torch.Tensor:
+    """(N, 1, H, W) images as one (H', W') image, `cols` to a row, white `padding` between and around
+    (torchvision's make_grid, whose import alone costs this stage seconds)."""
+    n, _, height, width = images.shape
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    grid = images.new_ones(rows * (height + padding) + padding, cols * (width + padding) + padding)
+    for i, image in enumerate(images[:, 0]):
+        top, left = (i // cols) * (height + padding) + padding, (i % cols) * (width + padding) + padding
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
 def image_grid(images: torch.Tensor, cols: int, title: str):
     """One figure of the images tiled `cols` to a row."""
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=cols, padding=2, pad_value=1.0)[0]
+    grid = tile(images.cpu(), cols)
     rows = -(-len(images) // cols)
     fig, ax = plt.subplots(figsize=(max(4.0, cols * 0.6), rows * 0.6 + 0.5))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1)

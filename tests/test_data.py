@@ -10,7 +10,7 @@ import pytest
 import torchvision
 
 from pipeline.data_parts import load_part
-from pipeline.download import DATASETS, DownloadError, download
+from pipeline.download import DownloadError, download
 from pipeline.idx import FILES, IdxError, read_idx, read_pair, write_idx
 from pipeline.split import split
 from tests.synthetic import write_mirror
@@ -91,7 +91,7 @@ class _LocalMNIST(torchvision.datasets.MNIST):
 def test_official_path_runs_torchvision_download_and_checks_md5(tmp_path, http_server, monkeypatch):
     mirror = write_mirror(tmp_path / "mirror", n_train=30, n_test=10)
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in mirror.iterdir()}
-    monkeypatch.setitem(DATASETS, "mnist", _LocalMNIST)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _LocalMNIST)
     monkeypatch.setattr(_LocalMNIST, "mirrors", [http_server(mirror) + "/"])
     monkeypatch.setattr(_LocalMNIST, "resources", [(f + ".gz", md5[f + ".gz"]) for f in FILES.values()])
     download("mnist", None, tmp_path / "raw")

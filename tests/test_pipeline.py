@@ -186,3 +186,14 @@ def test_latent_plane_is_the_axes_in_2d_and_orthonormal_principal_axes_above():
     origin, axes = latent_plane(means)
     torch.testing.assert_close(axes @ axes.T, torch.eye(2), atol=1e-5, rtol=0)
     assert axes[0].abs().argmax() == 0 and axes[1].abs().argmax() == 3, "the two directions of largest spread"
+
+
+@pytest.mark.parametrize("count, cols", [(10, 10), (16, 4), (7, 3), (3, 10)])
+def test_the_figures_tile_images_as_torchvisions_make_grid_does(count, cols):
+    import torch
+    import torchvision
+
+    from pipeline.visualize import tile
+
+    images = torch.rand(count, 1, 28, 28)
+    assert torch.equal(tile(images, cols), torchvision.utils.make_grid(images, nrow=cols, padding=2, pad_value=1.0)[0])
