@@ -38,7 +38,7 @@ from pipeline.idx import FILES, read_split
 from pipeline.losses import dataset_loss
 from pipeline.model import EVAL_BATCH_SIZE, VAE
 from pipeline.runtime import compiles_forward, configure_determinism, has_native_bf16, resolve_device
-from pipeline.train import TrainStep, make_optimizer, train_epoch
+from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0
 
@@ -124,7 +124,8 @@ class PipelineLoop:
         if variant.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
-        self.step = TrainStep(self.model, optimizer, train_images.to(device), BATCH, variant.channels_last,
+        self.step = TrainStep(self.model, optimizer, train_images.to(device), batch_size=BATCH,
+                              channels_last=variant.channels_last,
                               cuda_graph=variant.cuda_graph, precision=variant.precision,
                               compile=compiles_forward(variant.compile, device, world_size=1))
         self.generator = torch.Generator(device=device).manual_seed(SEED)

@@ -23,12 +23,12 @@ import torch
 from pipeline.data_parts import load_part
 from pipeline.download import download
 from pipeline.evaluate import evaluate
-from pipeline.losses import dataset_loss, loss_function
+from pipeline.losses import dataset_loss
 from pipeline.model import VAE
 from pipeline.params import EvaluateParams, Params, TrainParams
 from pipeline.runtime import resolve_device
 from pipeline.split import split
-from pipeline.train import TrainStep, make_optimizer, train_epoch
+from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 
 def seconds(work, device: torch.device) -> float:
@@ -63,13 +63,12 @@ def main() -> None:
     torch.manual_seed(params.seed)
     model = VAE().to(device).to(memory_format=torch.channels_last)
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    loss = loss_function(cfg)
-    step = TrainStep(model, make_optimizer(model, cfg.learning_rate, device), train_images, cfg.batch_size,
-                     cfg.channels_last, loss, cuda_graph=cfg.cuda_graph)
+    step = TrainStep.from_params(cfg, model, make_optimizer(model, cfg.learning_rate, device), train_images,
+                                 precision="fp32", compile=False)
 
     def one_epoch() -> None:
         train_epoch(step, generator)
-        dataset_loss(model, val_images, cfg.channels_last, loss).tolist()
+        dataset_loss(model, val_images, cfg.channels_last, step.loss).tolist()
 
     epoch_s = seconds(one_epoch, device)
     print(f"one training epoch ({len(train_images):,} + {len(val_images):,} validation images): {epoch_s:.1f} s",

@@ -7,7 +7,6 @@ checkpoint is written atomically at every epoch end, so a killed run resumes whe
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -17,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +27,7 @@ import torch.distributed.run
 from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
 from pipeline.errors import RANK_ERRORS_VARIABLE, PipelineError, run_stage
-from pipeline.losses import LOSS_NAMES, LossParts, dataset_loss, loss_function, vae_loss
+from pipeline.losses import LOSS_NAMES, dataset_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.model_files import (
     file_sha256,
@@ -58,6 +56,7 @@ from pipeline.runtime import (
     resolve_device,
     resolve_precision,
 )
+from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
 
@@ -79,8 +78,8 @@ def train(params: Params) -> None:
     fingerprint = training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
     compiles = compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
-    step = TrainStep(state.step_model, state.optimizer, data.train, cfg.batch_size, cfg.channels_last,
-                     loss_function(cfg), ranks.rank, ranks.world_size, cfg.cuda_graph, precision, compiles)
+    step = TrainStep.from_params(cfg, state.step_model, state.optimizer, data.train, precision=precision,
+                                 compile=compiles, rank=ranks.rank, world_size=ranks.world_size)
     continues_run_id = tracking.run_that_trained(experiment_id, file_sha256(MODEL_FILE)) \
         if state.continued and experiment_id is not None and MODEL_FILE.exists() else None
     tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
@@ -205,141 +204,6 @@ def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: Tra
     if not ranks.writer:
         return None
     return history_row(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
-
-
-WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> the forward pass's autocast dtype
-
-
-class TrainStep:
-    """One optimisation step on a batch of image indices, with the epoch's bookkeeping (the loss
-    sums, the first step whose loss was not finite) kept on the device: nothing here waits for the GPU.
-
-    With `cuda_graph` (CUDA, one process) a full batch replays one CUDA graph of the whole step
-    (gather, forward, loss, backward, Adam, bookkeeping): one launch instead of about a hundred
-    small kernels that the GPU would otherwise wait on Python for. The first WARMUP_STEPS full
-    batches of the run are ordinary steps that set up what a capture must find in place (cuDNN's
-    and cuBLAS's workspaces, Adam's state); the graph is captured once and replayed every epoch; a
-    ragged last batch runs eagerly. The optimizer must be capturable (`make_optimizer`).
-
-    Under DistributedDataParallel every rank takes every world_size-th image of each global batch
-    and weights its loss by its share, so the averaged gradient is the global batch's.
-
-    In bf16 `precision` the forward pass runs under autocast (convolutions and linear layers in
-    bf16); the loss, the gradients' accumulation into fp32 weights and Adam stay fp32."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                 batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
-                 cuda_graph: bool = False, precision: str = "fp32", compile: bool = False):
-        device = images.device
-        self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
-        self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
-        self.autocast = AUTOCAST_DTYPES[precision]
-        self.latent_dim = getattr(model, "module", model).config["latent_dim"]  # the model, or the one DDP wraps
-        self.sums = torch.zeros(3, device=device)
-        self.first_bad_step = torch.full((), -1, device=device)
-        self.steps = torch.zeros((), dtype=torch.long, device=device)
-        self.uses_graph = cuda_graph and device.type == "cuda" and world_size == 1
-        self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
-        self.warmup_left = WARMUP_STEPS
-        self.graph: torch.cuda.CUDAGraph | None = None
-        # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
-        # gradients) and the loss; a full batch is always one shape, so it compiles once.
-        self.compiled_losses = torch.compile(self.losses) if compile else None
-
-    def start_epoch(self) -> None:
-        self.sums.zero_()
-        self.first_bad_step.fill_(-1)
-        self.steps.zero_()
-
-    def __call__(self, index: torch.Tensor) -> None:
-        if len(index) < self.batch_size:
-            self.run(index, self.losses)  # the ragged last batch: eager, not a second compiled shape
-            return
-        if not self.uses_graph:
-            self.run(index)
-            return
-        self.batch.copy_(index)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.warmup_left > 0:
-            self.warmup_left -= 1
-            side = torch.cuda.Stream()  # warm up off the default stream, as capture runs off it too
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.run(self.batch)
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.run(self.batch)
-            self.graph.replay()  # capturing records the step without running it
-
-    def losses(self, images: torch.Tensor, noise: torch.Tensor) -> LossParts:
-        """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass."""
-        x = to_input(images, self.channels_last)
-        # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
-        with torch.autocast(x.device.type, self.autocast, cache_enabled=False) if self.autocast \
-                else contextlib.nullcontext():
-            output = self.model(x, noise)
-        return self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
-
-    def run(self, index: torch.Tensor, losses: Callable | None = None) -> None:
-        """The step itself, as plain PyTorch (the forward compiled if asked)."""
-        images = self.images[index[self.rank :: self.world_size]]
-        # Drawn here, outside what is compiled, so a compiled and an eager step see the same noise.
-        noise = torch.randn(len(images), self.latent_dim, device=images.device, dtype=self.autocast or torch.float32)
-        parts = (losses or self.compiled_losses or self.losses)(images, noise)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
-            (parts.total * (len(images) * self.world_size / len(index))).backward()
-        else:
-            parts.total.backward()
-        self.optimizer.step()
-        self.sums += torch.stack(parts).detach() * len(images)
-        bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
-        self.steps += 1
-
-
-def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device,
-                   fused: bool = True) -> torch.optim.Adam:
-    """The reference's Adam. On CUDA it keeps its step count on the GPU (`capturable`), so a CUDA
-    graph can hold the update, and by default updates every weight in one fused kernel."""
-    if device.type != "cuda":
-        return torch.optim.Adam(model.parameters(), lr=learning_rate)
-    return torch.optim.Adam(model.parameters(), lr=learning_rate, capturable=True, fused=fused)
-
-
-def train_epoch(step: TrainStep, generator: torch.Generator, advance: Callable[[int], None] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over the step's images in a seeded order. Returns the mean loss parts and the first
-    step whose loss was not finite (-1 if none), both still on the device. `advance(n)` hears of
-    each step's n images (for a progress bar).
-
-    Under DistributedDataParallel every rank draws the same permutation, so the batches, and the
-    order the model sees the data in, are those of a single process."""
-    n = len(step.images)
-    order = torch.randperm(n, generator=generator, device=step.images.device)
-    step.start_epoch()
-    for start in range(0, n, step.batch_size):
-        step(order[start : start + step.batch_size])
-        if advance is not None:
-            advance(min(step.batch_size, n - start))
-    sums, first_bad_step = step.sums.clone(), step.first_bad_step.clone()
-    if step.world_size > 1:
-        torch.distributed.all_reduce(sums)
-        first_bad_step = earliest_over_ranks(first_bad_step)
-    return sums / n, first_bad_step
-
-
-def earliest_over_ranks(first_bad_step: torch.Tensor) -> torch.Tensor:
-    """The earliest of the ranks' first bad steps (-1: none on any rank)."""
-    none = torch.iinfo(first_bad_step.dtype).max
-    earliest = torch.where(first_bad_step < 0, none, first_bad_step)
-    torch.distributed.all_reduce(earliest, torch.distributed.ReduceOp.MIN)
-    return torch.where(earliest == none, -1, earliest)
 
 
 def history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:

@@ -55,6 +55,29 @@ def test_each_stage_depends_on_exactly_the_shared_code_that_shapes_its_outputs()
         assert code_deps == {name} | shaping, f"dvc.yaml stage {name}: deps {sorted(code_deps)}"
 
 
+
+def top_level_names(path: Path) -> set[str]:
+    """The classes, functions and constants `path` defines at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    return names
+
+
+def test_benchmarks_and_tests_take_the_training_step_from_its_own_module():
+    """`pipeline.train` imports the step too, so `from pipeline.train import TrainStep` would work;
+    it would also tie the benchmarks to a stage module that changes for other reasons."""
+    step_names = top_level_names(ROOT / "pipeline" / "step.py")
+    for path in sorted([*(ROOT / "bench").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in STAGES:
+                wrong = {alias.name for alias in node.names} & step_names
+                assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)} from {node.module}: " \
+                                  "import it from pipeline.step"
+
 # Standard modules that exist on Unix alone (fcntl, resource, ...) or on Linux alone.
 NOT_ON_WINDOWS = {"fcntl", "termios", "tty", "pty", "resource", "pwd", "grp", "syslog", "posix", "crypt"}
 

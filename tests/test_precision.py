@@ -13,7 +13,7 @@ from pipeline.losses import dataset_loss
 from pipeline.model import VAE
 from pipeline import runtime
 from pipeline.runtime import bf16_slowdown_on_cpu, has_native_bf16, resolve_precision
-from pipeline.train import TrainStep, make_optimizer, train_epoch
+from pipeline.step import TrainStep, make_optimizer, train_epoch
 from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
 
@@ -101,7 +101,8 @@ def train(precision: str, epochs: int = 2) -> tuple[VAE, list[tuple[float, float
     validation, images = data[:120], data[120:]
     torch.manual_seed(0)
     model = VAE().to(memory_format=torch.channels_last)
-    step = TrainStep(model, make_optimizer(model, 5e-4, CPU), images, 32, True, precision=precision)
+    step = TrainStep(model, make_optimizer(model, 5e-4, CPU), images, batch_size=32, channels_last=True,
+                     precision=precision)
     generator, losses = torch.Generator().manual_seed(0), []
     for _ in range(epochs):
         parts, first_bad_step = train_epoch(step, generator)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.model import VAE
 from pipeline.runtime import compiles_forward
-from pipeline.train import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
+from pipeline.step import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
 from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
 
@@ -45,7 +45,7 @@ def our_epoch(data: torch.Tensor, channels_last: bool, compile: bool = False) ->
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, 5e-4, data.device)
-    step = TrainStep(model, optimizer, data, BATCH, channels_last, compile=compile)
+    step = TrainStep(model, optimizer, data, batch_size=BATCH, channels_last=channels_last, compile=compile)
     parts, first_bad_step = train_epoch(step, torch.Generator().manual_seed(SEED))
     assert first_bad_step.item() == -1
     return parts, model
@@ -120,7 +120,7 @@ def test_first_non_finite_step_is_reported():
     torch.manual_seed(SEED)
     model = VAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e6)  # the first step throws every weight far out
-    _, first_bad_step = train_epoch(TrainStep(model, optimizer, data, BATCH), torch.Generator().manual_seed(SEED))
+    _, first_bad_step = train_epoch(TrainStep(model, optimizer, data, batch_size=BATCH), torch.Generator().manual_seed(SEED))
     assert first_bad_step.item() in (1, 2)
 
 
@@ -138,7 +138,7 @@ def test_cuda_loop_matches_the_cpu_loop():
     # so the epoch means agree to within the noise, not bit for bit.
     generator = torch.Generator().manual_seed(SEED)
     order = torch.randperm(len(data), generator=generator)
-    step = TrainStep(model, optimizer, data[order].cuda(), BATCH, True)
+    step = TrainStep(model, optimizer, data[order].cuda(), batch_size=BATCH, channels_last=True)
     cuda_parts, bad = train_epoch(step, torch.Generator("cuda").manual_seed(SEED))
     assert bad.item() == -1
     torch.testing.assert_close(cuda_parts.cpu(), cpu_parts, rtol=0.05, atol=0.5)
@@ -152,8 +152,8 @@ def cuda_epochs(data: torch.Tensor, cuda_graph: bool, precision: str, epochs: in
     try:
         torch.manual_seed(SEED)
         model = VAE().cuda().to(memory_format=torch.channels_last)
-        step = TrainStep(model, make_optimizer(model, 5e-4, torch.device("cuda")), data.cuda(), BATCH, True,
-                         cuda_graph=cuda_graph, precision=precision, compile=compile)
+        step = TrainStep(model, make_optimizer(model, 5e-4, torch.device("cuda")), data.cuda(), batch_size=BATCH,
+                         channels_last=True, cuda_graph=cuda_graph, precision=precision, compile=compile)
         generator = torch.Generator("cuda").manual_seed(SEED)
         losses = [train_epoch(step, generator)[0].tolist() for _ in range(epochs)]
     finally:
@@ -234,7 +234,7 @@ def gradients_of_steps(batches: list[torch.Tensor], rank: int = 0, world_size: i
     torch.manual_seed(SEED)
     model = ImageNoiseVAE()
     step_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    step = TrainStep(step_model, make_optimizer(model, 5e-4, torch.device("cpu")), images(), BATCH,
+    step = TrainStep(step_model, make_optimizer(model, 5e-4, torch.device("cpu")), images(), batch_size=BATCH,
                      rank=rank, world_size=world_size)
     gradients = []
     for index in batches:
@@ -269,3 +269,4 @@ def test_two_ranks_take_the_gradient_of_the_global_batch(tmp_path):
     for step, (ours, theirs) in enumerate(zip(two_ranks, one_process)):
         for index, (a, b) in enumerate(zip(ours, theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"step {step}, parameter {index}")
+

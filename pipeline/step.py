@@ -1,0 +1,168 @@
+"""The training step and the epoch loop: what `pipeline.train` runs every batch and what the
+benchmarks time.
+
+Everything here stays on the device: the data order is a seeded permutation drawn there, the loss
+sums and the first non-finite step are kept there, and nothing waits for the GPU until an epoch ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from pipeline.losses import LossParts, loss_function, vae_loss
+from pipeline.model import to_input
+from pipeline.params import TrainParams
+
+WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> the forward pass's autocast dtype
+
+
+class TrainStep:
+    """One optimisation step on a batch of image indices, with the epoch's bookkeeping (the loss
+    sums, the first step whose loss was not finite) kept on the device: nothing here waits for the GPU.
+
+    With `cuda_graph` (CUDA, one process) a full batch replays one CUDA graph of the whole step
+    (gather, forward, loss, backward, Adam, bookkeeping): one launch instead of about a hundred
+    small kernels that the GPU would otherwise wait on Python for. The first WARMUP_STEPS full
+    batches of the run are ordinary steps that set up what a capture must find in place (cuDNN's
+    and cuBLAS's workspaces, Adam's state); the graph is captured once and replayed every epoch; a
+    ragged last batch runs eagerly. The optimizer must be capturable (`make_optimizer`).
+
+    Under DistributedDataParallel every rank takes every world_size-th image of each global batch
+    and weights its loss by its share, so the averaged gradient is the global batch's.
+
+    In bf16 `precision` the forward pass runs under autocast (convolutions and linear layers in
+    bf16); the loss, the gradients' accumulation into fp32 weights and Adam stay fp32."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
+                 batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
+                 cuda_graph: bool = False, precision: str = "fp32", compile: bool = False,
+                 noise_generator: torch.Generator | None = None):
+        device = images.device
+        self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
+        self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
+        self.autocast = AUTOCAST_DTYPES[precision]
+        self.noise_generator = noise_generator  # None: the device's default generator, as a run alone uses
+        self.latent_dim = getattr(model, "module", model).config["latent_dim"]  # the model, or the one DDP wraps
+        self.sums = torch.zeros(3, device=device)
+        self.first_bad_step = torch.full((), -1, device=device)
+        self.steps = torch.zeros((), dtype=torch.long, device=device)
+        self.uses_graph = cuda_graph and device.type == "cuda" and world_size == 1
+        self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
+        self.warmup_left = WARMUP_STEPS
+        self.graph: torch.cuda.CUDAGraph | None = None
+        # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
+        # gradients) and the loss; a full batch is always one shape, so it compiles once (and
+        # once for every step of a process: the compiled code does not depend on the instance).
+        self.compiled_losses = torch.compile(self.losses) if compile else None
+
+    @classmethod
+    def from_params(cls, cfg: TrainParams, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    images: torch.Tensor, *, precision: str, compile: bool, rank: int = 0, world_size: int = 1,
+                    noise_generator: torch.Generator | None = None) -> TrainStep:
+        """The step `train` params describe (batch size, memory format, loss, CUDA graph), with what
+        the run resolved (precision, whether the forward compiles) and the process's place."""
+        return cls(model, optimizer, images, batch_size=cfg.batch_size, channels_last=cfg.channels_last,
+                   loss=loss_function(cfg), rank=rank, world_size=world_size, cuda_graph=cfg.cuda_graph,
+                   precision=precision, compile=compile, noise_generator=noise_generator)
+
+    def start_epoch(self) -> None:
+        self.sums.zero_()
+        self.first_bad_step.fill_(-1)
+        self.steps.zero_()
+
+    def __call__(self, index: torch.Tensor) -> None:
+        if len(index) < self.batch_size:
+            self.run(index, self.losses)  # the ragged last batch: eager, not a second compiled shape
+            return
+        if not self.uses_graph:
+            self.run(index)
+            return
+        self.batch.copy_(index)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()  # warm up off the default stream, as capture runs off it too
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.run(self.batch)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients
+            self.graph = torch.cuda.CUDAGraph()
+            if self.noise_generator is not None:  # the default generator is registered by the capture itself
+                self.graph.register_generator_state(self.noise_generator)
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.run(self.batch)
+            self.graph.replay()  # capturing records the step without running it
+
+    def losses(self, images: torch.Tensor, noise: torch.Tensor) -> LossParts:
+        """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass."""
+        x = to_input(images, self.channels_last)
+        # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
+        with torch.autocast(x.device.type, self.autocast, cache_enabled=False) if self.autocast \
+                else contextlib.nullcontext():
+            output = self.model(x, noise)
+        return self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
+
+    def run(self, index: torch.Tensor, losses: Callable | None = None) -> None:
+        """The step itself, as plain PyTorch (the forward compiled if asked)."""
+        images = self.images[index[self.rank :: self.world_size]]
+        # Drawn here, outside what is compiled, so a compiled and an eager step see the same noise.
+        noise = torch.randn(len(images), self.latent_dim, device=images.device, dtype=self.autocast or torch.float32,
+                            generator=self.noise_generator)
+        parts = (losses or self.compiled_losses or self.losses)(images, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
+            (parts.total * (len(images) * self.world_size / len(index))).backward()
+        else:
+            parts.total.backward()
+        self.optimizer.step()
+        self.sums += torch.stack(parts).detach() * len(images)
+        bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
+        self.steps += 1
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device,
+                   fused: bool = True) -> torch.optim.Adam:
+    """The reference's Adam. On CUDA it keeps its step count on the GPU (`capturable`), so a CUDA
+    graph can hold the update, and by default updates every weight in one fused kernel."""
+    if device.type != "cuda":
+        return torch.optim.Adam(model.parameters(), lr=learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, capturable=True, fused=fused)
+
+
+def train_epoch(step: TrainStep, generator: torch.Generator, advance: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the step's images in a seeded order. Returns the mean loss parts and the first
+    step whose loss was not finite (-1 if none), both still on the device. `advance(n)` hears of
+    each step's n images (for a progress bar).
+
+    Under DistributedDataParallel every rank draws the same permutation, so the batches, and the
+    order the model sees the data in, are those of a single process."""
+    n = len(step.images)
+    order = torch.randperm(n, generator=generator, device=step.images.device)
+    step.start_epoch()
+    for start in range(0, n, step.batch_size):
+        step(order[start : start + step.batch_size])
+        if advance is not None:
+            advance(min(step.batch_size, n - start))
+    sums, first_bad_step = step.sums.clone(), step.first_bad_step.clone()
+    if step.world_size > 1:
+        torch.distributed.all_reduce(sums)
+        first_bad_step = earliest_over_ranks(first_bad_step)
+    return sums / n, first_bad_step
+
+
+def earliest_over_ranks(first_bad_step: torch.Tensor) -> torch.Tensor:
+    """The earliest of the ranks' first bad steps (-1: none on any rank)."""
+    none = torch.iinfo(first_bad_step.dtype).max
+    earliest = torch.where(first_bad_step < 0, none, first_bad_step)
+    torch.distributed.all_reduce(earliest, torch.distributed.ReduceOp.MIN)
+    return torch.where(earliest == none, -1, earliest)
+
