@@ -63,12 +63,14 @@ def loss_function(cfg: TrainParams):
 
 @torch.no_grad()
 def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss,
-                 batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you must)."""
+                 batch_size: int = EVAL_BATCH_SIZE, noise_generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you
+    must). The reparameterisation noise comes from `noise_generator` (default: the device's own)."""
     model.eval()
     sums = torch.zeros(3, device=images.device)
     for batch in images.split(batch_size):
         x = to_input(batch, channels_last)
-        sums += torch.stack(loss(x, *model(x))) * len(batch)
+        noise = torch.randn(len(batch), model.config["latent_dim"], device=x.device, generator=noise_generator)
+        sums += torch.stack(loss(x, *model(x, noise))) * len(batch)
     model.train()
     return sums / len(images)

@@ -7,9 +7,18 @@ import torch
 import torch._inductor.async_compile
 import torch.nn.functional as F
 
+from pipeline.losses import dataset_loss
 from pipeline.model import VAE
+from pipeline.params import TrainParams
 from pipeline.runtime import compiles_forward
-from pipeline.step import TrainStep, earliest_over_ranks, make_optimizer, train_epoch
+from pipeline.step import (
+    TrainStep,
+    copy_of_default_generator,
+    earliest_over_ranks,
+    make_optimizer,
+    train_epoch,
+    train_together,
+)
 from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
 
@@ -270,3 +279,64 @@ def test_two_ranks_take_the_gradient_of_the_global_batch(tmp_path):
         for index, (a, b) in enumerate(zip(ours, theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"step {step}, parameter {index}")
 
+
+TRIALS = [(11, 5e-4, 1.0), (12, 1e-3, 1.0), (13, 5e-4, 4.0)]  # seed, learning rate, beta
+
+
+def trial_epochs(device: torch.device, together: bool, compile: bool = False, epochs: int = 2) -> list[tuple[list, dict]]:
+    """TRIALS trained for `epochs`, validated after each: one after another from the default
+    generators, as `dvc exp run` trains each alone, or together, each from a copy of them. Returns
+    each trial's per-epoch losses and final weights."""
+    data, val = images(160).to(device), images(64).to(device)
+    trials = []
+    for seed, learning_rate, beta in TRIALS:
+        torch.manual_seed(seed)
+        model = VAE().to(device).to(memory_format=torch.channels_last)
+        cfg = TrainParams(learning_rate=learning_rate, beta=beta, batch_size=BATCH)
+        noise = copy_of_default_generator(device) if together else None
+        step = TrainStep.from_params(cfg, model, make_optimizer(model, learning_rate, device), data,
+                                     precision="fp32", compile=compile, noise_generator=noise)
+        trials.append((step, torch.Generator(device).manual_seed(seed), []))
+        if not together:  # alone: every epoch of this trial before the next trial starts
+            for _ in range(epochs):
+                parts, _ = train_epoch(step, trials[-1][1])
+                val_parts = dataset_loss(model, val, True, step.loss)
+                trials[-1][2].append(parts.tolist() + val_parts.tolist())
+    for _ in range(epochs if together else 0):
+        results = train_together([step for step, _, _ in trials], [order for _, order, _ in trials])
+        for (step, _, history), (parts, first_bad_step) in zip(trials, results):
+            assert first_bad_step.item() == -1
+            val_parts = dataset_loss(step.model, val, True, step.loss, noise_generator=step.noise_generator)
+            history.append(parts.tolist() + val_parts.tolist())
+    return [(history, step.model.state_dict()) for step, _, history in trials]
+
+
+def assert_trials_are_the_same_bytes(device: torch.device, compile: bool = False) -> None:
+    alone, together = trial_epochs(device, False, compile), trial_epochs(device, True, compile)
+    for (alone_history, alone_weights), (together_history, together_weights) in zip(alone, together):
+        assert together_history == alone_history
+        assert alone_weights.keys() == together_weights.keys()
+        assert all(torch.equal(alone_weights[k], together_weights[k]) for k in alone_weights)
+
+
+def test_trials_trained_together_are_the_bytes_of_each_trained_alone():
+    assert_trials_are_the_same_bytes(torch.device("cpu"))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("compile_workers_stopped")
+def test_trials_trained_together_on_cuda_streams_are_the_bytes_of_each_alone(monkeypatch):
+    """Each trial's CUDA graph (of the compiled forward, as `dvc repro` trains on this GPU) replays
+    on a stream of its own, from its own registered generator; in deterministic mode."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_trials_are_the_same_bytes(torch.device("cuda"), compile=compiles_forward(True, torch.device("cuda"), 1))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_trials_together_refuse_to_share_the_default_generator():
+    steps = [TrainStep(VAE(), torch.optim.Adam(VAE().parameters()), images(64), batch_size=BATCH) for _ in range(2)]
+    with pytest.raises(ValueError, match="each need their own noise_generator"):
+        train_together(steps, [torch.Generator().manual_seed(s) for s in (1, 2)])
