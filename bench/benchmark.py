@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,22 +152,33 @@ def timed(loop, device) -> dict:
 
 
 def kernels_per_step(loop: PipelineLoop, steps: int) -> dict:
-    """The GPU kernels `steps` full training steps run (inside a CUDA graph's replay too), read by
-    PyTorch's profiler: how many a step, the GPU's busy time a step, and the costliest by name."""
+    """`gpu_profile` of `steps` full training steps of `loop`."""
     index = torch.arange(BATCH, device=loop.val_images.device)
+    return gpu_profile(lambda: [loop.step(index) for _ in range(steps)], steps)
+
+
+def gpu_profile(run: Callable[[], object], steps: int) -> dict:
+    """The GPU kernels one call of `run` launches (inside a CUDA graph's replay too), read by
+    PyTorch's profiler, per each of the `steps` training steps it takes: how many, the GPU's busy
+    time (kernel time summed), the wall time, their ratio (above 1: kernels ran side by side),
+    and the costliest kernels by name."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(steps):
-            loop.step(index)
+        started = time.perf_counter()
+        run()
         torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - started) * 1e6
     by_name: dict[str, list[float]] = {}
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             by_name.setdefault(event.name, []).append(event.time_range.elapsed_us())
     costliest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    busy_us = sum(map(sum, by_name.values()))
     return {
         "kernels_per_step": sum(map(len, by_name.values())) / steps,
-        "busy_us_per_step": sum(map(sum, by_name.values())) / steps,
+        "busy_us_per_step": busy_us / steps,
+        "wall_us_per_step": wall_us / steps,
+        "concurrency": busy_us / wall_us,
         "costliest": [{"kernel": name[:100], "us_per_step": sum(times) / steps, "calls_per_step": len(times) / steps}
                       for name, times in costliest],
     }
