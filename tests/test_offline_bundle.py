@@ -9,6 +9,8 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,9 +122,25 @@ def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[0].startswith("gpu-check on REHEARSAL ON THE CPU"), lines[0]
-    assert lines[-1].startswith("REHEARSAL ON THE CPU, not a GPU result: 5 of 5 checks passed"), lines[-1]
+    assert lines[-1].startswith("REHEARSAL ON THE CPU, not a GPU result: 6 of 6 checks passed"), lines[-1]
     report = json.loads((results / "gpu-check.json").read_text())
     assert report["rehearsal"] is True and report["device"] == "cpu (rehearsal)"
     assert [(c["check"], c["verdict"]) for c in report["checks"]] == [
-        (name, "PASS") for name in ("torch-version", "install", "cuda-tests", "deterministic-repro", "benchmark")]
+        (name, "PASS") for name in ("torch-version", "install", "cuda-tests", "deterministic-repro", "benchmark",
+                                    "together")]
     assert json.loads((results / "benchmark.json").read_text())["device"] != "cuda"
+    assert set(json.loads((results / "together.json").read_text())["seconds_per_epoch"]) == {"1", "2"}
+
+
+@pytest.mark.slow
+def test_gpu_check_on_a_bundle_without_data_skips_what_needs_it_in_one_line_each(bundle, tmp_path):
+    no_data = shutil.copytree(bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns("data"))
+    proc = subprocess.run([sys.executable, str(no_data / "gpu-check"), str(no_data), "--only", "benchmark", "together"],
+                          cwd=tmp_path, env=os.environ | {"GPU_CHECK_RESULTS": str(tmp_path / "results")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    for check in ("benchmark", "together"):
+        assert re.search(rf"^SKIPPED {check} +the bundle has no data/: make it with scripts/offline-bundle --data DIR",
+                         proc.stdout, re.M), proc.stdout
+    assert re.search(r"^PASS +install ", proc.stdout, re.M), proc.stdout
