@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import faulthandler
 import json
 import platform
 import statistics
@@ -161,13 +162,17 @@ class StackedTrials:
         return torch.stack([train_totals, val_totals], dim=1).tolist()
 
 
-def timed(epoch: Callable[[], list], device: torch.device) -> tuple[float, list]:
+def timed(epoch: Callable[[], list], device: torch.device, stall_seconds: float) -> tuple[float, list]:
+    """The epoch's seconds and totals. An epoch still running after `stall_seconds` has every
+    thread's stack written to stderr and ends the benchmark (a hang says where it hangs)."""
+    faulthandler.dump_traceback_later(stall_seconds, exit=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     totals = epoch()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    faulthandler.cancel_dump_traceback_later()
     return time.perf_counter() - started, totals
 
 
@@ -186,6 +191,8 @@ def main() -> None:
                         help="use only the first N of the mirror's training images (a quick rehearsal)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="on a GPU, afterwards profile this many steps of the largest N's routes")
+    parser.add_argument("--stall-seconds", type=float, default=600,
+                        help="an epoch running longer is taken for a hang: stacks to stderr, exit (default 600)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/together.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -210,7 +217,7 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             for name, epoch in list(contenders.items()):
                 try:
-                    seconds, totals = timed(epoch, device)
+                    seconds, totals = timed(epoch, device, args.stall_seconds)
                 except Exception:  # a route that fails is reported and dropped; the others go on
                     errors[f"{name} N={n}"] = traceback.format_exc(limit=3).strip().splitlines()[-1]
                     print(f"N={n:2d} round {round_} {name}: FAILED {errors[f'{name} N={n}']}", flush=True)

@@ -136,7 +136,8 @@ def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path):
     gpus = torch.cuda.device_count()
     (tmp_path / "params.yaml").write_text(f"train: {{device: cuda, num_processes: {gpus + 1}}}\n")
     result = run([sys.executable, "-m", "pipeline.train"], tmp_path, check=False,
-                 env=project_env() | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                 env=project_env() | {"PYTHONPATH": os.pathsep.join(  # the packages' path kept: a GPU node's bundle
+                     [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])})
     assert result.returncode == 2
     assert result.stderr == (f"error: train.num_processes is {gpus + 1} but PyTorch sees {gpus} GPU(s) "
                              f"(CUDA_VISIBLE_DEVICES may hide some); set it to {gpus} or fewer\n")
