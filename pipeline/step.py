@@ -55,6 +55,9 @@ class TrainStep:
         self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
         self.warmup_left = WARMUP_STEPS
         self.graph: torch.cuda.CUDAGraph | None = None
+        # Off the default stream: where the warm-up runs (capture runs off it too), and where the step
+        # runs beside other trials. One per step: PyTorch hands out streams from a pool of 32.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
         # gradients) and the loss; a full batch is always one shape, so it compiles once (and
         # once for every step of a process: the compiled code does not depend on the instance).
@@ -87,11 +90,11 @@ class TrainStep:
             self.graph.replay()
         elif self.warmup_left > 0:
             self.warmup_left -= 1
-            side = torch.cuda.Stream()  # warm up off the default stream, as capture runs off it too
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
                 self.run(self.batch)
-            torch.cuda.current_stream().wait_stream(side)
+            current.wait_stream(self.stream)
         else:
             self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients
             self.graph = torch.cuda.CUDAGraph()
@@ -187,7 +190,7 @@ def train_together(steps: Sequence[TrainStep], generators: Sequence[torch.Genera
         raise ValueError("trials trained together each need their own noise_generator (copy_of_default_generator)")
     device = steps[0].images.device
     main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    streams = [torch.cuda.Stream(device) if main is not None else None for _ in steps]
+    streams = [step.stream for step in steps]
     orders = []
     for step, generator, stream in zip(steps, generators, streams):
         with on_stream(stream, after=main):
