@@ -104,7 +104,7 @@ SYSTEM_METRICS_OFTEN = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
 # bf16 against fp32 on the same data, seed and batches, the largest relative difference of an
 # epoch's loss measured on this project's 2-core AVX512_BF16 CPU: 0.21% on the tests' synthetic data
 # (1,200 training images, 4 epochs, batch 32: tests/test_faults.py's run); 0.82% on real
-# Fashion-MNIST over 5 epochs at batch 64 (validation total of epoch 4; README, "Mixed precision").
+# Fashion-MNIST over 5 epochs at batch 64 (validation total of epoch 4; docs/performance.md, "Mixed precision").
 # 2% is about ten times the first, so other CPUs' bf16 kernels have room.
 BF16_LOSS_TOLERANCE = 0.02
 
@@ -130,12 +130,6 @@ def assert_kept(project: Path, before: dict[str, bytes]) -> None:
     assert not changed, f"outputs lost or changed: {changed}"
     status = run(["dvc", "status"], project).stdout
     assert "changed outs" not in status, status
-
-
-def readme_blocks(heading: str) -> list[str]:
-    """The bash blocks of the README's section `heading`, as a user copies them."""
-    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
 
 
 def stages_run(output: str) -> list[str]:

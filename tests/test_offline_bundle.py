@@ -111,7 +111,7 @@ def test_a_target_without_a_wheel_is_refused_by_name(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this is the real check, not the rehearsal")
 def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
-    """The README's procedure on a node, on the CPU: the bundle installed with no index beside this
+    """The procedure of docs/gpu-node.md, on the CPU: the bundle installed with no index beside this
     machine's packages, every requirement met, and the pipeline run from it (deterministic-repro)."""
     pinned = (bundle / "requirements.txt").read_text().split()
     assert len(pinned) == len(list((bundle / "wheels").glob("*.whl"))), "requirements.txt names exactly the wheels"

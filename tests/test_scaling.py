@@ -26,22 +26,21 @@ from tests.conftest import (
     make_project,
     project_env,
     read_until,
-    readme_blocks,
     run,
     serve_mlflow,
     stage_process,
     stages_run,
 )
+from tests.doc_blocks import doc_block
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
 
 
-DVC_REMOTE_HEADING = "### Share data, models and figures through a DVC remote"
 
 
-def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
-    push, pull, _ = readme_blocks(DVC_REMOTE_HEADING)
+def test_the_documented_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
+    push, pull = doc_block("scaling.md", "dvc-remote-push"), doc_block("scaling.md", "dvc-remote-pull")
     origin = make_project(tmp_path / "origin", mirror)
     run(["dvc", "repro"], origin)
     run(["bash", "-euo", "pipefail", "-c", push.replace("/mnt/shared/vae-dvc", str(tmp_path / "remote"))], origin,
@@ -57,8 +56,8 @@ def test_the_readmes_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_wit
     assert run(["git", "status", "--porcelain"], clone).stdout == "", "the pull left the clone as committed"
 
 
-def test_the_readmes_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_path, mirror):
-    *_, credentials = readme_blocks(DVC_REMOTE_HEADING)
+def test_the_documented_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_path, mirror):
+    credentials = doc_block("scaling.md", "dvc-remote-credentials")
     project = make_project(tmp_path / "project", mirror)
     # A secret starting with "-" (1 in 64 of token_urlsafe's), which an option parser takes for an option.
     keys = {"AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",

@@ -1,6 +1,6 @@
 """Sweeps on a Ray cluster as a user runs them: a Ray head and a second Ray node started as `ray
 start` processes, a bare git remote, a local DVC remote and an `mlflow server`; the sweep command
-as the README gives it, and what it leaves in DVC, git and MLflow."""
+as docs/sweeps.md gives it, and what it leaves in DVC, git and MLflow."""
 
 from __future__ import annotations
 

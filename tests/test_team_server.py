@@ -1,5 +1,5 @@
-"""A team tracking server that lets only its members in: the README's `mlflow server` with MLflow's
-basic-auth app over HTTPS (a private CA), started from the README's own commands, and the pipeline
+"""A team tracking server that lets only its members in: the `mlflow server` of docs/scaling.md with MLflow's
+basic-auth app over HTTPS (a private CA), started from that page's own commands, and the pipeline
 run against it with each kind of login."""
 
 from __future__ import annotations
@@ -24,23 +24,23 @@ from tests.conftest import (
     make_project,
     outputs_of,
     project_env,
-    readme_blocks,
     run,
     stop_process_group,
 )
+from tests.doc_blocks import doc_block
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
 
-HEADING = "### A team tracking server: logins, permissions, HTTPS"
-README_ADDRESS = "mlflow.internal:5443"  # the README's server; here localhost on a free port
-EXPERIMENT = "vae-pipeline"  # the README's admin creates it; the code's default experiment_name
+PAGE = "scaling.md"  # its section "A team tracking server"
+DOCS_ADDRESS = "mlflow.internal:5443"  # the server of docs/scaling.md; here localhost on a free port
+EXPERIMENT = "vae-pipeline"  # the docs' admin creates it; the code's default experiment_name
 
 
 @dataclasses.dataclass(frozen=True)
 class TeamServer:
     url: str
-    home: Path  # what the README's commands wrote: certificates, the accounts, the runs, the server's log
+    home: Path  # what the page's commands wrote: certificates, the accounts, the runs, the server's log
     ca: Path
     passwords: dict[str, str]  # admin, alice (EDIT), victor (READ)
 
@@ -63,15 +63,15 @@ class TeamServer:
 
 
 def here(block: str, port: int) -> str:
-    """A README block as run here: the server on localhost, on a free port."""
-    return block.replace(README_ADDRESS, f"localhost:{port}").replace("--port 5443", f"--port {port}")
+    """A docs block as run here: the server on localhost, on a free port."""
+    return block.replace(DOCS_ADDRESS, f"localhost:{port}").replace("--port 5443", f"--port {port}")
 
 
 @pytest.fixture(scope="module")
 def team_server(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl (Debian: apt install openssl)")
-    certificates, serve, _, accounts, _ = readme_blocks(HEADING)
+    certificates, serve, accounts = (doc_block(PAGE, f"team-server-{name}") for name in ("certificates", "start", "accounts"))
     home, port = tmp_path_factory.mktemp("team-server"), free_port()
     passwords = {user: f"{user}-{secrets.token_urlsafe(12)}" for user in ("admin", "alice", "victor")}
     run(["bash", "-euo", "pipefail", "-c", certificates], home)
@@ -101,7 +101,7 @@ def wait_for_health(url: str, ca: Path, server: subprocess.Popen, log: Path) -> 
                 return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError(f"the README's server did not start:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"the server of docs/scaling.md did not start:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def places_holding(secret: str, folders: list[Path]) -> list[str]:
     return found
 
 
-def test_the_readmes_server_refuses_an_anonymous_curl(team_server):
-    anonymous_curl = readme_blocks(HEADING)[2]
+def test_the_documented_server_refuses_an_anonymous_curl(team_server):
+    anonymous_curl = doc_block(PAGE, "team-server-anonymous-curl")
     port = int(team_server.url.rsplit(":", 1)[1])
     answer = run(["bash", "-euo", "pipefail", "-c", here(anonymous_curl, port)], team_server.home).stdout
     assert "You are not authenticated" in answer and answer.splitlines()[-1] == "401", answer
