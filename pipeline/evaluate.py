@@ -20,6 +20,7 @@ import torch
 from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
 from pipeline.errors import run_stage
+from pipeline.idx import NUM_CLASSES
 from pipeline.losses import LOSS_NAMES, kl_divergence, loss_function, reconstruction_error
 from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
 from pipeline.model_files import file_sha256, load_model
@@ -74,7 +75,7 @@ def knn_accuracy(train_z, train_labels, test_z, test_labels, k: int) -> float:
     correct = 0
     for z, labels in zip(test_z.split(EVAL_BATCH_SIZE), test_labels.split(EVAL_BATCH_SIZE)):
         nearest = torch.cdist(z, train_z).topk(k, largest=False).indices
-        votes = torch.nn.functional.one_hot(train_labels[nearest], 10).sum(1)
+        votes = torch.nn.functional.one_hot(train_labels[nearest], NUM_CLASSES).sum(1)
         correct += (votes.argmax(1) == labels).sum().item()  # ties go to the lowest label
     return correct / len(test_z)
 
@@ -109,7 +110,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
         train_z, train_labels, test_z, test_labels, cfg.knn_neighbours)
 
     errors = torch.cat(recon_per_image)
-    for label in range(10):
+    for label in range(NUM_CLASSES):
         chosen = errors[test_labels == label]
         if len(chosen):
             metrics[f"test_reconstruction_class{label}"] = chosen.mean().item()

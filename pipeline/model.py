@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-IMAGE_SIZE = 28
+from pipeline.idx import IMAGE_SIZE
+
 _FEATURE_SIZE = IMAGE_SIZE // 4  # two stride-2 convs: 28 -> 14 -> 7
 
 

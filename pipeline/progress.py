@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from tqdm import tqdm
 
 
-def _seconds_between_lines() -> float:
+def seconds_between_lines() -> float:
+    """How often progress goes to a log as a line (PIPELINE_PROGRESS_SECONDS)."""
     return float(os.environ.get("PIPELINE_PROGRESS_SECONDS", "30"))
 
 
@@ -24,7 +25,7 @@ class _Lines:
         self.total, self.desc, self.unit = total, desc, unit
         self.done = 0
         self.started = self.printed = time.monotonic()
-        self.every = _seconds_between_lines()
+        self.every = seconds_between_lines()
 
     def update(self, n: int = 1) -> None:
         self.done += n

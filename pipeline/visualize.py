@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from pipeline import atomic, tracking  # noqa: E402
 from pipeline.data_parts import part_on  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
+from pipeline.idx import NUM_CLASSES  # noqa: E402
 from pipeline.model import VAE, latent_means, to_input  # noqa: E402
 from pipeline.model_files import file_sha256, load_model  # noqa: E402
 from pipeline.params import VisualizeParams, load_params  # noqa: E402
@@ -83,7 +84,7 @@ def plot_latent_space(means: torch.Tensor, labels, origin, axes):
     coords = ((means - origin) @ axes.T).cpu()
     fig, ax = plt.subplots(figsize=(7, 6))
     points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=2, vmin=-0.5, vmax=9.5)
-    fig.colorbar(points, ax=ax, ticks=range(10), label="label")
+    fig.colorbar(points, ax=ax, ticks=range(NUM_CLASSES), label="label")
     projected = means.shape[1] > 2
     ax.set_xlabel("principal component 1" if projected else "z[0]")
     ax.set_ylabel("principal component 2" if projected else "z[1]")

@@ -39,6 +39,7 @@ import pipeline
 from pipeline.errors import PipelineError
 from pipeline.params import PARAMS_FILE, MlflowParams
 from pipeline.paths import DVC_FILE
+from pipeline.progress import seconds_between_lines
 from pipeline.sweep import grid
 from pipeline.sweep.board import Board
 from pipeline.sweep.trial import (
@@ -181,11 +182,11 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
 
 class Progress:
     """The driver's lines: each trial's end as it comes, and what runs where, when that changes
-    (how far the running trials are, at most every PIPELINE_PROGRESS_SECONDS, 10 by default)."""
+    (how far the running trials are, at most every PIPELINE_PROGRESS_SECONDS, as a stage's progress)."""
 
     def __init__(self, total: int):
         self.total, self.started = total, time.monotonic()
-        self.every = float(os.environ.get("PIPELINE_PROGRESS_SECONDS", "10"))
+        self.every = seconds_between_lines()
         self.last_counts, self.last_line, self.printed = None, None, 0.0
 
     def show(self, board: dict[str, dict], running: list[str], finished: int, failed: int) -> None:
