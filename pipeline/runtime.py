@@ -3,15 +3,17 @@ asks for, this process's place under torchrun, and the determinism switch."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import RANK_ERRORS_VARIABLE, PipelineError
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -181,3 +183,26 @@ def configure_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def relaunch_under_torchrun(module: str, num_processes: int) -> None:
+    """The stage `module` again under PyTorch's own launcher, one process per rank. A rank stopped
+    by a PipelineError is reported as the single process reports it: one line, exit status 2."""
+    import torch.distributed.elastic.multiprocessing.errors  # here: only a relaunching stage needs them
+    import torch.distributed.run
+
+    args = torch.distributed.run.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={num_processes}", "-m", module])
+    # torchrun logs each failed rank as an error of its own; the failure is reported below instead.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="pipeline-rank-errors.") as errors:
+        os.environ[RANK_ERRORS_VARIABLE] = errors  # for the ranks, which inherit it
+        try:
+            torch.distributed.run.run(args)
+        except torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+            reported = sorted(Path(errors).iterdir(), key=lambda path: int(path.name))
+            if not reported:
+                raise  # a crash, not a mistake to fix: torchrun's account of it, with the tracebacks
+            raise PipelineError(reported[0].read_text()) from None
+        finally:
+            del os.environ[RANK_ERRORS_VARIABLE]

@@ -11,51 +11,23 @@ import csv
 import dataclasses
 import io
 import json
-import logging
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed.elastic.multiprocessing.errors
-import torch.distributed.run
 
-from pipeline import atomic, tracking
+from pipeline import atomic, model_files, runtime, tracking
 from pipeline.data_parts import part_on
-from pipeline.errors import RANK_ERRORS_VARIABLE, PipelineError, run_stage
+from pipeline.errors import PipelineError, run_stage
 from pipeline.losses import LOSS_NAMES, dataset_loss
 from pipeline.model import VAE, Reconstructor, to_input
-from pipeline.model_files import (
-    file_sha256,
-    finish_checkpoint,
-    load_checkpoint,
-    load_finished,
-    load_model,
-    random_states,
-    restore_checkpoint,
-    save_checkpoint,
-    save_model,
-    training_fingerprint,
-)
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, STATE_FILE, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.progress import progress
-from pipeline.runtime import (
-    Ranks,
-    barrier,
-    check_processes,
-    compiles_forward,
-    configure_determinism,
-    gather_to_writer,
-    join_process_group,
-    leave_process_group,
-    resolve_device,
-    resolve_precision,
-)
+from pipeline.runtime import Ranks
 from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
@@ -69,18 +41,18 @@ def train(params: Params) -> None:
     """A run, top to bottom: prepare, start or resume, the epoch loop, finish. Under torchrun every
     rank trains; rank 0 alone validates and writes the checkpoint, the outputs and the MLflow run."""
     cfg = params.train
-    ranks = join_process_group(cfg.device)
-    device = resolve_device(cfg.device, ranks.local_rank)
-    precision = resolve_precision(cfg.precision, device, quiet=not ranks.writer)
-    configure_determinism(cfg.deterministic)
+    ranks = runtime.join_process_group(cfg.device)
+    device = runtime.resolve_device(cfg.device, ranks.local_rank)
+    precision = runtime.resolve_precision(cfg.precision, device, quiet=not ranks.writer)
+    runtime.configure_determinism(cfg.deterministic)
     data = load_data(params, ranks, device)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
-    fingerprint = training_fingerprint(params, precision, device.type)
+    fingerprint = model_files.training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
-    compiles = compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
+    compiles = runtime.compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
     step = TrainStep.from_params(cfg, state.step_model, state.optimizer, data.train, precision=precision,
                                  compile=compiles, rank=ranks.rank, world_size=ranks.world_size)
-    continues_run_id = tracking.run_that_trained(experiment_id, file_sha256(MODEL_FILE)) \
+    continues_run_id = tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE)) \
         if state.continued and experiment_id is not None and MODEL_FILE.exists() else None
     tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
                                     continues_run_id)
@@ -91,10 +63,10 @@ def train(params: Params) -> None:
             for epoch in range(len(state.history) + 1, cfg.epochs + 1):
                 started = time.perf_counter()
                 row = run_epoch(epoch, state, step, data, cfg, ranks)
-                rng_by_rank = gather_to_writer(random_states(state.generator), ranks)
+                rng_by_rank = runtime.gather_to_writer(model_files.random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
-                    save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank, state.history,
+                    model_files.save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank, state.history,
                                     tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
@@ -107,10 +79,11 @@ def train(params: Params) -> None:
         raise
     finally:
         tracked.finish(status)
-        leave_process_group(ranks)
+        runtime.leave_process_group(ranks)
     if ranks.writer:
-        tracking.record_trained_model(tracked, file_sha256(MODEL_FILE))  # for the later stages of this execution
-        finish_checkpoint()
+        # For the later stages of this execution.
+        tracking.record_trained_model(tracked, model_files.file_sha256(MODEL_FILE))
+        model_files.finish_checkpoint()
 
 
 class Data(NamedTuple):
@@ -169,19 +142,19 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     state = Training(model, step_model, optimizer, torch.Generator(device=device).manual_seed(params.seed), [], None)
 
     # Rank 0 reads the checkpoint first and alone deletes a stale one; the others read after it.
-    checkpoint = load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
-    barrier(ranks)
+    checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
+    runtime.barrier(ranks)
     if not ranks.writer:
-        checkpoint = load_checkpoint(fingerprint, cfg.epochs)
+        checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs)
     if checkpoint is not None:
-        restore_checkpoint(checkpoint, model, optimizer, state.generator, ranks.rank)
+        model_files.restore_checkpoint(checkpoint, model, optimizer, state.generator, ranks.rank)
         state.history, state.run_id = checkpoint["history"], checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
         return state
-    finished, why_not = load_finished(fingerprint, cfg.epochs)
+    finished, why_not = model_files.load_finished(fingerprint, cfg.epochs)
     if finished is not None:  # a new run (its record is the finished run's no more), with the epochs so far
-        restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
+        model_files.restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
         state.history, state.continued = finished["history"], True
         if ranks.writer:
             print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
@@ -238,7 +211,7 @@ def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:
     """Write the DVC outputs (the model, the final metrics, the history), then log the model to the
     run as a LoggedModel and describe the run."""
-    save_model(state.model)
+    model_files.save_model(state.model)
     final = {k: round(v, 6) for k, v in state.history[-1].items() if k != "epoch"}
     atomic.write_text(TRAIN_METRICS, json.dumps({"epochs": state.history[-1]["epoch"]} | final, indent=2) + "\n")
     atomic.write_text(TRAIN_HISTORY, history_csv(state.history))
@@ -246,7 +219,7 @@ def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tens
         tags = tracking.model_tags(MODEL_FILE)
         tracked.set_tags(tags)
         example = to_input(validation[:4]).cpu().numpy()
-        tracked.log_model(Reconstructor(load_model(MODEL_FILE)), example, tags)
+        tracked.log_model(Reconstructor(model_files.load_model(MODEL_FILE)), example, tags)
         tracked.describe()
 
 
@@ -261,30 +234,10 @@ def history_csv(history: list[dict]) -> str:
 def main() -> None:
     params = load_params()
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        check_processes(params.train.device, params.train.num_processes)
-        relaunch_under_torchrun(params.train.num_processes)
+        runtime.check_processes(params.train.device, params.train.num_processes)
+        runtime.relaunch_under_torchrun("pipeline.train", params.train.num_processes)
     else:
         train(params)
-
-
-def relaunch_under_torchrun(num_processes: int) -> None:
-    """This stage again under PyTorch's own launcher, one process per rank. A rank stopped by a
-    PipelineError is reported as the single process reports it: one line, exit status 2."""
-    args = torch.distributed.run.get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={num_processes}", "-m", "pipeline.train"])
-    # torchrun logs each failed rank as an error of its own; the failure is reported below instead.
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    with tempfile.TemporaryDirectory(prefix="pipeline-rank-errors.") as errors:
-        os.environ[RANK_ERRORS_VARIABLE] = errors  # for the ranks, which inherit it
-        try:
-            torch.distributed.run.run(args)
-        except torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
-            reported = sorted(Path(errors).iterdir(), key=lambda path: int(path.name))
-            if not reported:
-                raise  # a crash, not a mistake to fix: torchrun's account of it, with the tracebacks
-            raise PipelineError(reported[0].read_text()) from None
-        finally:
-            del os.environ[RANK_ERRORS_VARIABLE]
 
 
 if __name__ == "__main__":
