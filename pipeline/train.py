@@ -7,22 +7,20 @@ checkpoint is written atomically at every epoch end, so a killed run resumes whe
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import sys
 import time
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from pipeline import atomic, model_files, runtime, tracking
+from pipeline import atomic, history, model_files, runtime, tracking
 from pipeline.data_parts import part_on
 from pipeline.errors import PipelineError, run_stage
-from pipeline.losses import LOSS_NAMES, dataset_loss
+from pipeline.history import EpochLosses
+from pipeline.losses import dataset_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, STATE_FILE, TRAIN_HISTORY, TRAIN_METRICS
@@ -66,8 +64,8 @@ def train(params: Params) -> None:
                 rng_by_rank = runtime.gather_to_writer(model_files.random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
-                    model_files.save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank, state.history,
-                                    tracked.run_id)
+                    model_files.save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank,
+                                                history.to_saved(state.history), tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
                 finish(state, tracked, data.validation)
@@ -118,7 +116,7 @@ class Training:
     step_model: torch.nn.Module  # what a training step calls: the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # draws each epoch's data order
-    history: list[dict]  # a row of losses per finished epoch
+    history: list[EpochLosses]  # a row per finished epoch
     run_id: str | None  # the MLflow run an interrupted run was logging into
     continued: bool = False  # from a finished run's state, with more epochs
 
@@ -148,14 +146,14 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
         checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs)
     if checkpoint is not None:
         model_files.restore_checkpoint(checkpoint, model, optimizer, state.generator, ranks.rank)
-        state.history, state.run_id = checkpoint["history"], checkpoint["run_id"]
+        state.history, state.run_id = history.from_saved(checkpoint["history"]), checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
         return state
     finished, why_not = model_files.load_finished(fingerprint, cfg.epochs)
     if finished is not None:  # a new run (its record is the finished run's no more), with the epochs so far
         model_files.restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
-        state.history, state.continued = finished["history"], True
+        state.history, state.continued = history.from_saved(finished["history"]), True
         if ranks.writer:
             print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
     elif why_not and ranks.writer:
@@ -163,7 +161,8 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     return state
 
 
-def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams, ranks: Ranks) -> dict | None:
+def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams,
+              ranks: Ranks) -> EpochLosses | None:
     """Train one epoch and stop if the loss diverged; then, on rank 0, validate. Returns the epoch's
     row of history (None on the other ranks)."""
     with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
@@ -176,59 +175,32 @@ def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: Tra
         )
     if not ranks.writer:
         return None
-    return history_row(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
+    return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
 
 
-def history_row(epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> dict[str, float]:
-    row: dict[str, float] = {"epoch": epoch}
-    for prefix, parts in (("train", train_parts), ("val", val_parts)):
-        row |= {f"{prefix}_{name}": value for name, value in zip(LOSS_NAMES, parts.tolist())}
-    return row
-
-
-def report_epoch(tracked: tracking.TrackedRun, row: dict, seconds: float, model: VAE, validation: torch.Tensor,
+def report_epoch(tracked: tracking.TrackedRun, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor,
                  epochs: int) -> None:
     """The epoch's losses and time to MLflow with the watched validation images' reconstructions,
     and one line to the terminal."""
-    losses = {k: v for k, v in row.items() if k != "epoch"}
-    tracked.log_metrics(losses | {"epoch_seconds": seconds}, step=row["epoch"])
+    tracked.log_metrics(row.losses | {"epoch_seconds": seconds}, step=row.epoch)
     if tracked.run_id is not None:
-        tracked.log_image(reconstruction_strip(model, validation[:WATCHED_IMAGES]), "reconstructions", row["epoch"])
-    print(f"epoch {row['epoch']}/{epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        tracked.log_reconstructions(model, validation[:WATCHED_IMAGES], row.epoch)
+    print(f"epoch {row.epoch}/{epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.losses.items())
           + f"  ({seconds:.1f} s)", flush=True)
-
-
-@torch.no_grad()
-def reconstruction_strip(model: VAE, images: torch.Tensor) -> np.ndarray:
-    """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
-    import torchvision  # here, for a tracked run only: its import costs seconds
-
-    x = to_input(images)
-    grid = torchvision.utils.make_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x), padding=2, pad_value=1.0)
-    return (grid[0] * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:
     """Write the DVC outputs (the model, the final metrics, the history), then log the model to the
     run as a LoggedModel and describe the run."""
     model_files.save_model(state.model)
-    final = {k: round(v, 6) for k, v in state.history[-1].items() if k != "epoch"}
-    atomic.write_text(TRAIN_METRICS, json.dumps({"epochs": state.history[-1]["epoch"]} | final, indent=2) + "\n")
-    atomic.write_text(TRAIN_HISTORY, history_csv(state.history))
+    atomic.write_text(TRAIN_METRICS, json.dumps(history.train_metrics(state.history), indent=2) + "\n")
+    atomic.write_text(TRAIN_HISTORY, history.to_csv(state.history))
     if tracked.run_id is not None:
         tags = tracking.model_tags(MODEL_FILE)
         tracked.set_tags(tags)
         example = to_input(validation[:4]).cpu().numpy()
         tracked.log_model(Reconstructor(model_files.load_model(MODEL_FILE)), example, tags)
         tracked.describe()
-
-
-def history_csv(history: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return out.getvalue()
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from pipeline import atomic, tracking  # noqa: E402
 from pipeline.data_parts import part_on  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
+from pipeline.history import EPOCH  # noqa: E402
 from pipeline.idx import NUM_CLASSES  # noqa: E402
 from pipeline.model import VAE, latent_means, to_input  # noqa: E402
 from pipeline.model_files import file_sha256, load_model  # noqa: E402
@@ -34,6 +35,7 @@ from pipeline.params import VisualizeParams, load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
 from pipeline.progress import progress  # noqa: E402
 from pipeline.runtime import resolve_device, standard_normal  # noqa: E402
+from pipeline.tiling import tile  # noqa: E402
 
 INTERPOLATED_PAIRS = 6
 FIGURE_COUNT = 6  # the figures `figures` draws
@@ -43,19 +45,6 @@ def save_figure(fig, path: Path) -> None:
     """PNG without a software version stamp, so the same figure is the same bytes."""
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-
-
-def tile(images: torch.Tensor, cols: int, padding: int = 2) -> torch.Tensor:
-    """(N, 1, H, W) images as one (H', W') image, `cols` to a row, white `padding` between and around
-    (torchvision's make_grid, whose import alone costs this stage seconds)."""
-    n, _, height, width = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    grid = images.new_ones(rows * (height + padding) + padding, cols * (width + padding) + padding)
-    for i, image in enumerate(images[:, 0]):
-        top, left = (i // cols) * (height + padding) + padding, (i % cols) * (width + padding) + padding
-        grid[top : top + height, left : left + width] = image
-    return grid
 
 
 def image_grid(images: torch.Tensor, cols: int, title: str):
@@ -114,7 +103,7 @@ def plot_loss_curves(history_file: Path):
     """One panel per loss part, train and validation, as the history names them (train_<part>)."""
     with open(history_file) as fh:
         rows = list(csv.DictReader(fh))
-    epochs = [int(r["epoch"]) for r in rows]
+    epochs = [int(r[EPOCH]) for r in rows]
     loss_names = [column.removeprefix("train_") for column in rows[0] if column.startswith("train_")]
     fig, axes = plt.subplots(1, len(loss_names), figsize=(13, 3.6))
     for ax, name in zip(axes, loss_names):

@@ -11,12 +11,14 @@ import pytest
 import torch
 import yaml
 
+from pipeline import history
 from pipeline.errors import PipelineError
 from pipeline.model import VAE
 from pipeline.model_files import load_checkpoint, random_states, save_checkpoint
 from pipeline.paths import CHECKPOINT_FILE
-from tests.conftest import ROOT
+from tests.projects import ROOT
 
+HISTORY = [[1, 30.0, 4.0, 34.0, 29.0, 4.5, 33.5]]
 FINGERPRINT = {"seed": 42, "model": {}, "train": {"precision": "fp32"}, "device": "cuda", "data": "abc"}
 
 
@@ -24,7 +26,7 @@ def test_a_checkpoint_trained_on_cuda_is_refused_on_the_cpu_and_kept(tmp_path, m
     monkeypatch.chdir(tmp_path)
     model = VAE()
     save_checkpoint(FINGERPRINT, model, torch.optim.Adam(model.parameters()), [random_states(torch.Generator())],
-                    [{"epoch": 1}], None)
+                    HISTORY, None)
     saved = CHECKPOINT_FILE.read_bytes()
     with pytest.raises(PipelineError) as refused:
         load_checkpoint(FINGERPRINT | {"device": "cpu"}, epochs=3)
@@ -33,10 +35,26 @@ def test_a_checkpoint_trained_on_cuda_is_refused_on_the_cpu_and_kept(tmp_path, m
         "(train.device: cuda), or delete models/checkpoint.pt to train from scratch here")
     assert CHECKPOINT_FILE.read_bytes() == saved
 
-    assert load_checkpoint(FINGERPRINT, epochs=3)["history"] == [{"epoch": 1}], "on its own device kind it resumes"
+    assert load_checkpoint(FINGERPRINT, epochs=3)["history"] == HISTORY, "on its own device kind it resumes"
     assert load_checkpoint(FINGERPRINT | {"device": "cpu", "seed": 1}, epochs=3) is None, "other params: discarded"
     assert not CHECKPOINT_FILE.exists()
 
+
+
+def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without(tmp_path, monkeypatch):
+    """The rows loaded from a checkpoint and those trained after it are written alike."""
+    monkeypatch.chdir(tmp_path)
+    model = VAE()
+    optimizer, rng = torch.optim.Adam(model.parameters()), [random_states(torch.Generator())]
+    epochs = [history.EpochLosses.of(epoch, torch.rand(3), torch.rand(3)) for epoch in (1, 2)]
+
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None)
+    uninterrupted = CHECKPOINT_FILE.read_bytes()
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs[:1]), None)
+    resumed = history.from_saved(load_checkpoint(FINGERPRINT, epochs=2)["history"]) + epochs[1:]
+    assert resumed == epochs
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(resumed), None)
+    assert CHECKPOINT_FILE.read_bytes() == uninterrupted
 
 def test_one_gpu_for_several_processes_is_refused_before_any_starts(tmp_path):
     params = {"train": {"device": "cuda:1", "num_processes": 2}}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.visualize import FIGURE_COUNT
-from tests.conftest import EPOCHS, edit_params, run, stages_run
+from tests.projects import EPOCHS, edit_params, run, stages_run
 
 
 def client_for(project) -> mlflow.MlflowClient:
@@ -193,7 +193,7 @@ def test_the_figures_tile_images_as_torchvisions_make_grid_does(count, cols):
     import torch
     import torchvision
 
-    from pipeline.visualize import tile
+    from pipeline.tiling import tile
 
     images = torch.rand(count, 1, 28, 28)
     assert torch.equal(tile(images, cols), torchvision.utils.make_grid(images, nrow=cols, padding=2, pad_value=1.0)[0])

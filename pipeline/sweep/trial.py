@@ -27,6 +27,7 @@ import psutil
 import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline.history import split_train_metrics
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import PARENT_RUN_VARIABLE
 
@@ -100,7 +101,7 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
         _step(["dvc", "exp", "push", "origin", name], name, repo, env)
         metrics = {}
         for path in (TRAIN_METRICS, TEST_METRICS):
-            metrics |= {k: v for k, v in json.loads((repo / path).read_text()).items() if k != "epochs"}
+            metrics |= split_train_metrics(json.loads((repo / path).read_text()))[1]
         run_file = repo / RUN_FILE
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
     return TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)

@@ -25,6 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import atomic, provenance
 from pipeline.errors import DVC_STAGE_VARIABLE, lineage_up_to_dvc
+from pipeline.history import split_train_metrics
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import (
@@ -141,8 +142,8 @@ def run_for_stage(experiment_id: str | None, params: Params, stage: str, device:
     upstream = [TRAIN_METRICS] + ([TEST_METRICS] if stage == "visualize" else [])
     for path in upstream:
         if path.exists():
-            values = json.loads(path.read_text())
-            tracked.log_metrics({k: v for k, v in values.items() if k != "epochs"}, step=values.get("epochs", 0))
+            epochs, values = split_train_metrics(json.loads(path.read_text()))
+            tracked.log_metrics(values, step=epochs)
     write_record(Record(tracked.run_id, here, model_sha256, model_id, training_run_id))
     return tracked
 

@@ -25,6 +25,9 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipeline import provenance
+from pipeline.history import EpochLosses
+from pipeline.model import VAE, to_input
+from pipeline.tiling import tile
 
 T = TypeVar("T")
 
@@ -105,6 +108,13 @@ class TrackedRun:
         self._call(f"image {key} at step {step}",
                    lambda client: client.log_image(self.run_id, image, key=key, step=step))
 
+    @torch.no_grad()
+    def log_reconstructions(self, model: VAE, images: torch.Tensor, step: int) -> None:
+        """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
+        x = to_input(images)
+        strip = tile(torch.cat([x, model.reconstruct(x)]), cols=len(x))
+        self.log_image((strip * 255).round().to(torch.uint8).cpu().numpy(), "reconstructions", step)
+
     def log_dataset(self, array: np.ndarray, name: str, source: str, context: str) -> mlflow.data.Dataset:
         """The data as the run's input, with MLflow's digest of its content."""
         dataset = _numpy_dataset(array, name, source)
@@ -124,13 +134,13 @@ class TrackedRun:
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=resumed)
         return _started(monitor)
 
-    def log_history(self, history: list[dict]) -> None:
+    def log_history(self, history: list[EpochLosses]) -> None:
         """Log the epochs the run does not have yet (those trained before a resume, if any), so a
         resumed run never holds a step twice."""
         last_logged = max(self.logged_steps("train_total"), default=0)
         for row in history:
-            if row["epoch"] > last_logged:
-                self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            if row.epoch > last_logged:
+                self.log_metrics(row.losses, step=row.epoch)
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, tags: dict[str, str]) -> None:
         """The trained model as a LoggedModel of this run: a torch.export program, which loads back

@@ -1,0 +1,55 @@
+"""The losses of each finished epoch: one row type, written the same way whether the run trained
+the epoch or resumed after it, so a resumed run's outputs are the bytes of an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+
+import torch
+
+from pipeline.losses import LOSS_NAMES
+
+EPOCH = "epoch"  # the history's first column, and each metric's step
+EPOCHS = "epochs"  # in metrics/train.json: how many epochs the model trained
+COLUMNS = tuple(f"{split}_{name}" for split in ("train", "val") for name in LOSS_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLosses:
+    epoch: int
+    losses: dict[str, float]  # by COLUMNS: train_reconstruction ... val_total
+
+    @classmethod
+    def of(cls, epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> EpochLosses:
+        return cls(epoch, dict(zip(COLUMNS, train_parts.tolist() + val_parts.tolist())))
+
+
+def to_saved(history: list[EpochLosses]) -> list[list[float]]:
+    """The history as a checkpoint holds it: a row of numbers per epoch, the epoch first. Numbers
+    pickle to the same bytes however the rows were made; dicts do not (the pickle's memo follows
+    which key strings are shared, and those loaded from a checkpoint are)."""
+    return [[row.epoch, *(row.losses[c] for c in COLUMNS)] for row in history]
+
+
+def from_saved(saved: list[list[float]]) -> list[EpochLosses]:
+    return [EpochLosses(int(epoch), dict(zip(COLUMNS, losses))) for epoch, *losses in saved]
+
+
+def to_csv(history: list[EpochLosses]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([EPOCH, *COLUMNS])
+    writer.writerows([row.epoch, *(row.losses[c] for c in COLUMNS)] for row in history)
+    return out.getvalue()
+
+
+def train_metrics(history: list[EpochLosses]) -> dict[str, float]:
+    """metrics/train.json: the epochs trained, then the last epoch's losses."""
+    return {EPOCHS: history[-1].epoch} | {c: round(v, 6) for c, v in history[-1].losses.items()}
+
+
+def split_train_metrics(metrics: dict[str, float]) -> tuple[int, dict[str, float]]:
+    """metrics/train.json's epoch count, and its losses (as MLflow and the sweep log them)."""
+    return metrics.get(EPOCHS, 0), {k: v for k, v in metrics.items() if k != EPOCHS}
