@@ -9,7 +9,6 @@ import importlib.metadata
 import os
 import platform
 import shlex
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
+from pipeline.git import GitError, git
 from pipeline.params import PARAMS_FILE, Params, flatten
 from pipeline.paths import TEST_METRICS, TRAIN_HISTORY, TRAIN_METRICS, project_root
 
@@ -64,24 +64,25 @@ class Source:
     uncommitted_code: tuple[str, ...]
 
 
-def _git(*args: str, cwd: Path | None = None) -> str | None:
+def _git_or_none(*args: str, cwd: Path | None = None) -> str | None:
+    """What git says, or None where it cannot say (no repository, no commit yet): provenance is
+    recorded as far as it is known, and never stops a stage."""
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
+        return git(*args, cwd=cwd)
+    except GitError:
         return None
-    return done.stdout.strip()
 
 
 def source() -> Source:
     """Read from git. The working folder is the run's own (DVC's temporary copy for a queued
     experiment); the branch and remote are the user's repository's."""
-    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
-    changed = [path for path in (_git("diff", "--name-only", "HEAD") or "").splitlines()
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git_or_none("rev-parse", "HEAD")
+    changed = [path for path in (_git_or_none("diff", "--name-only", "HEAD") or "").splitlines()
                if path not in DVC_WRITES and Path(path).name != ".gitignore"]
     return Source(
         commit=commit,
         branch=_branch_of(commit),
-        remote=_git("config", "--get", "remote.origin.url", cwd=project_root()) or None,
+        remote=_git_or_none("config", "--get", "remote.origin.url", cwd=project_root()) or None,
         dirty=bool(changed),
         uncommitted_code=tuple(path for path in changed if path != str(PARAMS_FILE)),
     )
@@ -90,8 +91,8 @@ def source() -> Source:
 def _branch_of(commit: str | None) -> str | None:
     """The branch whose tip is `commit`, the checked-out one first (`dvc exp run` detaches HEAD
     while it runs, so HEAD alone does not say)."""
-    tips = (_git("for-each-ref", "--points-at", commit or "HEAD", "--format=%(HEAD) %(refname:short)", "refs/heads",
-                 cwd=project_root()) or "").splitlines()
+    tips = (_git_or_none("for-each-ref", "--points-at", commit or "HEAD", "--format=%(HEAD) %(refname:short)",
+                         "refs/heads", cwd=project_root()) or "").splitlines()
     tips.sort(key=lambda tip: not tip.startswith("*"))  # "* main" is the checked-out branch
     return tips[0].lstrip("* ") if tips else None
 
@@ -111,7 +112,7 @@ def source_tags(src: Source, stage: str) -> dict[str, str]:
 def committed_params(commit: str | None) -> dict[str, str] | None:
     """params.yaml as the commit holds it, flat and spelt as YAML; None if there is none to read.
     Read as plain YAML, not checked against today's schema: a key renamed since is just a change."""
-    text = _git("show", f"{commit}:{PARAMS_FILE}", cwd=project_root()) if commit else None
+    text = _git_or_none("show", f"{commit}:{PARAMS_FILE}", cwd=project_root()) if commit else None
     if text is None:
         return None
     try:

@@ -1,0 +1,90 @@
+"""A sweep's plan, and every reason to refuse it, checked cheapest first before Ray or any task starts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.errors import PipelineError
+from pipeline.git import git
+from pipeline.params import PARAMS_FILE, MlflowParams
+from pipeline.paths import DVC_FILE
+from pipeline.sweep import grid
+from pipeline.tracking.store import connect
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sweep that passed every check."""
+
+    sets: list[str]  # the grid as -S overrides, the file's included
+    trials: list[grid.Trial]
+    commit: str
+    git_url: str
+    experiment_id: str
+    tracking: MlflowParams
+
+
+def dvc(*args: str) -> subprocess.CompletedProcess:
+    """The DVC of this interpreter's environment."""
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], capture_output=True, text=True)
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Every check that can refuse the sweep, cheapest first."""
+    if not DVC_FILE.exists():
+        raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
+    if args.cpus_per_trial <= 0:
+        raise PipelineError(f"--cpus-per-trial must be above 0, got {args.cpus_per_trial:g}")
+    for option in ("gpus_per_trial", "max_concurrent", "retries"):
+        if getattr(args, option) < 0:
+            raise PipelineError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(args, option):g}")
+    sets = args.sets + (grid.overrides_from_file(args.grid) if args.grid else [])
+    if not sets:
+        raise PipelineError("no grid: give it as -S 'train.learning_rate=0.001,0.0005' (DVC's syntax), or --grid FILE")
+    trials = grid.expand(sets, args.name)
+    commit = git("rev-parse", "HEAD")
+    checked = grid.check(trials, git("show", f"{commit}:{PARAMS_FILE}"))
+    tracking = checked[0].mlflow
+    if any(params.mlflow != tracking for params in checked):
+        raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
+    if not tracking.enabled or urlparse(tracking.tracking_uri).scheme not in ("http", "https"):
+        where = tracking.tracking_uri if tracking.enabled else "nowhere (mlflow.enabled: false)"
+        raise PipelineError(
+            f"mlflow.tracking_uri: a sweep's trials run on other machines and cannot share {where}: point it at "
+            "the team's MLflow server, in params.yaml or as -S mlflow.tracking_uri=https://host:port")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        raise PipelineError("the workspace has uncommitted changes, and trials run the commit, not the workspace: "
+                            "commit them (and push), or stash them")
+    if args.git_remote not in git("remote").split():
+        raise PipelineError(f"no git remote '{args.git_remote}', which the workers clone the repository from: "
+                            f"`git remote add {args.git_remote} URL` and push, or name another with --git-remote")
+    git_url = git("remote", "get-url", args.git_remote)
+    if Path(git_url).exists():  # a folder: the workers clone it from their own working folder
+        git_url = str(Path(git_url).resolve())
+    if not _on_remote(commit, args.git_remote):
+        raise PipelineError(f"commit {commit[:7]} is not on git remote '{args.git_remote}', where the workers clone "
+                            f"the repository from: `git push {args.git_remote}` first")
+    if not dvc("remote", "default", "--project").stdout.strip():
+        raise PipelineError("no default DVC remote in .dvc/config, where trials push their outputs: "
+                            "`dvc remote add -d NAME URL`, commit .dvc/config and push")
+    listed = dvc("exp", "list", args.git_remote, "--names-only")
+    taken = sorted({trial.name for trial in trials} & set(listed.stdout.split()))
+    if taken:
+        raise PipelineError(f"experiments {', '.join(taken)} already exist on '{args.git_remote}' for commit "
+                            f"{commit[:7]}: give the sweep another --name")
+    return Plan(sets, trials, commit, git_url, connect(tracking), tracking)
+
+
+def _on_remote(commit: str, remote: str) -> bool:
+    """Whether a branch or tag of the remote holds `commit` (a ref we have the commit of)."""
+    for line in git("ls-remote", "--heads", "--tags", remote).splitlines():
+        sha = line.split()[0]
+        reachable = subprocess.run(["git", "merge-base", "--is-ancestor", commit, sha], capture_output=True)
+        if reachable.returncode == 0:
+            return True
+    return False
