@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import ROOT
+from tests.projects import ROOT
 
 
 def doc_block(page: str, name: str) -> str:

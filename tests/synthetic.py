@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.idx import FILES, write_idx
+from pipeline.idx import FILES, IMAGE_SIZE, write_idx
 
 
 def make_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32) - 13.5
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) - (IMAGE_SIZE - 1) / 2
     angles = labels[:, None, None] * (np.pi / 10) + rng.normal(0, 0.05, (len(labels), 1, 1))
     shift = rng.normal(0, 1.5, (len(labels), 2, 1, 1))
     x, y = xx - shift[:, 0], yy - shift[:, 1]

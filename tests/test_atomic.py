@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import atomic
-from tests.conftest import ROOT
+from tests.projects import ROOT
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="needs strace (Debian: apt install strace)")

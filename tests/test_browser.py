@@ -11,7 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, run, runs_of, serve_mlflow
+from tests.projects import ROOT, run
+from tests.servers import runs_of, serve_mlflow
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -21,16 +21,9 @@ import pytest
 import torch
 
 from pipeline.runtime import has_native_bf16
-from tests.conftest import (
-    SYSTEM_METRICS_OFTEN,
-    edit_params,
-    epoch_ended,
-    make_project,
-    project_env,
-    read_until,
-    run,
-    runs_of,
-)
+from tests.processes import epoch_ended, read_until
+from tests.projects import edit_params, make_project, project_env, run
+from tests.servers import SYSTEM_METRICS_OFTEN, runs_of
 from tests.synthetic import write_mirror
 
 DEVICE = os.environ.get("PIPELINE_TEST_DEVICE", "cuda")

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import LEARNING_RATES, project_env, run
+from tests.projects import LEARNING_RATES, project_env, run
 
 pytestmark = pytest.mark.slow
 

@@ -19,25 +19,15 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.idx import FILES, write_idx
 from pipeline.runtime import has_native_bf16
-from tests.conftest import (
-    assert_kept,
-    outputs_of,
-    BF16_LOSS_TOLERANCE,
-    edit_params,
-    free_port,
-    make_project,
-    project_env,
-    epoch_ended,
-    read_until,
-    run,
-    runs_of,
-    stage_process,
-    stages_run,
-)
+from tests.processes import epoch_ended, read_until, stage_process
+from tests.projects import assert_kept, edit_params, make_project, outputs_of, project_env, run, stages_run
+from tests.servers import free_port, runs_of
 from tests.synthetic import write_mirror
+from tests.tolerances import BF16_LOSS_TOLERANCE
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -186,6 +176,7 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     assert re.search(r"resuming from epoch [23] of 4", result.stdout), result.stdout
     assert (project / "models/model.pt").read_bytes() == (uninterrupted / "models/model.pt").read_bytes()
     assert (project / "metrics/history.csv").read_text() == (uninterrupted / "metrics/history.csv").read_text()
+    assert train_outputs(project) == train_outputs(uninterrupted), "every train output, state.pt included"
     assert not (project / "models/checkpoint.pt").exists(), "a finished stage leaves no checkpoint"
 
     client, runs = runs_of(project)
@@ -194,6 +185,12 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_total")]
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
 
+
+
+def train_outputs(project: Path) -> dict[str, str]:
+    """The hash of each output of the train stage, as dvc.lock records it."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
 
 @pytest.mark.parametrize("shell", ["bash", "dash"])
 def test_training_whose_dvc_is_killed_stops_as_ctrl_c_stops_it_and_the_next_repro_resumes(tmp_path, bigger_mirror,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.projects import ROOT
 
 STAGES = {"check", "download", "split", "train", "evaluate", "visualize"}
 # Shared modules that cannot change a stage's outputs: reporting to MLflow and progress on screen,

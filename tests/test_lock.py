@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import uv
 
-from tests.conftest import ROOT
+from tests.projects import ROOT
 
 # uv's name of each platform, and the environment it reads the target's OS version from.
 TARGETS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run
+from tests.projects import ROOT, run
 from tests.synthetic import write_mirror
 
 SCRIPT = ROOT / "scripts" / "offline-bundle"

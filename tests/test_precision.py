@@ -14,8 +14,8 @@ from pipeline.model import VAE
 from pipeline import runtime
 from pipeline.runtime import bf16_slowdown_on_cpu, has_native_bf16, resolve_precision
 from pipeline.step import TrainStep, make_optimizer, train_epoch
-from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
+from tests.tolerances import BF16_LOSS_TOLERANCE
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

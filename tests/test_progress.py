@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.progress import progress
-from tests.conftest import make_project, project_env, run, stages_run
+from tests.projects import make_project, project_env, run, stages_run
 
 
 def test_a_log_gets_a_plain_line_with_rate_and_time_left(monkeypatch, capsys):

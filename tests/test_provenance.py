@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import provenance
-from tests.conftest import run
+from tests.projects import run
 
 COMMITTED_PARAMS = "seed: 42\ntrain:\n  learning_rate: 0.0005\n  old_name: 3\n"
 

@@ -18,20 +18,10 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import (
-    GIT_IDENTITY,
-    edit_params,
-    epoch_ended,
-    free_port,
-    make_project,
-    project_env,
-    read_until,
-    run,
-    serve_mlflow,
-    stage_process,
-    stages_run,
-)
 from tests.doc_blocks import doc_block
+from tests.processes import epoch_ended, read_until, stage_process
+from tests.projects import GIT_IDENTITY, edit_params, make_project, project_env, run, stages_run
+from tests.servers import free_port, serve_mlflow
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow

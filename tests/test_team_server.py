@@ -17,17 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import (
-    assert_kept,
-    edit_params,
-    free_port,
-    make_project,
-    outputs_of,
-    project_env,
-    run,
-    stop_process_group,
-)
 from tests.doc_blocks import doc_block
+from tests.processes import stop_process_group
+from tests.projects import assert_kept, edit_params, make_project, outputs_of, project_env, run
+from tests.servers import free_port
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow

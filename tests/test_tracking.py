@@ -14,19 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import (
-    EPOCHS,
-    RERUNS,
-    edit_params,
-    make_project,
-    project_env,
-    epoch_ended,
-    read_until,
-    run,
-    runs_of,
-    serve_mlflow,
-    snapshot,
-)
+from tests.processes import epoch_ended, read_until
+from tests.projects import EPOCHS, RERUNS, edit_params, make_project, project_env, run
+from tests.servers import runs_of, serve_mlflow, snapshot
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow

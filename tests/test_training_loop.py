@@ -19,8 +19,8 @@ from pipeline.step import (
     train_epoch,
     train_together,
 )
-from tests.conftest import BF16_LOSS_TOLERANCE
 from tests.synthetic import make_images
+from tests.tolerances import BF16_LOSS_TOLERANCE
 
 SEED, BATCH = 3, 32
 
