@@ -181,7 +181,8 @@ def configure_determinism(deterministic: bool) -> None:
     raises in deterministic mode without it); a value the user set is kept."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports Inductor: seconds
+        torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = not deterministic
 
 
