@@ -1,139 +1,35 @@
-"""Shared fixtures: a small IDX mirror, a copy of the project in a temp git repo, a local HTTP server."""
+"""The suite's fixtures and hooks: a small IDX mirror, projects in temp git repos (one of each kind
+built once per session, which tests only read), servers and processes stopped after each test, and
+a session that fails if any process it started is still running. Helpers live in modules named for
+what they do: projects.py, processes.py, servers.py, synthetic.py."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import http.server
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
+import tempfile
 import threading
-import time
-import urllib.parse
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
-import yaml
+import torch
 
-from pipeline.params import Params
+from tests.processes import SESSION_MARKER, processes_started_by_this_session, stop_process_group
+from tests.projects import EPOCHS, LEARNING_RATES, RERUNS, make_project, project_env, run, stages_run
+from tests.servers import SYSTEM_METRICS_OFTEN, QuietHandler, serve_mlflow, snapshot
 from tests.synthetic import write_mirror
-
-ROOT = Path(__file__).resolve().parent.parent
-# The project as a user clones it, but for params.yaml: tests write theirs from the code's defaults,
-# so a user's edits (another dataset, a team tracking server) never reach a test.
-PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
-                 "mlruns/.gitignore"]
 
 
 @pytest.fixture
 def mirror(tmp_path) -> Path:
     return write_mirror(tmp_path / "mirror")
-
-
-def project_env() -> dict[str, str]:
-    """The environment DVC stages run in: this interpreter's `python` and `dvc` first on PATH, and
-    DVC's usage analytics off (their reporting process would outlive a test)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.pop("DVC_ROOT", None)
-    return env
-
-
-# Who test commits are by, whatever the machine's git config (DVC's experiment commits too).
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-
-
-def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=kwargs.pop("env", project_env()), capture_output=True, text=True, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def edit_params(project: Path, **changes) -> None:
-    """Set dotted keys in the project's params.yaml, e.g. edit_params(p, **{"train.epochs": 1})."""
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def make_project(dest: Path, mirror: Path, **changes) -> Path:
-    """A copy of this project in a fresh git repo, with the default params set for a fast run on `mirror`."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    (dest / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False))
-    # On the CPU, whatever the machine: the suite compares exact bytes, which CUDA gives only in
-    # deterministic mode; tests/test_cuda.py runs the pipeline on the GPU.
-    # Fewer importance samples: on 60 test images, K=100 is most of evaluate's seconds on a CPU.
-    edit_params(dest, **{"data.mirror": str(mirror), "train.device": "cpu", "train.epochs": 1, "train.batch_size": 32,
-                         "evaluate.iw_samples": 10, "visualize.num_samples": 16, "visualize.manifold_size": 5,
-                         **changes})
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "project"], dest, env=project_env() | GIT_IDENTITY)
-    return dest
-
-
-EPOCHS = 2  # of the end-to-end run
-# MLflow's own setting: system metrics every 0.2 s instead of 10, so a training of seconds logs some.
-SYSTEM_METRICS_OFTEN = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
-
-
-# bf16 against fp32 on the same data, seed and batches, the largest relative difference of an
-# epoch's loss measured on this project's 2-core AVX512_BF16 CPU: 0.21% on the tests' synthetic data
-# (1,200 training images, 4 epochs, batch 32: tests/test_faults.py's run); 0.82% on real
-# Fashion-MNIST over 5 epochs at batch 64 (validation total of epoch 4; docs/performance.md, "Mixed precision").
-# 2% is about ten times the first, so other CPUs' bf16 kernels have room.
-BF16_LOSS_TOLERANCE = 0.02
-
-
-OUTPUTS = ("data/raw", "data/split", "models/model.pt", "models/state.pt", "metrics", "figures")  # every DVC output
-
-
-def outputs_of(project: Path) -> dict[str, bytes]:
-    """The bytes of every file of every DVC output, by path."""
-    files = {}
-    for name in OUTPUTS:
-        path = project / name
-        for file in [path] if path.is_file() else sorted(path.rglob("*")):
-            if file.is_file():
-                files[str(file.relative_to(project))] = file.read_bytes()
-    return files
-
-
-def assert_kept(project: Path, before: dict[str, bytes]) -> None:
-    """Every output as it was, nothing half-written beside it, and DVC agrees nothing is missing."""
-    after = outputs_of(project)
-    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
-    assert not changed, f"outputs lost or changed: {changed}"
-    status = run(["dvc", "status"], project).stdout
-    assert "changed outs" not in status, status
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 @pytest.fixture(scope="session")
@@ -147,9 +43,6 @@ def reproduced(tmp_path_factory) -> Path:
     return project
 
 
-LEARNING_RATES = ("0.001", "0.002")  # of the two experiments
-
-
 @pytest.fixture(scope="session")
 def experiments(tmp_path_factory) -> Path:
     """A project and two experiments on it, run as a user runs them: `dvc exp run -S ...`."""
@@ -158,29 +51,6 @@ def experiments(tmp_path_factory) -> Path:
     for rate in LEARNING_RATES:
         run(["dvc", "exp", "run", "-S", f"train.learning_rate={rate}"], project)
     return project
-
-
-def snapshot(client: mlflow.MlflowClient, run_id: str) -> dict:
-    """Everything a run holds, as the store's API returns it: name, status, start and end time,
-    params, tags, every metric's whole history, and every artifact's path and size."""
-    mlrun = client.get_run(run_id)
-    return {
-        "info": (mlrun.info.run_name, mlrun.info.status, mlrun.info.start_time, mlrun.info.end_time),
-        "params": mlrun.data.params, "tags": mlrun.data.tags,
-        "metrics": {key: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
-                    for key in mlrun.data.metrics},
-        "artifacts": artifact_sizes(client, run_id),
-    }
-
-
-def artifact_sizes(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[tuple[str, int]]:
-    found = []
-    for artifact in client.list_artifacts(run_id, path):
-        found += artifact_sizes(client, run_id, artifact.path) if artifact.is_dir else [(artifact.path, artifact.file_size)]
-    return found
-
-
-RERUNS = {"eval-only": "evaluate.iw_samples=5", "vis-only": "visualize.num_images=6"}  # one stage each
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +84,7 @@ def http_server():
     servers = []
 
     def serve(folder: Path) -> str:
-        handler = functools.partial(_QuietHandler, directory=str(folder))
+        handler = functools.partial(QuietHandler, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -226,65 +96,11 @@ def http_server():
         server.server_close()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def translate_path(self, path: str) -> str:
-        return super().translate_path(urllib.parse.urlsplit(path).path)  # a proxy request names the whole URL
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback over its own sqlite store; yields (url, store uri, process)."""
     with serve_mlflow(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as server:
         yield server
-
-
-@contextlib.contextmanager
-def serve_mlflow(store: str, artifacts: Path, port: int | None = None):
-    """`mlflow server` on loopback (on `port`, or a free one), in a process group of its own; yields
-    (url, store, process), then stops the whole group (the server, its uvicorn worker and its huey
-    consumers)."""
-    port = port or free_port()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log = artifacts.parent / f"mlflow-server-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", store, "--artifacts-destination", str(artifacts)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-        yield f"http://127.0.0.1:{port}", store, proc
-    finally:
-        stop_process_group(proc)
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """SIGTERM to the process group `proc` leads, then SIGKILL to whatever of it is left after
-    `grace_s`: children that ignore SIGTERM or outlive their parent go too."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.fixture
@@ -308,87 +124,58 @@ def started():
         proc.stdout.close()
 
 
-def epoch_ended(n: int) -> str:
-    """The pattern of the line training prints once epoch `n` is over and its checkpoint written
-    (a log's progress line, `epoch n/N: ... images`, comes before it and does not match)."""
-    return rf"^epoch {n}/\d+  train_"
-
-
-def stage_process(dvc: subprocess.Popen, stage: str, timeout: float = 120) -> psutil.Process:
-    """The `python -m pipeline.<stage>` process that `dvc` started, once it runs: DVC's child where
-    its shell execs the command (bash), its grandchild where it does not (dash, DVC's /bin/sh when
-    SHELL is unset); torchrun's, not the ranks below it, under torchrun."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(psutil.Error):
-            runs_stage = {}
-            for process in psutil.Process(dvc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if f"pipeline.{stage}" in process.cmdline():
-                        runs_stage[process.pid] = process
-            for process in runs_stage.values():
-                if process.ppid() not in runs_stage:
-                    return process
-        time.sleep(0.05)
-    raise AssertionError(f"DVC did not start the {stage} stage within {timeout} s")
-
-
-def read_until(proc: subprocess.Popen, pattern: str) -> str:
-    seen = ""
-    for line in proc.stdout:
-        seen += line
-        if re.search(pattern, line):
-            return seen
-    raise AssertionError(f"process ended before printing {pattern!r}:\n{seen}")
-
-
-def runs_of(project: Path):
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
-    experiment = client.get_experiment_by_name("vae-pipeline")
-    return client, client.search_runs([experiment.experiment_id])
-
-
-# Every process the tests start inherits this variable, also those that leave their parent's
-# process group or are re-parented (a daemonised PostgreSQL, DVC's queue workers), so the session
-# can find any that outlive it.
-SESSION_MARKER = "VAE_PIPELINE_TEST_SESSION"
+# The fixtures that build something many tests read, and the xdist group their tests run in: with
+# `--dist loadgroup` (pyproject.toml) the tests of one build run on one worker, which builds it once.
+SHARED_BUILDS = {"reproduced": "session-projects", "experiments": "session-projects",
+                 "partial_experiments": "session-projects", "uninterrupted": "uninterrupted",
+                 "reproduced_once": "reproduced-once", "team_server": "team-server", "bundle": "bundle"}
+# Where each xdist worker leaves the processes it found still running, for the session's verdict.
+LEFTOVERS_VARIABLE = "VAE_PIPELINE_TEST_LEFTOVERS"
 
 
 def pytest_configure(config) -> None:
     os.environ[SESSION_MARKER] = str(os.getpid())
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the session's first process
+        os.environ[LEFTOVERS_VARIABLE] = tempfile.mkdtemp(prefix="vae-pipeline-leftovers.")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # Each worker its share of the cores, and so the stages it starts: a PyTorch thread whose
+        # core another worker holds spins, and measured, two workers of two threads each on 2 cores
+        # took twice the CPU time of one.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
-def processes_started_by_this_session() -> list[psutil.Process]:
-    """Every live process with this session's marker, but for pytest's own multiprocessing resource
-    tracker (started by the tests that spawn gloo ranks), which ends when pytest does."""
-    marker, found = os.environ.get(SESSION_MARKER), []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.status() == psutil.STATUS_ZOMBIE or proc.environ().get(SESSION_MARKER) != marker:
-                continue
-            if proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline()):
-                continue
-            found.append(proc)
-    return found
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        groups = [SHARED_BUILDS[name] for name in item.fixturenames if name in SHARED_BUILDS]
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Fail the run if any process a test started is still alive, and stop it, so none piles up."""
-    if os.environ.get(SESSION_MARKER) != str(os.getpid()):
-        return  # a pytest run inside a test
-    leftovers = processes_started_by_this_session()
+    """Fail the run if any process a test started is still alive, and stop it, so none piles up.
+    Under xdist each worker looks for its own tests' processes and the controller gives the verdict."""
+    worker = hasattr(session.config, "workerinput")
+    leftovers = [] if session.config.pluginmanager.hasplugin("dsession") else processes_started_by_this_session()
     _, leftovers = psutil.wait_procs(leftovers, timeout=5)  # a moment for what is already stopping
-    if not leftovers:
-        return
     described = [f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}" for p in leftovers if p.is_running()]
     for proc in leftovers:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    found = Path(os.environ[LEFTOVERS_VARIABLE])
+    if worker:
+        if described:
+            (found / f"{os.getpid()}.txt").write_text("\n".join(described))
+        return
+    described += [line for report in sorted(found.glob("*.txt")) for line in report.read_text().splitlines()]
+    shutil.rmtree(found, ignore_errors=True)
+    if not described:
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     reporter.write("\n")
-    reporter.write_sep("=", f"FAILED: {len(leftovers)} process(es) started by the tests were still running", red=True)
+    reporter.write_sep("=", f"FAILED: {len(described)} process(es) started by the tests were still running", red=True)
     for line in described:
         reporter.write_line(line, red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import GIT_IDENTITY, ROOT, edit_params, make_project, project_env, run
+from tests.projects import GIT_IDENTITY, ROOT, edit_params, make_project, project_env, run
 
 WORKFLOWS = ROOT / ".github" / "workflows"
 QUICK, FULL = WORKFLOWS / "pull-request.yml", WORKFLOWS / "full-suite.yml"
@@ -82,7 +82,7 @@ def readme_commands() -> tuple[str, dict[str, str]]:
     tests = [line.split(" #")[0].strip().removeprefix(". .venv/bin/activate && ")
              for line in next(block for block in blocks if "pytest" in block).splitlines()]
     return set_up, {"quick": next(line for line in tests if "not slow" in line),
-                    "full": next(line for line in tests if line.endswith("pytest"))}
+                    "full": next(line for line in tests if "not slow" not in line)}
 
 
 def test_pull_requests_get_the_quick_tier_and_the_full_suite_runs_nightly_and_on_demand():
