@@ -21,7 +21,8 @@ from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
 from pipeline.errors import run_stage
 from pipeline.idx import NUM_CLASSES
-from pipeline.losses import LOSS_NAMES, kl_divergence, loss_function, reconstruction_error
+from pipeline.loss_names import LOSS_NAMES
+from pipeline.losses import kl_divergence, loss_function, reconstruction_error
 from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
 from pipeline.model_files import file_sha256, load_model
 from pipeline.params import load_params

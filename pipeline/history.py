@@ -9,7 +9,7 @@ import io
 
 import torch
 
-from pipeline.losses import LOSS_NAMES
+from pipeline.loss_names import LOSS_NAMES
 
 EPOCH = "epoch"  # the history's first column, and each metric's step
 EPOCHS = "epochs"  # in metrics/train.json: how many epochs the model trained

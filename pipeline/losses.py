@@ -9,19 +9,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.loss_names import LOSS_NAMES
 from pipeline.model import EVAL_BATCH_SIZE, VAE, to_input
 from pipeline.params import TrainParams
 
 
-class LossParts(NamedTuple):
-    """Batch means of per-image sums, so numbers do not depend on the batch size."""
-
-    reconstruction: torch.Tensor
-    kl: torch.Tensor
-    total: torch.Tensor
-
-
-LOSS_NAMES = LossParts._fields
+# Batch means of per-image sums, so numbers do not depend on the batch size.
+LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES])
 
 
 def _pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
