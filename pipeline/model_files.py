@@ -104,12 +104,13 @@ def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(fingerprint: dict, model: VAE, optimizer: torch.optim.Optimizer,
-                    rng_by_rank: list[dict[str, torch.Tensor]], history: list[list[float]], run_id: str | None) -> None:
+                    rng_by_rank: list[dict[str, torch.Tensor]], history: list[list[float]], run_id: str | None,
+                    path: Path = CHECKPOINT_FILE) -> None:
     """All a killed run needs to go on as if it had not stopped: weights, optimizer, every process's
     random states (`random_states` of each rank, in rank order), the epochs' history (`history.to_saved`)
-    and the MLflow run."""
+    and the MLflow run. A sweep training trials together writes each trial's to a `path` of its own."""
     save_torch({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_by_rank, "history": history, "run_id": run_id}, CHECKPOINT_FILE)
+                "rng": rng_by_rank, "history": history, "run_id": run_id}, path)
 
 
 def load_checkpoint(fingerprint: dict, epochs: int) -> dict | None:

@@ -8,14 +8,15 @@ sums and the first non-finite step are kept there, and nothing waits for the GPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from pipeline.losses import LossParts, loss_function, vae_loss
-from pipeline.model import to_input
-from pipeline.params import TrainParams
+from pipeline.model import VAE, to_input
+from pipeline.params import Params, TrainParams
 
 WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> the forward pass's autocast dtype
@@ -130,6 +131,25 @@ class TrainStep:
         bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
         self.steps += 1
+
+
+def seeded_start(params: Params, device: torch.device) -> tuple[VAE, torch.optim.Adam, torch.Generator]:
+    """What a run starts from, all drawn from `seed`: the model's initial weights, its Adam, and
+    the generator of each epoch's data order. A trial trained beside others starts here too."""
+    torch.manual_seed(params.seed)
+    model = VAE(**dataclasses.asdict(params.model)).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.train.learning_rate, device)
+    return model, optimizer, torch.Generator(device=device).manual_seed(params.seed)
+
+
+def divergence(first_bad_step: int, epoch: int, learning_rate: float) -> str | None:
+    """Why the run stops, if the epoch had a step whose loss was not finite (None if it had not)."""
+    if first_bad_step < 0:
+        return None
+    return (f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step}; "
+            f"train.learning_rate {learning_rate} may be too high")
 
 
 def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device,

@@ -26,10 +26,7 @@ from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, STATE_FILE, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.progress import progress
 from pipeline.runtime import Ranks
-from pipeline.step import TrainStep, make_optimizer, train_epoch
-
-WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
-
+from pipeline.step import TrainStep, divergence, seeded_start, train_epoch
 
 class DivergedError(PipelineError):
     """The loss became NaN or infinite."""
@@ -126,18 +123,14 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     params and data left a checkpoint, its weights, optimizer, random states and history; or else,
     if a finished run of them trained fewer epochs than asked, all of those from its last epoch."""
     cfg = params.train
-    torch.manual_seed(params.seed)
-    model = VAE(**dataclasses.asdict(params.model)).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.learning_rate, device)
+    model, optimizer, generator = seeded_start(params, device)
     step_model = model
     if ranks.world_size > 1:
         print(f"rank {ranks.rank} of {ranks.world_size} on {device}: "
               + ("training and writing every output" if ranks.writer else "training only"), flush=True)
         torch.manual_seed(params.seed + ranks.rank)  # each rank its own reparameterisation noise
         step_model = torch.nn.parallel.DistributedDataParallel(model)
-    state = Training(model, step_model, optimizer, torch.Generator(device=device).manual_seed(params.seed), [], None)
+    state = Training(model, step_model, optimizer, generator, [], None)
 
     # Rank 0 reads the checkpoint first and alone deletes a stale one; the others read after it.
     checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
@@ -167,12 +160,9 @@ def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: Tra
     row of history (None on the other ranks)."""
     with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
         train_parts, first_bad_step = train_epoch(step, state.generator, advance)
-    if first_bad_step.item() >= 0:
-        raise DivergedError(
-            f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-            f"train.learning_rate {cfg.learning_rate} may be too high. "
-            + (f"The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
-        )
+    if why := divergence(first_bad_step.item(), epoch, cfg.learning_rate):
+        raise DivergedError(why + (f". The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}"
+                                   if epoch > 1 else ""))
     if not ranks.writer:
         return None
     return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
@@ -180,11 +170,8 @@ def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: Tra
 
 def report_epoch(tracked: tracking.TrackedRun, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor,
                  epochs: int) -> None:
-    """The epoch's losses and time to MLflow with the watched validation images' reconstructions,
-    and one line to the terminal."""
-    tracked.log_metrics(row.losses | {"epoch_seconds": seconds}, step=row.epoch)
-    if tracked.run_id is not None:
-        tracked.log_reconstructions(model, validation[:WATCHED_IMAGES], row.epoch)
+    """The epoch to MLflow (`TrackedRun.log_epoch`) and one line to the terminal."""
+    tracked.log_epoch(row, seconds, model, validation)
     print(f"epoch {row.epoch}/{epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.losses.items())
           + f"  ({seconds:.1f} s)", flush=True)
 

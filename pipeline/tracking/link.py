@@ -74,11 +74,12 @@ def write_record(record: Record) -> None:
 
 
 def training_run(experiment_id: str | None, resumed_run_id: str | None, params: Params, device: torch.device,
-                 precision: str, datasets: dict[str, torch.Tensor], continues_run_id: str | None = None) -> TrackedRun:
+                 precision: str, datasets: dict[str, torch.Tensor], continues_run_id: str | None = None,
+                 params_text: str | None = None) -> TrackedRun:
     """The run to train into: the interrupted run again when training resumes, otherwise this
     execution's new run, with its data (`datasets`: context -> uint8 images) as inputs, the
     precision it trains in (`train.precision` resolved) and the finished run it continues, if
-    any, as tags."""
+    any, as tags. `params_text`: the params.yaml a trial of a sweep would have (default: the file)."""
     if experiment_id is None:
         return TrackedRun(None)
     tracked = None
@@ -90,7 +91,7 @@ def training_run(experiment_id: str | None, resumed_run_id: str | None, params: 
             print(f"warning: the checkpoint's MLflow run {resumed_run_id} is not in this store; logging into a new run",
                   file=sys.stderr)
     if tracked is None:
-        tracked = _new_run(experiment_id, params, "train", device)
+        tracked = _new_run(experiment_id, params, "train", device, params_text)
         tracked.set_tags({PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {}))
         log_data(tracked, params, datasets)
     return tracked
@@ -166,7 +167,8 @@ def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | No
     return (found[0].model_id, found[0].source_run_id) if found else (None, None)
 
 
-def _new_run(experiment_id: str, params: Params, stage: str, device: torch.device) -> TrackedRun:
+def _new_run(experiment_id: str, params: Params, stage: str, device: torch.device,
+             params_text: str | None = None) -> TrackedRun:
     """A new run of this execution, named and labelled: its params, params.yaml and the packages
     it ran with, where it comes from (MLflow's source and git tags), where it runs."""
     source = provenance.source()
@@ -174,7 +176,7 @@ def _new_run(experiment_id: str, params: Params, stage: str, device: torch.devic
     tracked = TrackedRun(run.info.run_id)
     tracked.log_params(provenance.flat_yaml(params))
     tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags())
-    tracked.log_text(PARAMS_FILE.read_text(), PARAMS_FILE.name)
+    tracked.log_text(params_text or PARAMS_FILE.read_text(), PARAMS_FILE.name)
     tracked.log_text(provenance.environment(), "environment/requirements.txt")
     return tracked
 

@@ -36,6 +36,7 @@ T = TypeVar("T")
 RETRY_SECONDS = "PIPELINE_TRACKING_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 60
 CANDIDATE_ALIAS = "candidate"  # the registered model's newest evaluated version
+WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
 
 
 class TrackedRun:
@@ -107,6 +108,13 @@ class TrackedRun:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self._call(f"image {key} at step {step}",
                    lambda client: client.log_image(self.run_id, image, key=key, step=step))
+
+    def log_epoch(self, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor) -> None:
+        """The epoch's losses and time, and the reconstructions of the first WATCHED_IMAGES
+        validation images, each at the epoch's step."""
+        self.log_metrics(row.losses | {"epoch_seconds": seconds}, step=row.epoch)
+        if self.run_id is not None:
+            self.log_reconstructions(model, validation[:WATCHED_IMAGES], row.epoch)
 
     @torch.no_grad()
     def log_reconstructions(self, model: VAE, images: torch.Tensor, step: int) -> None:
