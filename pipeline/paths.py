@@ -16,11 +16,14 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_HISTORY = Path("metrics/history.csv")
 TEST_METRICS = Path("metrics/test.json")
 FIGURES_DIR = Path("figures")
+# Set by a sweep whose trials run in a clone of the user's repository: that repository. (DVC sets
+# DVC_ROOT to the clone for the clone's own `dvc exp run`.)
+PROJECT_ROOT_VARIABLE = "PIPELINE_PROJECT_ROOT"
 
 
 def project_root() -> Path:
-    """The user's repository, also when `dvc exp run --queue` runs us in a temporary copy of it."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """The user's repository, also when `dvc exp run --queue` or a sweep runs us in a copy of it."""
+    return Path(os.environ.get(PROJECT_ROOT_VARIABLE) or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def from_root(path: str | Path) -> Path:

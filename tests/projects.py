@@ -29,6 +29,7 @@ def project_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     env.pop("DVC_ROOT", None)
+    env.pop("PIPELINE_PROJECT_ROOT", None)
     return env
 
 
