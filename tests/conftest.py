@@ -128,7 +128,8 @@ def started():
 # `--dist loadgroup` (pyproject.toml) the tests of one build run on one worker, which builds it once.
 SHARED_BUILDS = {"reproduced": "session-projects", "experiments": "session-projects",
                  "partial_experiments": "session-projects", "uninterrupted": "uninterrupted",
-                 "reproduced_once": "reproduced-once", "team_server": "team-server", "bundle": "bundle"}
+                 "reproduced_once": "reproduced-once", "team_server": "team-server", "bundle": "bundle",
+                 "swept_together": "swept-together"}
 # Where each xdist worker leaves the processes it found still running, for the session's verdict.
 LEFTOVERS_VARIABLE = "VAE_PIPELINE_TEST_LEFTOVERS"
 

@@ -18,8 +18,8 @@ import ray
 from dvc.repo.experiments.utils import gen_random_name
 
 from pipeline.errors import PipelineError
-from pipeline.sweep import cluster, report
-from pipeline.sweep.plan import dvc, prepare
+from pipeline.sweep import cluster, groups, report
+from pipeline.sweep.plan import dvc, prepare, prepare_together
 from pipeline.sweep.trial import Sweep
 
 
@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="trials running at once at most (default 0: as many as the cluster fits)")
     parser.add_argument("--retries", type=int, default=3, help="runs again of a trial whose node was lost (default 3)")
     parser.add_argument("--git-remote", default="origin", help="the git remote workers clone from and push to")
+    parser.add_argument("--together", type=int, default=0, metavar="N",
+                        help="train up to N trials that differ only in seed, learning rate, beta or loss together, "
+                             "in one process on this machine's device; needs no Ray, remote or server (default 0: "
+                             "each trial a Ray task)")
     return parser.parse_args(argv)
 
 
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args.name = args.name or gen_random_name()
     started = time.monotonic()
     try:
+        if args.together:
+            return _sweep_together(args, started)
         plan = prepare(args)
         cluster.start_ray(args.cpus_per_trial, args.gpus_per_trial)
     except PipelineError as exc:
@@ -75,6 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         best = f"; the best is {summary.best.name}" if summary.best else ""
         print(f"\n`dvc exp show` lists the {len(outcome.finished)} finished trials{best}" if pulled.returncode == 0
               else f"warning: `dvc exp pull` failed: {pulled.stderr.strip()}", flush=True)
+    return 130 if outcome.cancelled else 1 if outcome.failed else 0
+
+
+def _sweep_together(args: argparse.Namespace, started: float) -> int:
+    """The sweep with trials trained together on this machine (groups.py); the report as for Ray's."""
+    plan = prepare_together(args)
+    kept = groups.finished_before(plan.trials)
+    trials = [trial for trial in plan.trials if trial.name not in kept]
+    if kept:
+        print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
+    client = mlflow.MlflowClient()
+    parent_run_id = report.open_parent_run(client, plan, args)
+    sweep = Sweep(plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
+    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]}, up to {args.together} together, "
+          f"MLflow run {parent_run_id} in experiment '{plan.tracking.experiment_name}'", flush=True)
+    try:
+        outcome = groups.run_groups(plan, trials, args, parent_run_id)
+    except BaseException:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+    summary = report.summarize(outcome, time.monotonic() - started)
+    report.log_trials_table(sweep, trials, outcome)
+    report.settle_trial_runs(client, sweep, outcome)
+    report.log_summary(client, sweep, trials, outcome, summary)
+    report.print_table(trials, outcome, summary)
     return 130 if outcome.cancelled else 1 if outcome.failed else 0
 
 

@@ -74,17 +74,22 @@ def check(trials: list[Trial], params_text: str) -> list[Params]:
     """Each trial's params.yaml (`params_text` with its overrides, applied by DVC's own code as
     `dvc exp run -S` applies them), checked as a stage checks it. A bad point refuses the sweep."""
     checked = []
+    for trial in trials:
+        try:
+            checked.append(parse_params(yaml.safe_load(applied(trial, params_text))))
+        except (ParamsError, InvalidArgumentError) as exc:
+            reason = str(exc) if isinstance(exc, ParamsError) else _unknown_key(trial)
+            raise PipelineError(f"trial {trial.name} ({' '.join(trial.overrides)}): {reason}") from None
+    return checked
+
+
+def applied(trial: Trial, params_text: str) -> str:
+    """The trial's params.yaml: `params_text` as `dvc exp run -S` leaves it after the trial's overrides."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / PARAMS_FILE.name
-        for trial in trials:
-            path.write_text(params_text)
-            try:
-                apply_overrides(path, list(trial.overrides))
-                checked.append(parse_params(yaml.safe_load(path.read_text())))
-            except (ParamsError, InvalidArgumentError) as exc:
-                reason = str(exc) if isinstance(exc, ParamsError) else _unknown_key(trial)
-                raise PipelineError(f"trial {trial.name} ({' '.join(trial.overrides)}): {reason}") from None
-    return checked
+        path.write_text(params_text)
+        apply_overrides(path, list(trial.overrides))
+        return path.read_text()
 
 
 def _unknown_key(trial: Trial) -> str:

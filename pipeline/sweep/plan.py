@@ -1,9 +1,10 @@
-"""A sweep's plan, and every reason to refuse it, checked cheapest first before Ray or any task starts."""
+"""A sweep's plan, and every reason to refuse it, checked cheapest first before Ray or any trial starts."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
 from pipeline.git import git
-from pipeline.params import PARAMS_FILE, MlflowParams
+from pipeline.params import PARAMS_FILE, MlflowParams, Params
 from pipeline.paths import DVC_FILE
 from pipeline.sweep import grid
 from pipeline.tracking.store import connect
@@ -25,8 +26,9 @@ class Plan:
     trials: list[grid.Trial]
     commit: str
     git_url: str
-    experiment_id: str
+    experiment_id: str | None  # None: tracking off (mlflow.enabled: false)
     tracking: MlflowParams
+    params: list[Params]  # each trial's, checked
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess:
@@ -35,7 +37,7 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
 
 
 def prepare(args: argparse.Namespace) -> Plan:
-    """Every check that can refuse the sweep, cheapest first."""
+    """Every check that can refuse a sweep on Ray, cheapest first."""
     if not DVC_FILE.exists():
         raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
     if args.cpus_per_trial <= 0:
@@ -43,23 +45,13 @@ def prepare(args: argparse.Namespace) -> Plan:
     for option in ("gpus_per_trial", "max_concurrent", "retries"):
         if getattr(args, option) < 0:
             raise PipelineError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(args, option):g}")
-    sets = args.sets + (grid.overrides_from_file(args.grid) if args.grid else [])
-    if not sets:
-        raise PipelineError("no grid: give it as -S 'train.learning_rate=0.001,0.0005' (DVC's syntax), or --grid FILE")
-    trials = grid.expand(sets, args.name)
-    commit = git("rev-parse", "HEAD")
-    checked = grid.check(trials, git("show", f"{commit}:{PARAMS_FILE}"))
+    sets, trials, commit, checked = _grid_at_head(args)
     tracking = checked[0].mlflow
-    if any(params.mlflow != tracking for params in checked):
-        raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
     if not tracking.enabled or urlparse(tracking.tracking_uri).scheme not in ("http", "https"):
         where = tracking.tracking_uri if tracking.enabled else "nowhere (mlflow.enabled: false)"
         raise PipelineError(
             f"mlflow.tracking_uri: a sweep's trials run on other machines and cannot share {where}: point it at "
             "the team's MLflow server, in params.yaml or as -S mlflow.tracking_uri=https://host:port")
-    if git("status", "--porcelain", "--untracked-files=no"):
-        raise PipelineError("the workspace has uncommitted changes, and trials run the commit, not the workspace: "
-                            "commit them (and push), or stash them")
     if args.git_remote not in git("remote").split():
         raise PipelineError(f"no git remote '{args.git_remote}', which the workers clone the repository from: "
                             f"`git remote add {args.git_remote} URL` and push, or name another with --git-remote")
@@ -77,7 +69,45 @@ def prepare(args: argparse.Namespace) -> Plan:
     if taken:
         raise PipelineError(f"experiments {', '.join(taken)} already exist on '{args.git_remote}' for commit "
                             f"{commit[:7]}: give the sweep another --name")
-    return Plan(sets, trials, commit, git_url, connect(tracking), tracking)
+    return Plan(sets, trials, commit, git_url, connect(tracking), tracking, checked)
+
+
+def prepare_together(args: argparse.Namespace) -> Plan:
+    """Every check that can refuse a sweep whose trials train together on this machine. It needs
+    no remote and no server: the trials run in a clone of this repository, share its DVC cache
+    and its MLflow store, and land here as experiments."""
+    if not DVC_FILE.exists():
+        raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
+    if args.together < 1:
+        raise PipelineError(f"--together must be 1 or more trials a process, got {args.together}")
+    if os.environ.get("RAY_ADDRESS"):
+        raise PipelineError("--together trains on this machine, not on the Ray cluster RAY_ADDRESS names: "
+                            "unset RAY_ADDRESS, or drop --together")
+    sets, trials, commit, checked = _grid_at_head(args)
+    if any(params.train.num_processes > 1 for params in checked):
+        raise PipelineError("train.num_processes above 1 (torchrun) cannot train beside other trials: "
+                            "set it to 1, or drop --together")
+    if not checked[0].mlflow.enabled:
+        raise PipelineError("mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
+                            "set it to true (the default store is a file in this project)")
+    return Plan(sets, trials, commit, str(Path.cwd().resolve()), connect(checked[0].mlflow), checked[0].mlflow,
+                checked)
+
+
+def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial], str, list[Params]]:
+    """The grid's trials of the commit the workspace is at, each checked, all logging to one place."""
+    sets = args.sets + (grid.overrides_from_file(args.grid) if args.grid else [])
+    if not sets:
+        raise PipelineError("no grid: give it as -S 'train.learning_rate=0.001,0.0005' (DVC's syntax), or --grid FILE")
+    trials = grid.expand(sets, args.name)
+    commit = git("rev-parse", "HEAD")
+    checked = grid.check(trials, git("show", f"{commit}:{PARAMS_FILE}"))
+    if any(params.mlflow != checked[0].mlflow for params in checked):
+        raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        raise PipelineError("the workspace has uncommitted changes, and trials run the commit, not the workspace: "
+                            "commit them (and push), or stash them")
+    return sets, trials, commit, checked
 
 
 def _on_remote(commit: str, remote: str) -> bool:

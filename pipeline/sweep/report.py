@@ -33,7 +33,8 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
     params = {"sweep.grid": " ".join(f"-S '{s}'" for s in plan.sets), "sweep.trials": len(plan.trials),
               "sweep.commit": plan.commit,
               "sweep.cpus_per_trial": args.cpus_per_trial, "sweep.gpus_per_trial": args.gpus_per_trial,
-              "sweep.max_concurrent": args.max_concurrent, "sweep.retries": args.retries}
+              "sweep.max_concurrent": args.max_concurrent, "sweep.retries": args.retries,
+              "sweep.together": args.together}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 

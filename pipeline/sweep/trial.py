@@ -137,7 +137,7 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
         _interrupt(proc)
         raise
     if proc.returncode != 0:
-        raise TrialFailed(name, _reason(list(tail), proc.returncode))
+        raise TrialFailed(name, reason_from_output(list(tail), proc.returncode))
 
 
 def tied_to_this_process(args: list[str]) -> list[str]:
@@ -157,13 +157,13 @@ def _say_untied() -> None:
           "a trial whose worker is killed trains on until it finishes", file=sys.stderr)
 
 
-def _reason(lines: list[str], returncode: int) -> str:
+def reason_from_output(lines: list[str], returncode: int, what: str = "`dvc exp run`") -> str:
     """The stage's own one-line error (a diverged loss says so), else DVC's."""
     for prefix in ("error: ", "ERROR: "):
         found = [line.strip() for line in lines if line.startswith(prefix)]
         if found:
             return found[-1].removeprefix("error: ")
-    return f"`dvc exp run` exited with {returncode}"
+    return f"{what} exited with {returncode}"
 
 
 def _interrupt(proc: subprocess.Popen) -> None:

@@ -1,0 +1,147 @@
+"""`python -m pipeline.sweep.together SPEC`: one group of a sweep's trials, trained together in this
+process on one device, each exactly as it would train alone, into an MLflow run of its own.
+
+Each trial draws from generators of its own, in the calls a run alone makes: its initial weights
+from `seed`, its data order, its reparameterisation noise (a copy of the default generator as the
+seed left it); it has its own loss, Adam and learning rate. So on the CPU a trial's weights are the
+bytes its own `dvc exp run` gives. What the group writes per trial is the checkpoint that run would
+have written after its last epoch; `dvc exp run` of the trial then finds it and only finishes.
+
+Run by the sweep in its clone of the repository (the data split there), never by hand. SPEC is a
+JSON file: {"trials": [{"name", "overrides"}], "out": folder}. Writes, atomically, per trial,
+`<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline import atomic, history, model_files, runtime, tracking
+from pipeline.data_parts import part_on
+from pipeline.errors import run_stage
+from pipeline.history import EpochLosses
+from pipeline.losses import dataset_loss
+from pipeline.params import PARAMS_FILE, Params, parse_params
+from pipeline.provenance import PARENT_RUN_VARIABLE
+from pipeline.step import TrainStep, copy_of_default_generator, divergence, seeded_start, train_together
+from pipeline.sweep import grid
+
+# What every trial of a group must share to train in one process: all but these are one for all.
+PER_TRIAL_KEYS = {"seed": None, "train": ("learning_rate", "beta", "reconstruction"), "evaluate": None,
+                  "visualize": None}
+
+
+def group_key(params: Params) -> str:
+    """The params a group's trials share (the model's shape, batch, precision, device, epochs, data):
+    trials of one key can train together, trials of two keys cannot."""
+    shared = dataclasses.asdict(params)
+    for section, keys in PER_TRIAL_KEYS.items():
+        if keys is None:
+            shared.pop(section)
+        else:
+            shared[section] = {k: v for k, v in shared[section].items() if k not in keys}
+    return json.dumps(shared, sort_keys=True)
+
+
+@dataclasses.dataclass
+class Member:
+    """One trial of the group: its params, what it trains and how far it has got."""
+
+    trial: grid.Trial
+    params: Params
+    fingerprint: dict
+    model: torch.nn.Module
+    step: TrainStep
+    order: torch.Generator  # each epoch's data order
+    noise: torch.Generator  # the reparameterisation noise, where a run alone uses the default generator
+    cpu_state: torch.Tensor  # on CUDA, the CPU's random state a run alone keeps from its start to its end
+    tracked: tracking.TrackedRun
+    history: list[EpochLosses] = dataclasses.field(default_factory=list)
+
+    def random_states(self) -> dict[str, torch.Tensor]:
+        """What `model_files.random_states` gives at the end of the trial's run alone."""
+        on_cuda = self.noise.device.type == "cuda"
+        rng = {"cpu": self.cpu_state if on_cuda else self.noise.get_state(), "permutation": self.order.get_state()}
+        return rng | ({"cuda": self.noise.get_state()} if on_cuda else {})
+
+
+def train_group(trials: list[grid.Trial], out: Path) -> int:
+    params_text = PARAMS_FILE.read_text()
+    texts = [grid.applied(trial, params_text) for trial in trials]
+    all_params = [parse_params(yaml.safe_load(text)) for text in texts]
+    if len({group_key(params) for params in all_params}) > 1:
+        raise ValueError("the trials of a group must differ only in seed, learning rate, beta and loss")
+    cfg = all_params[0].train
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.configure_determinism(cfg.deterministic)
+    train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
+    experiment_id = tracking.connect(all_params[0].mlflow)
+    compiles = runtime.compiles_forward(cfg.compile, device, 1)
+    members = [_start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation)
+               for trial, params, text in zip(trials, all_params, texts)]
+    print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
+    active = list(members)
+    try:
+        with tracking.TrackedRun(os.environ.get(PARENT_RUN_VARIABLE)).monitor_system(resumed=True):
+            for epoch in range(1, cfg.epochs + 1):
+                started = time.perf_counter()
+                ends = train_together([m.step for m in active], [m.order for m in active])
+                for member, (train_parts, first_bad_step) in zip(list(active), ends):
+                    if why := divergence(first_bad_step.item(), epoch, member.params.train.learning_rate):
+                        print(f"{member.trial.name} failed: {why}", flush=True)
+                        atomic.write_text(out / f"{member.trial.name}.failed", why)
+                        member.tracked.finish("FAILED")
+                        active.remove(member)
+                        continue
+                    member.history.append(EpochLosses.of(epoch, train_parts, dataset_loss(
+                        member.model, validation, cfg.channels_last, member.step.loss, noise_generator=member.noise)))
+                seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
+                for member in active:
+                    row = member.history[-1]
+                    member.tracked.log_epoch(row, seconds, member.model, validation)
+                    print(f"{member.trial.name} epoch {epoch}/{cfg.epochs}  val_total {row.losses['val_total']:.3f}"
+                          f"  ({seconds:.1f} s for the group)", flush=True)
+    except BaseException:
+        for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
+            member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+        raise
+    for member in active:  # the run stays RUNNING: the trial's `dvc exp run` resumes it and ends it
+        model_files.save_checkpoint(member.fingerprint, member.model, member.step.optimizer, [member.random_states()],
+                                    history.to_saved(member.history), member.tracked.run_id,
+                                    path=out / f"{member.trial.name}.pt")
+    return 0
+
+
+def _start(trial: grid.Trial, params: Params, params_text: str, device: torch.device, precision: str,
+           compiles: bool, experiment_id: str | None, train_images: torch.Tensor, validation: torch.Tensor) -> Member:
+    """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial."""
+    model, optimizer, order = seeded_start(params, device)
+    noise = copy_of_default_generator(device)
+    step = TrainStep.from_params(params.train, model, optimizer, train_images, precision=precision, compile=compiles,
+                                 noise_generator=noise)
+    os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
+    try:
+        tracked = tracking.training_run(experiment_id, None, params, device, precision,
+                                        {"train": train_images, "validation": validation}, params_text=params_text)
+    finally:
+        del os.environ["DVC_EXP_NAME"]
+    return Member(trial, params, model_files.training_fingerprint(params, precision, device.type), model, step, order,
+                  noise, torch.get_rng_state(), tracked)
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    trials = [grid.Trial(t["name"], tuple(t["overrides"])) for t in spec["trials"]]
+    sys.exit(train_group(trials, Path(spec["out"])))
+
+
+if __name__ == "__main__":
+    run_stage(main)

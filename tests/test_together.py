@@ -1,0 +1,134 @@
+"""A sweep whose trials train together (`python -m pipeline.sweep --together N`), on this machine
+with no remote and no server, as docs/sweeps.md gives it: each trial the bytes of its solo `dvc exp
+run`, its own DVC experiment and MLflow run, a diverged trial failed alone, a rerun training only
+what did not finish."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.params import Params
+from pipeline.sweep import grid
+from pipeline.sweep.groups import groups
+from tests.projects import GIT_IDENTITY, make_project, project_env, run
+from tests.synthetic import write_mirror
+
+SWEEP = [sys.executable, "-m", "pipeline.sweep", "--together", "3", "-n", "tg"]
+GRID = ["-S", "train.learning_rate=0.0005,0.001,1e9"]  # the third diverges in its first steps
+SOLO = "train.learning_rate=0.001"  # tg-2, trained alone
+
+
+def default_params_text() -> str:
+    return yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False)
+
+
+def test_trials_of_one_shape_share_a_group_and_another_shape_gets_its_own():
+    trials = grid.expand(["model.latent_dim=2,3", "seed=1,2,3"], "g")
+    names = [[trials[i].name for i in group] for group in groups(grid.check(trials, default_params_text()), 2)]
+    assert names == [["g-1", "g-2"], ["g-3"], ["g-4", "g-5"], ["g-6"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Swept:
+    project: Path
+    first: subprocess.CompletedProcess  # the sweep
+    again: subprocess.CompletedProcess  # the same command, once more
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def swept_together(tmp_path_factory) -> Swept:
+    """A 2-epoch project swept together, tg-2's params trained alone as `dvc exp run`, and the
+    sweep run again: built once, read by the tests."""
+    tmp = tmp_path_factory.mktemp("together")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
+    env = project_env() | GIT_IDENTITY
+    first = run([*SWEEP, *GRID], project, check=False, env=env)
+    run(["dvc", "exp", "run", "-n", "solo", "-S", SOLO], project, env=env)
+    run(["git", "checkout", "--", "."], project)  # the workspace as committed: the sweep runs the commit
+    again = run([*SWEEP, *GRID], project, check=False, env=env)
+    return Swept(project, first, again, env)
+
+
+def lock_md5s(project: Path, experiment: str) -> dict[str, str]:
+    """Each train output's md5 in the experiment's dvc.lock."""
+    ref = next(line.split()[1] for line in run(["git", "show-ref"], project).stdout.splitlines()
+               if line.endswith(f"/{experiment}") and "refs/exps/" in line)
+    train = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project).stdout)["stages"]["train"]
+    return {out["path"]: out["md5"] for out in train["outs"]}
+
+
+@pytest.mark.slow
+def test_each_trial_trained_together_is_the_bytes_of_its_solo_run(swept_together):
+    first = swept_together.first
+    assert first.returncode == 1, first.stdout + first.stderr  # one trial failed
+    assert "group 1: tg-1, tg-2, tg-3" in first.stdout
+    md5s = lock_md5s(swept_together.project, "tg-2")
+    assert md5s == lock_md5s(swept_together.project, "solo")  # model.pt, state.pt, history.csv
+    assert md5s != lock_md5s(swept_together.project, "tg-1")
+
+
+@pytest.mark.slow
+def test_each_trial_is_an_experiment_and_a_run_nested_under_the_sweeps(swept_together):
+    project = swept_together.project
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    all_runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time ASC"])
+    parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id  # the first sweep's
+    runs = {r.info.run_name: r for r in all_runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent}
+    runs["solo"] = next(r for r in all_runs if r.info.run_name == "solo")
+    assert {name: runs[name].info.status for name in ("tg-1", "tg-2", "tg-3")} == \
+        {"tg-1": "FINISHED", "tg-2": "FINISHED", "tg-3": "FAILED"}
+    failed = next(line for line in swept_together.first.stdout.splitlines() if line.startswith("tg-3 "))
+    assert "NaN or infinite at epoch 1" in failed
+
+    client = mlflow.MlflowClient()
+    for key in ("train_total", "val_total"):
+        history = {name: sorted((m.step, m.value) for m in client.get_metric_history(runs[name].info.run_id, key))
+                   for name in ("tg-2", "solo")}
+        assert history["tg-2"] == history["solo"] and len(history["solo"]) == 2
+    assert set(runs["tg-2"].data.metrics) == set(runs["solo"].data.metrics)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    experiments = {e["name"]: e for baseline in shown for e in baseline.get("experiments") or []}
+    assert {"tg-1", "tg-2"} <= experiments.keys() and "tg-3" not in experiments
+    for name in ("tg-1", "tg-2"):
+        metrics = {}
+        for file in experiments[name]["revs"][0]["data"]["metrics"].values():
+            metrics |= file["data"]
+        for key in ("val_total", "test_total"):
+            assert runs[name].data.metrics[key] == pytest.approx(metrics[key], rel=1e-6)
+
+    run(["dvc", "exp", "apply", "tg-1"], project, env=swept_together.env)
+    assert "up to date" in run(["dvc", "status"], project).stdout
+    run(["git", "checkout", "--", "."], project)
+
+
+@pytest.mark.slow
+def test_the_same_sweep_again_trains_only_the_trials_that_did_not_finish(swept_together):
+    again = swept_together.again.stdout
+    assert "kept from before: tg-1, tg-2" in again
+    assert "training tg-3 together" in again
+    assert "tg-1 epoch" not in again and "tg-2 epoch" not in again
+
+
+@pytest.mark.slow
+def test_a_sweep_together_is_refused_in_one_line_before_any_work(project):
+    env = project_env() | GIT_IDENTITY
+    for extra_env, args, says in [
+        ({}, ["--together", "-1"], "--together must be 1 or more"),
+        ({"RAY_ADDRESS": "127.0.0.1:6379"}, ["--together", "2"], "unset RAY_ADDRESS"),
+        ({}, ["--together", "2", "-S", "train.num_processes=2"], "train.num_processes above 1"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "pipeline.sweep", *args, "-S", "seed=1,2"], cwd=project,
+                              env=env | extra_env, capture_output=True, text=True)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
