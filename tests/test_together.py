@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ from pipeline.sweep.groups import groups
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
 
-SWEEP = [sys.executable, "-m", "pipeline.sweep", "--together", "3", "-n", "tg"]
-GRID = ["-S", "train.learning_rate=0.0005,0.001,1e9"]  # the third diverges in its first steps
-SOLO = "train.learning_rate=0.001"  # tg-2, trained alone
+SWEEP = [sys.executable, "-m", "pipeline.sweep", "--together", "4", "-n", "tg"]
+# tg-1: seed 42 (the default), tg-3: seed 7, both with learning rate 0.001: two repeats of one
+# configuration; tg-2 and tg-4 (learning rate 1e9) diverge in their first steps.
+GRID = ["-S", "seed=42,7", "-S", "train.learning_rate=0.001,1e9"]
+SOLO = "train.learning_rate=0.001"  # tg-1, trained alone
 
 
 def default_params_text() -> str:
@@ -47,7 +50,7 @@ class Swept:
 
 @pytest.fixture(scope="module")
 def swept_together(tmp_path_factory) -> Swept:
-    """A 2-epoch project swept together, tg-2's params trained alone as `dvc exp run`, and the
+    """A 2-epoch project swept together, tg-1's params trained alone as `dvc exp run`, and the
     sweep run again: built once, read by the tests."""
     tmp = tmp_path_factory.mktemp("together")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
@@ -70,37 +73,37 @@ def lock_md5s(project: Path, experiment: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_each_trial_trained_together_is_the_bytes_of_its_solo_run(swept_together):
     first = swept_together.first
-    assert first.returncode == 1, first.stdout + first.stderr  # one trial failed
-    assert "group 1: tg-1, tg-2, tg-3" in first.stdout
-    md5s = lock_md5s(swept_together.project, "tg-2")
+    assert first.returncode == 1, first.stdout + first.stderr  # two trials failed
+    assert "group 1: tg-1, tg-2, tg-3, tg-4" in first.stdout
+    md5s = lock_md5s(swept_together.project, "tg-1")
     assert md5s == lock_md5s(swept_together.project, "solo")  # model.pt, state.pt, history.csv
-    assert md5s != lock_md5s(swept_together.project, "tg-1")
+    assert md5s != lock_md5s(swept_together.project, "tg-3")
 
 
 @pytest.mark.slow
-def test_each_trial_is_an_experiment_and_a_run_nested_under_the_sweeps(swept_together):
+def test_each_trial_is_an_experiment_to_apply_and_continue_and_a_run_nested_under_the_sweeps(swept_together):
     project = swept_together.project
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     all_runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time ASC"])
     parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id  # the first sweep's
     runs = {r.info.run_name: r for r in all_runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent}
     runs["solo"] = next(r for r in all_runs if r.info.run_name == "solo")
-    assert {name: runs[name].info.status for name in ("tg-1", "tg-2", "tg-3")} == \
-        {"tg-1": "FINISHED", "tg-2": "FINISHED", "tg-3": "FAILED"}
-    failed = next(line for line in swept_together.first.stdout.splitlines() if line.startswith("tg-3 "))
+    assert {name: runs[name].info.status for name in ("tg-1", "tg-2", "tg-3", "tg-4")} == \
+        {"tg-1": "FINISHED", "tg-2": "FAILED", "tg-3": "FINISHED", "tg-4": "FAILED"}
+    failed = next(line for line in swept_together.first.stdout.splitlines() if line.startswith("tg-2 "))
     assert "NaN or infinite at epoch 1" in failed
 
     client = mlflow.MlflowClient()
     for key in ("train_total", "val_total"):
         history = {name: sorted((m.step, m.value) for m in client.get_metric_history(runs[name].info.run_id, key))
-                   for name in ("tg-2", "solo")}
-        assert history["tg-2"] == history["solo"] and len(history["solo"]) == 2
-    assert set(runs["tg-2"].data.metrics) == set(runs["solo"].data.metrics)
+                   for name in ("tg-1", "solo")}
+        assert history["tg-1"] == history["solo"] and len(history["solo"]) == 2
+    assert set(runs["tg-1"].data.metrics) == set(runs["solo"].data.metrics)
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = {e["name"]: e for baseline in shown for e in baseline.get("experiments") or []}
-    assert {"tg-1", "tg-2"} <= experiments.keys() and "tg-3" not in experiments
-    for name in ("tg-1", "tg-2"):
+    assert {"tg-1", "tg-3"} <= experiments.keys() and "tg-2" not in experiments
+    for name in ("tg-1", "tg-3"):
         metrics = {}
         for file in experiments[name]["revs"][0]["data"]["metrics"].values():
             metrics |= file["data"]
@@ -109,15 +112,37 @@ def test_each_trial_is_an_experiment_and_a_run_nested_under_the_sweeps(swept_tog
 
     run(["dvc", "exp", "apply", "tg-1"], project, env=swept_together.env)
     assert "up to date" in run(["dvc", "status"], project).stdout
+    more = run(["dvc", "exp", "run", "-n", "tg-1-more", "-S", "train.epochs=3"], project, env=swept_together.env)
+    assert "continuing from epoch 2 of 3" in more.stdout
     run(["git", "checkout", "--", "."], project)
+
+
+@pytest.mark.slow
+def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_screen(swept_together):
+    client = mlflow.MlflowClient(f"sqlite:///{swept_together.project / 'mlruns' / 'mlflow.db'}")
+    all_runs = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id],
+                                  order_by=["start_time ASC"])
+    parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id
+    val_totals = [next(r for r in all_runs if r.info.run_name == name).data.metrics["val_total"]
+                  for name in ("tg-1", "tg-3")]
+    table = json.loads((Path(client.download_artifacts(parent, "repeats.json"))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(row["train.learning_rate"], row["finished"]) for row in rows] == [("0.001", 2), ("1000000000.0", 0)]
+    assert rows[0]["val_total_mean"] == pytest.approx(statistics.fmean(val_totals))
+    assert rows[0]["val_total_std"] == pytest.approx(statistics.stdev(val_totals))
+    assert rows[0]["test_total_std"] > 0 and "seed" not in table["columns"]
+    lines = swept_together.first.stdout.splitlines()
+    below = lines[next(i for i, line in enumerate(lines) if line.startswith("repeats")) + 1:]
+    assert below[0].split() == ["2", f"{statistics.fmean(val_totals):.4f}", f"{statistics.stdev(val_totals):.4f}",
+                                "train.learning_rate=0.001"]
 
 
 @pytest.mark.slow
 def test_the_same_sweep_again_trains_only_the_trials_that_did_not_finish(swept_together):
     again = swept_together.again.stdout
-    assert "kept from before: tg-1, tg-2" in again
-    assert "training tg-3 together" in again
-    assert "tg-1 epoch" not in again and "tg-2 epoch" not in again
+    assert "kept from before: tg-1, tg-3" in again
+    assert "training tg-2, tg-4 together" in again
+    assert "tg-1 epoch" not in again and "tg-3 epoch" not in again
 
 
 @pytest.mark.slow

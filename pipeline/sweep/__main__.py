@@ -1,10 +1,12 @@
 """`python -m pipeline.sweep -S 'train.learning_rate=0.001,0.0005' -S 'train.beta=1,4'`: every point
 of the grid as a DVC experiment, run as a Ray task on the cluster RAY_ADDRESS names (or on a Ray
 started on this machine), pushed to the git and DVC remotes, and logged as an MLflow run nested
-under the sweep's run. Everything that can be refused is refused before any task starts.
+under the sweep's run. With `--together N`, the trials train in groups of N on this machine instead,
+each still its own experiment. Everything that can be refused is refused before any trial starts.
 
 In parts: the plan and its refusals (plan.py), the trials on Ray (cluster.py), one trial on its
-worker (trial.py), and what the sweep leaves in MLflow and on screen (report.py)."""
+worker (trial.py), trials trained together (groups.py, together.py), and what the sweep leaves in
+MLflow and on screen (report.py)."""
 
 from __future__ import annotations
 
@@ -49,63 +51,41 @@ def main(argv: list[str] | None = None) -> int:
     args.name = args.name or gen_random_name()
     started = time.monotonic()
     try:
-        if args.together:
-            return _sweep_together(args, started)
-        plan = prepare(args)
-        cluster.start_ray(args.cpus_per_trial, args.gpus_per_trial)
+        plan = prepare_together(args) if args.together else prepare(args)
+        if not args.together:
+            cluster.start_ray(args.cpus_per_trial, args.gpus_per_trial)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted before any trial started", file=sys.stderr)
         return 130
+    trials = plan.trials
+    if args.together:  # a trial that is an experiment here already is kept: the same sweep again resumes it
+        kept = groups.finished_before(plan.trials)
+        trials = [trial for trial in plan.trials if trial.name not in kept]
+        if kept:
+            print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args)
     sweep = Sweep(plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
-    print(f"sweep {args.name}: {len(plan.trials)} trials of commit {plan.commit[:7]}, MLflow run {parent_run_id} in "
+    how = f"up to {args.together} together on this machine" if args.together else "on Ray"
+    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]}, {how}, MLflow run {parent_run_id} in "
           f"experiment '{plan.tracking.experiment_name}'", flush=True)
     try:
-        outcome = cluster.run_sweep(sweep, plan.trials, args)
+        outcome = (groups.run_groups(plan, trials, args, parent_run_id) if args.together
+                   else cluster.run_sweep(sweep, trials, args))
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
     finally:
         ray.shutdown()
-    summary = report.summarize(outcome, time.monotonic() - started)
-    report.log_trials_table(sweep, plan.trials, outcome)
-    report.settle_trial_runs(client, sweep, outcome)
-    report.log_summary(client, sweep, plan.trials, outcome, summary)
-    report.print_table(plan.trials, outcome, summary)
-    if outcome.finished:
+    summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started)
+    if outcome.finished and not args.together:  # trials trained together were pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""
         print(f"\n`dvc exp show` lists the {len(outcome.finished)} finished trials{best}" if pulled.returncode == 0
               else f"warning: `dvc exp pull` failed: {pulled.stderr.strip()}", flush=True)
-    return 130 if outcome.cancelled else 1 if outcome.failed else 0
-
-
-def _sweep_together(args: argparse.Namespace, started: float) -> int:
-    """The sweep with trials trained together on this machine (groups.py); the report as for Ray's."""
-    plan = prepare_together(args)
-    kept = groups.finished_before(plan.trials)
-    trials = [trial for trial in plan.trials if trial.name not in kept]
-    if kept:
-        print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
-    client = mlflow.MlflowClient()
-    parent_run_id = report.open_parent_run(client, plan, args)
-    sweep = Sweep(plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
-    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]}, up to {args.together} together, "
-          f"MLflow run {parent_run_id} in experiment '{plan.tracking.experiment_name}'", flush=True)
-    try:
-        outcome = groups.run_groups(plan, trials, args, parent_run_id)
-    except BaseException:
-        client.set_terminated(parent_run_id, "FAILED")
-        raise
-    summary = report.summarize(outcome, time.monotonic() - started)
-    report.log_trials_table(sweep, trials, outcome)
-    report.settle_trial_runs(client, sweep, outcome)
-    report.log_summary(client, sweep, trials, outcome, summary)
-    report.print_table(trials, outcome, summary)
     return 130 if outcome.cancelled else 1 if outcome.failed else 0
 
 

@@ -1,11 +1,14 @@
-"""What a sweep leaves: its parent MLflow run (the grid, the table of trials, the best trial and the
-times), each trial run's final status, and the table on screen."""
+"""What a sweep leaves: its parent MLflow run (the grid, the table of trials, the best trial, the
+repeats' mean and spread, and the times), each trial run's final status, and the tables on screen."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import getpass
+import math
+import statistics
 import time
 
 import mlflow
@@ -47,6 +50,33 @@ class Summary:
     overhead_seconds: float  # a finished trial's, on average, outside `dvc exp run` (clone, data, push)
 
 
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """Trials that differ only in `seed`: repeats of one configuration, and their results' spread."""
+
+    values: dict[str, str]  # the swept params but the seed
+    trials: list[str]
+    finished: int
+    mean: dict[str, float]  # SELECTION_METRIC and the test metrics, over the finished trials
+    std: dict[str, float]  # their sample standard deviation (n - 1); NaN for fewer than two
+
+
+def finish(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome,
+           wall_seconds: float) -> Summary:
+    """Everything a sweep leaves once its trials have ended, on the parent run and on screen."""
+    summary = summarize(outcome, wall_seconds)
+    configurations = repeats(trials, outcome)
+    log_trials_table(sweep, trials, outcome)
+    if configurations:
+        log_repeats_table(sweep, configurations)
+    settle_trial_runs(client, sweep, outcome)
+    log_summary(client, sweep, trials, outcome, summary)
+    print_table(trials, outcome, summary)
+    if configurations:
+        print_repeats(configurations)
+    return summary
+
+
 def summarize(outcome: Outcome, wall_seconds: float) -> Summary:
     results = outcome.finished.values()
     trial_seconds = sum(result.seconds for result in results)
@@ -74,6 +104,42 @@ def log_trials_table(sweep: Sweep, trials: list[grid.Trial], outcome: Outcome) -
         table["run_seconds"].append(round(result.run_seconds, 1) if result else None)
         table["run_id"].append(result.run_id if result else None)
     mlflow.log_table(table, artifact_file="trials.json", run_id=sweep.parent_run_id)
+
+
+def repeats(trials: list[grid.Trial], outcome: Outcome) -> list[Configuration]:
+    """The grid's configurations when it repeats any over `seed` (none otherwise), in grid order.
+    MLflow cannot aggregate runs itself (mlflow/mlflow#4277)."""
+    by_values: dict[tuple, list[str]] = collections.defaultdict(list)
+    for trial in trials:
+        by_values[tuple((k, v) for k, v in trial.values.items() if k != "seed")].append(trial.name)
+    if all(len(names) == 1 for names in by_values.values()):
+        return []
+    configurations = []
+    for values, names in by_values.items():
+        results = [outcome.finished[name].metrics for name in names if name in outcome.finished]
+        summarised = [m for m in (results[0] if results else {}) if m == SELECTION_METRIC or m.startswith("test_")]
+        mean = {m: statistics.fmean(r[m] for r in results) for m in summarised}
+        std = {m: statistics.stdev(r[m] for r in results) if len(results) > 1 else math.nan for m in summarised}
+        configurations.append(Configuration(dict(values), names, len(results), mean, std))
+    return configurations
+
+
+def log_repeats_table(sweep: Sweep, configurations: list[Configuration]) -> None:
+    """repeats.json on the parent run: a row per configuration, its values, counts, means and spreads."""
+    keys = list(dict.fromkeys(key for c in configurations for key in c.values))
+    metric_names = list(dict.fromkeys(name for c in configurations for name in c.mean))
+    table: dict[str, list] = {column: [] for column in
+                              [*keys, "trials", "finished", *(f"{m}_{s}" for m in metric_names for s in ("mean", "std"))]}
+    for configuration in configurations:
+        for key in keys:
+            table[key].append(configuration.values.get(key))
+        table["trials"].append(" ".join(configuration.trials))
+        table["finished"].append(configuration.finished)
+        for name in metric_names:
+            table[f"{name}_mean"].append(configuration.mean.get(name))
+            std = configuration.std.get(name)
+            table[f"{name}_std"].append(None if std is None or math.isnan(std) else std)
+    mlflow.log_table(table, artifact_file="repeats.json", run_id=sweep.parent_run_id)
 
 
 def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcome) -> None:
@@ -119,3 +185,12 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
         print(f"{trial.name:<16}{outcome.status(trial.name):<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
     print(f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s together, "
           f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push)")
+
+
+def print_repeats(configurations: list[Configuration]) -> None:
+    print(f"\n{'repeats':<8}{SELECTION_METRIC + ' mean':>16}{'std':>10}  configuration")
+    for configuration in configurations:
+        mean = configuration.mean.get(SELECTION_METRIC, math.nan)
+        std = configuration.std.get(SELECTION_METRIC, math.nan)
+        described = " ".join(f"{k}={v}" for k, v in configuration.values.items()) or "(the grid's one)"
+        print(f"{configuration.finished:<8}{mean:>16.4f}{std:>10.4f}  {described}")
