@@ -148,6 +148,7 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which writes the groups into the test ids
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         groups = [SHARED_BUILDS[name] for name in item.fixturenames if name in SHARED_BUILDS]
