@@ -1,0 +1,110 @@
+"""Wall-clock seconds of a sweep's trials run one after another as `dvc exp run`s against the same
+grid through `python -m pipeline.sweep --together N`, each in a fresh clone of this repository's
+HEAD on the same IDX mirror; and whether each trial's `models/model.pt` is the same bytes both ways
+(the md5 DVC records for it).
+
+Both ways pay what a user pays: the stages' processes, imports, MLflow runs, the model logged, the
+evaluation and the figures. The data are downloaded and split before either clock starts.
+
+    python bench/sweep_together.py ../shared/data/fashion-mnist --dataset fashion_mnist \
+        -S train.learning_rate=0.001,0.0005 -S seed=1,2 --set train.epochs=1 evaluate.iw_samples=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.sweep import grid
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, DVC_NO_ANALYTICS="1",
+           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def clone(dest: Path, settings: dict[str, str]) -> Path:
+    """This repository's HEAD with `settings` in params.yaml and the data split, committed."""
+    run(["git", "clone", "--quiet", str(ROOT), str(dest)], dest.parent)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for dotted, value in settings.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "--quiet", "split"], dest)
+    run(["git", "commit", "--quiet", "-am", "bench settings, the data split"], dest)
+    return dest
+
+
+def model_md5s(project: Path) -> dict[str, str]:
+    """Experiment name -> the md5 its dvc.lock records for models/model.pt."""
+    md5s = {}
+    for ref in run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).split():
+        if ref.startswith("refs/exps/exec/"):  # DVC's own refs of the run in progress, not experiments
+            continue
+        lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project))
+        [out] = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.pt"]
+        md5s[ref.rsplit("/", 1)[-1]] = out["md5"]
+    return md5s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mirror", type=Path, help="a folder with the four IDX files")
+    parser.add_argument("--dataset", default="fashion_mnist", choices=["mnist", "fashion_mnist"])
+    parser.add_argument("-S", dest="sets", action="append", required=True, help="the grid, as the sweep takes it")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params every trial shares")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args()
+    settings = dict(s.split("=", 1) for s in args.set)
+    settings |= {"data.dataset": args.dataset, "data.mirror": str(args.mirror.resolve())}
+    trials = grid.expand(args.sets, "bench")
+
+    with tempfile.TemporaryDirectory(prefix="sweep-together-") as folder:
+        alone = clone(Path(folder) / "alone", settings)
+        started = time.monotonic()
+        for trial in trials:
+            run(["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("-S", o))], alone)
+        alone_seconds = time.monotonic() - started
+
+        together = clone(Path(folder) / "together", settings)
+        started = time.monotonic()
+        run([sys.executable, "-m", "pipeline.sweep", *(a for s in args.sets for a in ("-S", s)),
+             "--together", str(len(trials)), "--name", "bench"], together)
+        together_seconds = time.monotonic() - started
+        same = model_md5s(alone) == model_md5s(together) and len(model_md5s(alone)) == len(trials)
+
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "grid": args.sets, "settings": settings,
+        "trials": len(trials), "alone_seconds": round(alone_seconds, 1), "together_seconds": round(together_seconds, 1),
+        "ratio": round(together_seconds / alone_seconds, 3), "same_model_bytes": same,
+    }
+    print(f"{len(trials)} trials one after another: {alone_seconds:.1f} s; together: {together_seconds:.1f} s "
+          f"({together_seconds / alone_seconds:.2f}x); the same model bytes both ways: {same}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
