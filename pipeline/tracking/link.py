@@ -2,10 +2,10 @@
 queued or not) is one run: the first stage it reruns opens the run, the later ones log into it.
 A run whose execution did not train links to the run that trained its model and to the model.
 
-A stage knows its execution by the DVC process that started it: the nearest ancestor process
-without DVC_STAGE in its environment (DVC sets it for each stage's command). The execution's run is
-recorded in models/mlflow_run.json, beside the model and not a DVC output (a run id differs on
-every run)."""
+A stage knows its execution by the DVC process that started it (its pid and start time): the
+nearest ancestor process without DVC_STAGE in its environment (DVC sets it for each stage's
+command). The execution's run is recorded in models/mlflow_run.json, beside the model and not a
+DVC output (a run id differs on every run)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,19 @@ def execution() -> str | None:
     if not lineage:
         return None
     dvc = lineage[-1]
-    with contextlib.suppress(psutil.Error):
-        return f"{dvc.pid}-{dvc.create_time()}"
+    with contextlib.suppress(psutil.Error, OSError):
+        return f"{dvc.pid}-{_start_time(dvc)}"
     return None
+
+
+def _start_time(process: psutil.Process) -> str:
+    """When the process started, the same from every process that asks: on Linux its start in clock
+    ticks since boot; psutil's create_time adds a boot time that the kernel recomputes from the wall
+    clock on each read, so it moves when the clock is adjusted (giampaolo/psutil#2541)."""
+    stat = Path(f"/proc/{process.pid}/stat")
+    if stat.exists():
+        return stat.read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime (fields from 3 on)
+    return str(process.create_time())
 
 
 def read_record() -> Record | None:
