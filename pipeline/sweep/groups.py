@@ -21,15 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.history import split_train_metrics
 from pipeline.params import Params
-from pipeline.paths import CHECKPOINT_FILE, PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.paths import CHECKPOINT_FILE, PROJECT_ROOT_VARIABLE
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.sweep import grid
 from pipeline.sweep.cluster import CANCELLED, SELECTION_METRIC, Outcome
 from pipeline.sweep.plan import Plan, dvc
 from pipeline.sweep.together import group_key
-from pipeline.sweep.trial import TrialResult, reason_from_output
+from pipeline.sweep.trial import TrialResult, experiment_results, reason_from_output
 
 
 def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
@@ -161,9 +160,6 @@ def _land(trial: grid.Trial, commit: str, clone: Path, out: Path, env: dict, sha
         outcome.failed[trial.name] = reason_from_output(pushed.stderr.splitlines(), pushed.returncode,
                                                         "`dvc exp push`")
         return
-    metrics = {}
-    for path in (TRAIN_METRICS, TEST_METRICS):
-        metrics |= split_train_metrics(json.loads((clone / path).read_text()))[1]
-    run_id = json.loads((clone / RUN_FILE).read_text())["run_id"] if (clone / RUN_FILE).exists() else None
+    metrics, run_id = experiment_results(clone)
     outcome.finished[trial.name] = TrialResult(trial.name, metrics, run_id, share + run_seconds, run_seconds)
     print(f"{trial.name} finished: {SELECTION_METRIC} {metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)

@@ -99,12 +99,18 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
         _step(["dvc", "exp", "push", "origin", name], name, repo, env)
-        metrics = {}
-        for path in (TRAIN_METRICS, TEST_METRICS):
-            metrics |= split_train_metrics(json.loads((repo / path).read_text()))[1]
-        run_file = repo / RUN_FILE
-        run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+        metrics, run_id = experiment_results(repo)
     return TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
+
+
+def experiment_results(repo: Path) -> tuple[dict[str, float], str | None]:
+    """What a trial's finished `dvc exp run` left in `repo`: its metrics, as `dvc exp show` shows
+    them, and its MLflow run (None with tracking off)."""
+    metrics = {}
+    for path in (TRAIN_METRICS, TEST_METRICS):
+        metrics |= split_train_metrics(json.loads((repo / path).read_text()))[1]
+    run_file = repo / RUN_FILE
+    return metrics, json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
 
 
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
