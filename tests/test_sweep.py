@@ -1,6 +1,7 @@
-"""Sweeps on a Ray cluster as a user runs them: a Ray head and a second Ray node started as `ray
-start` processes, a bare git remote, a local DVC remote and an `mlflow server`; the sweep command
-as docs/sweeps.md gives it, and what it leaves in DVC, git and MLflow."""
+"""Sweeps as a user runs them, with the sweep command as docs/sweeps.md gives it, and what they
+leave in DVC, git and MLflow: on a Ray cluster (a Ray head and a second Ray node started as `ray
+start` processes, a bare git remote, a local DVC remote and an `mlflow server`), a trial a task or a
+group trained together a task; and on one machine with none of those."""
 
 from __future__ import annotations
 
@@ -261,29 +262,48 @@ def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project):
         [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
 
 
-def test_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(cluster, sweep_project, started):
-    """On the head alone (one trial at a time): the first trial diverges and is reported, not
+def test_a_group_trained_together_is_one_task_on_the_cluster_and_lands_on_the_remotes(cluster, sweep_project):
+    done = run(sweep_command("--together", "2", "-S", "seed=1,2", "--name", "tog"), sweep_project,
+               env=sweep_env(cluster), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on the Ray cluster in groups of up to 2" in done.stdout and "group 1: tog-1, tog-2" in done.stdout
+    assert experiments_on_remote(sweep_project) == ["tog-1", "tog-2"]
+    shown = exp_show(sweep_project)
+    assert sorted(shown) == ["tog-1", "tog-2"], "pulled from the remote"
+    _, parent, children = nested_runs(cluster.tracking_uri, "tog")
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.together"] == "2"
+    assert sorted((c.info.run_name, c.info.status) for c in children) == [("tog-1", "FINISHED"), ("tog-2", "FINISHED")]
+    for child in children:
+        assert child.data.metrics["val_total"] == pytest.approx(shown[child.info.run_name]["metrics"]["val_total"],
+                                                                rel=1e-6)
+
+
+def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(tmp_path, started):
+    """No RAY_ADDRESS, no remote, no server: the trials clone this repository and land in it, their
+    runs in its own MLflow store. One trial at a time: the first diverges and is reported, not
     retried; the second finishes; Ctrl-C then cancels the third."""
-    sweep = started(sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop"), sweep_project,
-                    env=sweep_env(cluster))
+    project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"), **{"train.epochs": 2})
+    sweep = started(sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop", "--max-concurrent",
+                                  "1"), project, env=cluster_env() | {"PIPELINE_PROGRESS_SECONDS": "0"})
     seen = read_until(sweep, r"^stop-2 finished")
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
     output = seen + sweep.stdout.read()
     assert sweep.wait(timeout=300) == 130, output
+    assert "a Ray on this machine" in output and "on this machine, MLflow run" in output
     assert "stop-1 failed: loss became NaN or infinite at epoch 1" in output, output
     assert "(attempt 2)" not in output, "a trial that failed by itself is not retried"
     assert "cancelling the 1 unfinished trial(s)" in output
     assert re.search(r"^stop-3 +KILLED", output, re.MULTILINE), output
 
-    assert experiments_on_remote(sweep_project) == ["stop-2"]
-    _, parent, children = nested_runs(cluster.tracking_uri, "stop")
+    assert run(["dvc", "exp", "list", "--names-only"], project).stdout.split() == ["stop-2"]
+    _, parent, children = nested_runs(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}", "stop")
     assert parent.info.status == "KILLED"
     statuses = sorted((child.info.run_name, child.info.status) for child in children)
     assert statuses[:2] == [("stop-1", "FAILED"), ("stop-2", "FINISHED")], statuses
     assert statuses[2:] in ([], [("stop-3", "KILLED")]), "the cancelled trial's run, if it had begun"
-    stages_left = [p.cmdline() for p in processes_started_by_this_session()
-                   if re.search(r"dvc exp run|pipeline\.(train|evaluate|visualize)", " ".join(p.cmdline()))]
-    assert not stages_left, f"the cancelled trial's stages still run: {stages_left}"
+    left = [p.cmdline() for p in processes_started_by_this_session()
+            if re.search(r"dvc exp run|pipeline\.(train|evaluate|visualize)|raylet|gcs_server", " ".join(p.cmdline()))]
+    assert not left, f"the cancelled trial's stages, or the sweep's Ray, still run: {left}"
 
 
 def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():

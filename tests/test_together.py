@@ -1,12 +1,15 @@
 """A sweep whose trials train together (`python -m pipeline.sweep --together N`), on this machine
 with no remote and no server, as docs/sweeps.md gives it: each trial the bytes of its solo `dvc exp
-run`, its own DVC experiment and MLflow run, a diverged trial failed alone, a rerun training only
-what did not finish."""
+run`, its own DVC experiment and MLflow run, a diverged trial failed alone, Ctrl-C mid-group, and a
+rerun training only what did not finish."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.params import Params
 from pipeline.sweep import grid
 from pipeline.sweep.groups import groups
+from tests.processes import processes_started_by_this_session, read_until
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
 
@@ -44,22 +48,20 @@ def test_trials_of_one_shape_share_a_group_and_another_shape_gets_its_own():
 class Swept:
     project: Path
     first: subprocess.CompletedProcess  # the sweep
-    again: subprocess.CompletedProcess  # the same command, once more
     env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def swept_together(tmp_path_factory) -> Swept:
-    """A 2-epoch project swept together, tg-1's params trained alone as `dvc exp run`, and the
-    sweep run again: built once, read by the tests."""
+    """A 2-epoch project swept together, and tg-1's params trained alone as `dvc exp run`: built
+    once, read by the tests."""
     tmp = tmp_path_factory.mktemp("together")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = project_env() | GIT_IDENTITY
     first = run([*SWEEP, *GRID], project, check=False, env=env)
     run(["dvc", "exp", "run", "-n", "solo", "-S", SOLO], project, env=env)
-    run(["git", "checkout", "--", "."], project)  # the workspace as committed: the sweep runs the commit
-    again = run([*SWEEP, *GRID], project, check=False, env=env)
-    return Swept(project, first, again, env)
+    run(["git", "checkout", "--", "."], project)  # the workspace as committed
+    return Swept(project, first, env)
 
 
 def lock_md5s(project: Path, experiment: str) -> dict[str, str]:
@@ -137,23 +139,54 @@ def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_s
                                 "train.learning_rate=0.001"]
 
 
+def runs_under(client: mlflow.MlflowClient, parent_name: str) -> list[tuple[dict[str, str], str]]:
+    """For each run named `parent_name` (each time the sweep ran), oldest first: its trials' runs'
+    statuses by name, and its own status."""
+    experiment_id = client.get_experiment_by_name("vae-pipeline").experiment_id
+    parents = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{parent_name}'",
+                                 order_by=["start_time ASC"])
+    return [({r.info.run_name: r.info.status for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")}, parent.info.status)
+        for parent in parents]
+
+
 @pytest.mark.slow
-def test_the_same_sweep_again_trains_only_the_trials_that_did_not_finish(swept_together):
-    again = swept_together.again.stdout
-    assert "kept from before: tg-1, tg-3" in again
-    assert "training tg-2, tg-4 together" in again
-    assert "tg-1 epoch" not in again and "tg-3 epoch" not in again
+def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the_rest(project, started):
+    """Two groups, one at a time; Ctrl-C while the second trains. The first group's trials stay
+    experiments, the second's run ends KILLED, and the same command again trains only that trial."""
+    sweep = [*SWEEP[:4], "2", "-n", "cc", "--max-concurrent", "1", "-S", "seed=1,2,3", "-S", "train.epochs=12"]
+    env = project_env() | GIT_IDENTITY | {"PIPELINE_PROGRESS_SECONDS": "0"}
+    first = started(sweep, project, env=env)
+    seen = read_until(first, r"group 2: train epoch \d")
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
+    output = seen + first.stdout.read()
+    assert first.wait(timeout=300) == 130, output
+    assert "group 1: cc-1, cc-2" in output and "group 2: cc-3" in output
+    assert "cancelling the 1 unfinished trial(s)" in output
+    assert re.search(r"^cc-3 +KILLED", output, re.MULTILINE), output
+    assert run(["dvc", "exp", "list", "--names-only"], project).stdout.split() == ["cc-1", "cc-2"]
+    left = [p.cmdline() for p in processes_started_by_this_session()
+            if re.search(r"pipeline\.sweep|dvc exp run|raylet|gcs_server", " ".join(p.cmdline()))]
+    assert not left, f"still running after the sweep ended: {left}"
+
+    again = run(sweep, project, env=env, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept from before: cc-1, cc-2" in again.stdout and "group 1: cc-3" in again.stdout
+    assert sorted(run(["dvc", "exp", "list", "--names-only"], project).stdout.split()) == ["cc-1", "cc-2", "cc-3"]
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    assert runs_under(client, "cc") == [({"cc-1": "FINISHED", "cc-2": "FINISHED", "cc-3": "KILLED"}, "KILLED"),
+                                        ({"cc-3": "FINISHED"}, "FINISHED")]
 
 
 @pytest.mark.slow
 def test_a_sweep_together_is_refused_in_one_line_before_any_work(project):
     env = project_env() | GIT_IDENTITY
-    for extra_env, args, says in [
-        ({}, ["--together", "-1"], "--together must be 1 or more"),
-        ({"RAY_ADDRESS": "127.0.0.1:6379"}, ["--together", "2"], "unset RAY_ADDRESS"),
-        ({}, ["--together", "2", "-S", "train.num_processes=2"], "train.num_processes above 1"),
+    for args, says in [
+        (["--together", "-1"], "--together must be 1 or more"),
+        (["--together", "2", "-S", "train.num_processes=2"], "train.num_processes above 1"),
+        (["--together", "2", "-S", "mlflow.enabled=false"], "mlflow.enabled is false"),
     ]:
         done = subprocess.run([sys.executable, "-m", "pipeline.sweep", *args, "-S", "seed=1,2"], cwd=project,
-                              env=env | extra_env, capture_output=True, text=True)
+                              env=env, capture_output=True, text=True)
         assert done.returncode == 2 and says in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

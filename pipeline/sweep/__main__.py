@@ -1,10 +1,12 @@
 """`python -m pipeline.sweep -S 'train.learning_rate=0.001,0.0005' -S 'train.beta=1,4'`: every point
-of the grid as a DVC experiment, run as a Ray task on the cluster RAY_ADDRESS names (or on a Ray
-started on this machine), pushed to the git and DVC remotes, and logged as an MLflow run nested
-under the sweep's run. With `--together N`, the trials train in groups of N on this machine instead,
-each still its own experiment. Everything that can be refused is refused before any trial starts.
+of the grid as a DVC experiment, run as a Ray task, and logged as an MLflow run nested under the
+sweep's run. On this machine (no RAY_ADDRESS) the trials clone this repository, share its DVC
+cache and MLflow store and land here; on the Ray cluster RAY_ADDRESS names, they clone from the git
+remote and push to the git and DVC remotes. With `--together N`, a task trains a group of up to N
+trials in one process, each still its own experiment. Everything that can be refused is refused
+before any trial starts.
 
-In parts: the plan and its refusals (plan.py), the trials on Ray (cluster.py), one trial on its
+In parts: the plan and its refusals (plan.py), the tasks on Ray (cluster.py), one trial on its
 worker (trial.py), trials trained together (groups.py, together.py), and what the sweep leaves in
 MLflow and on screen (report.py)."""
 
@@ -20,8 +22,8 @@ import ray
 from dvc.repo.experiments.utils import gen_random_name
 
 from pipeline.errors import PipelineError
-from pipeline.sweep import cluster, groups, report
-from pipeline.sweep.plan import dvc, prepare, prepare_together
+from pipeline.sweep import cluster, report
+from pipeline.sweep.plan import dvc, experiments_here, prepare
 from pipeline.sweep.trial import Sweep
 
 
@@ -32,17 +34,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid", type=Path, help="a YAML file of `key: [values]`, added to the -S grid")
     parser.add_argument("-n", "--name", help="the sweep's name; its trials are NAME-1, NAME-2, ... (default: a "
                                              "name DVC makes up)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs a trial takes (default 1)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
-                        help="GPUs a trial takes, fractions sharing one (0.25: four trials a GPU); default 0")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0,
+                        help="Ray CPUs a task takes: a trial, or with --together a group (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPUs a task takes, fractions sharing one (0.25: four trials a GPU); default 0, "
+                             "and with --together 1 where the cluster has a GPU")
     parser.add_argument("--max-concurrent", type=int, default=0,
-                        help="trials running at once at most (default 0: as many as the cluster fits)")
-    parser.add_argument("--retries", type=int, default=3, help="runs again of a trial whose node was lost (default 3)")
-    parser.add_argument("--git-remote", default="origin", help="the git remote workers clone from and push to")
+                        help="tasks running at once at most (default 0: as many as the cluster fits)")
+    parser.add_argument("--retries", type=int, default=3, help="runs again of a task whose node was lost (default 3)")
+    parser.add_argument("--git-remote", default="origin",
+                        help="on a cluster, the git remote workers clone from and push to (default origin)")
     parser.add_argument("--together", type=int, default=0, metavar="N",
                         help="train up to N trials that differ only in seed, learning rate, beta or loss together, "
-                             "in one process on this machine's device; needs no Ray, remote or server (default 0: "
-                             "each trial a Ray task)")
+                             "in one process on one device, each still its own experiment (default 0: each trial "
+                             "alone)")
     return parser.parse_args(argv)
 
 
@@ -51,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args.name = args.name or gen_random_name()
     started = time.monotonic()
     try:
-        plan = prepare_together(args) if args.together else prepare(args)
-        if not args.together:
-            cluster.start_ray(args.cpus_per_trial, args.gpus_per_trial)
+        plan = prepare(args)
+        cluster.start_ray(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -61,27 +65,35 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before any trial started", file=sys.stderr)
         return 130
     trials = plan.trials
-    if args.together:  # a trial that is an experiment here already is kept: the same sweep again resumes it
-        kept = groups.finished_before(plan.trials)
+    if plan.local_cache:  # a trial that is an experiment here already is kept: the same sweep again resumes it
+        kept = experiments_here(plan.trials)
         trials = [trial for trial in plan.trials if trial.name not in kept]
         if kept:
             print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
+    params_of = {trial.name: params for trial, params in zip(plan.trials, plan.params)}
+    tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args)
-    sweep = Sweep(plan.git_url, plan.commit, mlflow.get_tracking_uri(), plan.experiment_id, parent_run_id)
-    how = f"up to {args.together} together on this machine" if args.together else "on Ray"
-    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]}, {how}, MLflow run {parent_run_id} in "
-          f"experiment '{plan.tracking.experiment_name}'", flush=True)
+    sweep = Sweep(plan.git_url, plan.commit, plan.local_cache, mlflow.get_tracking_uri(), plan.experiment_id,
+                  parent_run_id)
+    where = "on this machine" if plan.local_cache else "on the Ray cluster"
+    how = f" in groups of up to {args.together} trained together" if args.together else ""
+    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]} {where}{how}, MLflow run "
+          f"{parent_run_id} in experiment '{plan.tracking.experiment_name}'", flush=True)
+    for task in tasks if args.together else []:
+        shared = [f"{key}={value}" for key, value in task.trials[0].values.items()
+                  if all(trial.values.get(key) == value for trial in task.trials)]
+        print(f"{task.label}: {', '.join(t.name for t in task.trials)}" + (f" (all {' '.join(shared)})" if shared
+                                                                           else ""), flush=True)
     try:
-        outcome = (groups.run_groups(plan, trials, args, parent_run_id) if args.together
-                   else cluster.run_sweep(sweep, trials, args))
+        outcome = cluster.run_sweep(sweep, tasks, args)
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
     finally:
         ray.shutdown()
     summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started)
-    if outcome.finished and not args.together:  # trials trained together were pushed here already
+    if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""
         print(f"\n`dvc exp show` lists the {len(outcome.finished)} finished trials{best}" if pulled.returncode == 0

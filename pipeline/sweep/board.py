@@ -1,5 +1,6 @@
-"""Where a sweep's trials say how far along they are: a Ray actor on the driver's node (it outlives
-any worker node), read by the driver for its progress lines."""
+"""Where a sweep's tasks say how far along they are, and which trials have landed: a Ray actor on
+the driver's node (it outlives any worker node), read by the driver for its progress lines and for
+the trials a lost or cancelled group had landed before it ended."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import ray
 @ray.remote(num_cpus=0)
 class Board:
     def __init__(self):
-        self.trials: dict[str, dict] = {}
+        self.tasks: dict[str, dict] = {}  # by label: a trial's name, or a group's
+        self.landed: dict[str, object] = {}  # trial name -> its TrialResult, once pushed
 
-    def start(self, name: str, node: str) -> None:
-        """A trial's attempt starts on `node` (attempt 2 and up: a retry after the node of an
+    def start(self, label: str, node: str) -> None:
+        """A task's attempt starts on `node` (attempt 2 and up: a retry after the node of an
         earlier attempt was lost)."""
-        attempt = self.trials.get(name, {}).get("attempt", 0) + 1
-        self.trials[name] = {"attempt": attempt, "node": node, "doing": "cloning"}
+        attempt = self.tasks.get(label, {}).get("attempt", 0) + 1
+        self.tasks[label] = {"attempt": attempt, "node": node, "doing": "cloning"}
 
-    def doing(self, name: str, what: str) -> None:
-        self.trials[name]["doing"] = what
+    def doing(self, label: str, what: str) -> None:
+        self.tasks[label]["doing"] = what
 
-    def snapshot(self) -> dict[str, dict]:
-        return self.trials
+    def land(self, result) -> None:
+        self.landed[result.name] = result
+
+    def snapshot(self) -> tuple[dict[str, dict], dict[str, object]]:
+        return self.tasks, self.landed

@@ -1,10 +1,11 @@
-"""The trials on Ray: joining or starting the cluster, submitting at most --max-concurrent tasks,
-collecting each trial's end as it comes, and cancelling the rest on Ctrl-C.
+"""The trials on Ray: joining or starting the cluster, submitting at most --max-concurrent tasks
+(a trial each, or with --together a group each), collecting each trial's end as it comes, and
+cancelling the rest on Ctrl-C.
 
-Ray's own task retries, not Ray Tune's trial restarts: Ray retries a task whose node was lost and
-does not retry one that raised, which is the rule a sweep wants (a lost node reruns its trials
-elsewhere, a diverged trial is reported once). The grid is DVC's, so Tune's search spaces add
-nothing; the concurrency limit is a few lines here."""
+Ray tasks, not Ray Tune's trials: a task whose node was lost runs again elsewhere, with whatever
+of it had not landed yet, and a task that raised is not run again, which is the rule a sweep wants
+(a lost node reruns its trials, a diverged trial is reported once). The grid is DVC's, so Tune's
+search spaces add nothing; the concurrency limit and the reruns are a few lines here."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.params import Params
 from pipeline.progress import seconds_between_lines
 from pipeline.sweep import grid
 from pipeline.sweep.board import Board
-from pipeline.sweep.trial import STOP_GRACE_SECONDS, Sweep, TrialFailed, TrialResult, run_trial
+from pipeline.sweep.groups import groups, run_group
+from pipeline.sweep.trial import (
+    STOP_GRACE_SECONDS,
+    Sweep,
+    TrialFailed,
+    TrialResult,
+    run_trial,
+)
 
 CANCELLED = "cancelled"  # why a trial did not finish, when Ctrl-C stopped it
 SELECTION_METRIC = "val_total"  # the best trial has the lowest: chosen on validation, never on test
@@ -42,38 +51,63 @@ class Outcome:
         return "FINISHED" if name in self.finished else "KILLED" if self.failed.get(name) == CANCELLED else "FAILED"
 
 
-def start_ray(cpus_per_trial: float, gpus_per_trial: float) -> None:
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one Ray task runs: a trial, or a group of trials trained together."""
+
+    label: str  # the trial's name, or "group N"
+    trials: tuple[grid.Trial, ...]
+    together: bool
+    attempt: int = 1
+
+
+def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
+    """A task per trial; with `together`, a task per group of trials that can share a process."""
+    if not together:
+        return [Task(trial.name, (trial,), False) for trial in trials]
+    return [Task(f"group {number}", tuple(trials[i] for i in members), True)
+            for number, members in enumerate(groups(params, together), 1)]
+
+
+def start_ray(args: argparse.Namespace) -> None:
     """Join the cluster RAY_ADDRESS names, or start a Ray on this machine; the workers import this
-    package as the driver has it. A trial no node can hold is refused now, not left pending."""
+    package as the driver has it. Without --gpus-per-trial, a group trained together takes a whole
+    GPU where the cluster has one, and a trial alone none. A task no node can hold is refused now,
+    not left pending."""
     address = os.environ.get("RAY_ADDRESS")
     # "local": Ray would otherwise join the cluster its last `ray start --head` here recorded, gone or not.
     ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
              runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
              **({} if address else {"include_dashboard": False}))
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    gpus = sum(n.get("GPU", 0) for n in nodes)
     print(f"ray: {'the cluster at ' + address if address else 'a Ray on this machine'}, {len(nodes)} node(s), "
-          f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {sum(n.get('GPU', 0) for n in nodes):g} GPUs", flush=True)
-    if not any(n.get("CPU", 0) >= cpus_per_trial and n.get("GPU", 0) >= gpus_per_trial for n in nodes):
-        raise PipelineError(f"no node of the Ray cluster has {cpus_per_trial:g} CPUs and {gpus_per_trial:g} GPUs for a "
-                            "trial: lower --cpus-per-trial / --gpus-per-trial, or add a node")
+          f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {gpus:g} GPUs", flush=True)
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = 1.0 if args.together and gpus else 0.0
+    if not any(n.get("CPU", 0) >= args.cpus_per_trial and n.get("GPU", 0) >= args.gpus_per_trial for n in nodes):
+        raise PipelineError(f"no node of the Ray cluster has {args.cpus_per_trial:g} CPUs and {args.gpus_per_trial:g} "
+                            "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node")
 
 
 class Progress:
     """The driver's lines: each trial's end as it comes, and what runs where, when that changes
-    (how far the running trials are, at most every PIPELINE_PROGRESS_SECONDS, as a stage's progress)."""
+    (how far the running tasks are, at most every PIPELINE_PROGRESS_SECONDS, as a stage's progress)."""
 
     def __init__(self, total: int):
         self.total, self.started = total, time.monotonic()
         self.every = seconds_between_lines()
         self.last_counts, self.last_line, self.printed = None, None, 0.0
 
-    def show(self, board: dict[str, dict], running: list[str], finished: int, failed: int) -> None:
-        active = [name for name in running if name in board]
-        counts = (finished, failed, tuple(active))
-        parts = [f"{name}: {board[name]['doing']}" + (f" (attempt {board[name]['attempt']})"
-                                                      if board[name]["attempt"] > 1 else "") for name in active]
-        line = (f"{finished} finished, {len(active)} running" + (f" ({', '.join(parts)})" if parts else "")
-                + f", {failed} failed, {self.total - finished - failed - len(active)} waiting")
+    def show(self, board: dict[str, dict], running: list[Task], finished: int, failed: int) -> None:
+        active = [task for task in running if task.label in board]
+        counts = (finished, failed, tuple(task.label for task in active))
+        states = [board[task.label] for task in active]
+        parts = [f"{task.label}: {state['doing']}" + (f" (attempt {state['attempt']})" if state["attempt"] > 1 else "")
+                 for task, state in zip(active, states)]
+        trials = sum(len(task.trials) for task in active)
+        line = (f"{finished} finished, {trials} running" + (f" ({', '.join(parts)})" if parts else "")
+                + f", {failed} failed, {self.total - finished - failed - trials} waiting")
         now = time.monotonic()
         if counts != self.last_counts or (line != self.last_line and now - self.printed >= self.every):
             elapsed = int(now - self.started)
@@ -81,43 +115,59 @@ class Progress:
             self.last_counts, self.last_line, self.printed = counts, line, now
 
 
-def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace) -> Outcome:
-    """Submit the trials (at most --max-concurrent at once), report as they go; Ctrl-C cancels the rest."""
+def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> Outcome:
+    """Submit the tasks (at most --max-concurrent at once), report as they go; Ctrl-C cancels the rest."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = Board.options(scheduling_strategy=here).remote()
-    task = ray.remote(run_trial)
-    waiting, running = list(trials), {}
+    trial_task, group_task = ray.remote(run_trial), ray.remote(run_group)
+    waiting, running = list(all_tasks), {}
     outcome = Outcome()
     finished, failed = outcome.finished, outcome.failed
-    progress = Progress(len(trials))
+    progress = Progress(sum(len(task.trials) for task in all_tasks))
 
     def submit() -> None:
         while waiting and (not args.max_concurrent or len(running) < args.max_concurrent):
-            trial = waiting.pop(0)
-            ref = task.options(name=trial.name, num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial,
-                               max_retries=args.retries, retry_exceptions=False
-                               ).remote(sweep, trial.name, trial.overrides, board, args.gpus_per_trial == 0)
-            running[ref] = trial
+            task = waiting.pop(0)
+            options = {"name": task.label, "num_cpus": args.cpus_per_trial, "num_gpus": args.gpus_per_trial,
+                       "max_retries": 0}  # a lost node's task runs again from here, less what it had landed
+            cpu_only = args.gpus_per_trial == 0
+            running[group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only)
+                    if task.together else
+                    trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
+                    ] = task
 
     def collect(refs) -> None:
+        landed = ray.get(board.snapshot.remote())[1]
         for ref in refs:
-            trial = running.pop(ref)
+            task = running.pop(ref)
             try:
-                result = ray.get(ref)
+                ended = ray.get(ref)
             except TrialFailed as exc:
-                failed[trial.name] = exc.reason
+                ended = exc.reason
             except ray.exceptions.TaskCancelledError:
-                failed[trial.name] = CANCELLED
+                ended = CANCELLED
             except ray.exceptions.RayTaskError as exc:
-                failed[trial.name] = str(exc.cause).splitlines()[0] if exc.cause else str(exc).splitlines()[0]
-            except ray.exceptions.RayError as exc:  # its node lost more often than --retries allows
-                failed[trial.name] = f"lost ({type(exc).__name__}) after {args.retries} retries"
-            else:
-                finished[trial.name] = result
-                print(f"{trial.name} finished in {result.seconds:.0f} s ({result.run_seconds:.0f} s of `dvc exp run`): "
-                      f"{SELECTION_METRIC} {result.metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
-                continue
-            print(f"{trial.name} failed: {failed[trial.name]}", flush=True)
+                ended = str(exc.cause).splitlines()[0] if exc.cause else str(exc).splitlines()[0]
+            except ray.exceptions.RayError as exc:  # its node was lost
+                left = tuple(trial for trial in task.trials if trial.name not in landed)
+                if task.attempt <= args.retries:
+                    if left:
+                        waiting.insert(0, dataclasses.replace(task, trials=left, attempt=task.attempt + 1))
+                    ended = {trial.name: landed[trial.name] for trial in task.trials if trial not in left}
+                else:
+                    ended = f"lost ({type(exc).__name__}) after {args.retries} retries"
+            if isinstance(ended, TrialResult):
+                ended = {ended.name: ended}
+            elif isinstance(ended, str):
+                ended = {trial.name: landed.get(trial.name, ended) for trial in task.trials}
+            for name, end in ended.items():
+                if isinstance(end, TrialResult):
+                    finished[name] = end
+                    print(f"{name} finished in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
+                          f"{SELECTION_METRIC} {end.metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
+                else:
+                    failed[name] = end
+                    print(f"{name} failed: {end}", flush=True)
 
     submit()
     try:
@@ -125,12 +175,11 @@ def run_sweep(sweep: Sweep, trials: list[grid.Trial], args: argparse.Namespace) 
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             collect(done)
             submit()
-            progress.show(ray.get(board.snapshot.remote()), [t.name for t in running.values()], len(finished),
-                          len(failed))
+            progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
     except KeyboardInterrupt:
-        print(f"cancelling the {len(running) + len(waiting)} unfinished trial(s); the finished ones stay pushed and "
-              "logged", flush=True)
-        failed.update({trial.name: CANCELLED for trial in waiting})
+        print(f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting])} unfinished trial(s); "
+              "the finished ones stay pushed and logged", flush=True)
+        failed.update({trial.name: CANCELLED for task in waiting for trial in task.trials})
         waiting.clear()
         for ref in running:
             ray.cancel(ref)

@@ -1,34 +1,36 @@
-"""A sweep whose trials train together (`--together N`), on this machine: the trials in groups of
-at most N that can share a process, each group trained by one process (together.py), then each
-trial landed as its own DVC experiment by `dvc exp run`, whose train stage finds the trial's
-finished checkpoint and only finishes (evaluate and visualize run as usual).
-
-All of it runs in a clone of the repository at the sweep's commit, in a temporary folder, with
-this project's DVC cache and MLflow store (PIPELINE_PROJECT_ROOT points the stages here, as DVC_ROOT
-does for a queued experiment); the experiments are pushed back to this repository. A trial of the same name
-already here is kept, so the same command again trains only what did not finish."""
+"""Trials trained together (`--together N`): the grid in groups of at most N trials that can share
+a process, and a group as the Ray task a trial otherwise is (trial.py): in a temporary clone at the
+sweep's commit, one process trains the group (together.py), then each trial lands as its own DVC
+experiment by `dvc exp run`, whose train stage finds the trial's finished checkpoint and only
+finishes (evaluate and visualize run as usual), and is pushed as a trial is."""
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import ray
+
 from pipeline.params import Params
-from pipeline.paths import CHECKPOINT_FILE, PROJECT_ROOT_VARIABLE
-from pipeline.provenance import PARENT_RUN_VARIABLE
+from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
-from pipeline.sweep.cluster import CANCELLED, SELECTION_METRIC, Outcome
-from pipeline.sweep.plan import Plan, dvc
 from pipeline.sweep.together import group_key
-from pipeline.sweep.trial import TrialResult, experiment_results, reason_from_output
+from pipeline.sweep.trial import (
+    Sweep,
+    TrialFailed,
+    TrialResult,
+    checkout,
+    experiment_results,
+    fail_lost_attempts,
+    push,
+    run_watched,
+    trial_env,
+)
 
 
 def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
@@ -39,127 +41,65 @@ def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
     return [members[i : i + size] for members in by_key.values() for i in range(0, len(members), size)]
 
 
-def finished_before(trials: list[grid.Trial]) -> list[str]:
-    """The trials that are experiments of this repository already (a sweep run again keeps them)."""
-    listed = set(dvc("exp", "list", "--all-commits", "--names-only").stdout.split())
-    return [trial.name for trial in trials if trial.name in listed]
+def run_group(sweep: Sweep, label: str, trials: list[grid.Trial], board,
+              cpu_only: bool) -> dict[str, TrialResult | str]:
+    """The Ray task: the group trained, then each trained trial landed and pushed. Returns each
+    trial's result, or why it has none; each landed trial is on the board as soon as it lands."""
+    started = time.monotonic()
+    board.start.remote(label, ray.get_runtime_context().get_node_id())
+    fail_lost_attempts(sweep, [trial.name for trial in trials])
+    env = trial_env(sweep, cpu_only)
+    with checkout(sweep, label, env, board) as repo:
+        subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
+        out = repo.parent / "trained"
+        out.mkdir()
+        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board)
+        share = (time.monotonic() - started) / len(trials)  # each trial's part of the clone and the training
+        for trial in trials:
+            if trial.name not in ended:
+                ended[trial.name] = _land(sweep, label, trial, repo, out, env, board, share)
+    return ended
 
 
-def run_groups(plan: Plan, trials: list[grid.Trial], args: argparse.Namespace, parent_run_id: str) -> Outcome:
-    """Train each group, then land each of its trained trials as an experiment; Ctrl-C stops it all,
-    keeping what landed."""
-    outcome = Outcome()
-    params_of = {trial.name: params for trial, params in zip(plan.trials, plan.params)}
-    plan_groups = groups([params_of[trial.name] for trial in trials], args.together)
-    for number, members in enumerate(plan_groups, 1):
-        names = [trials[i].name for i in members]
-        shared = [f"{key}={value}" for key, value in trials[members[0]].values.items()
-                  if all(trials[i].values.get(key) == value for i in members)]
-        print(f"group {number}: {', '.join(names)}" + (f" (all {' '.join(shared)})" if shared else ""), flush=True)
-    env = dict(os.environ, **{PROJECT_ROOT_VARIABLE: plan.git_url, PARENT_RUN_VARIABLE: parent_run_id})
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's dvc
-    left = list(trials)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"sweep-{args.name}-") as folder:
-            clone, out = Path(folder) / "repo", Path(folder) / "trained"
-            out.mkdir()
-            _prepare_clone(plan, clone, env)
-            for members in plan_groups:
-                group = [trials[i] for i in members]
-                started = time.monotonic()
-                ended = _train_group(group, clone, out, env)
-                share = (time.monotonic() - started) / len(group)
-                for trial in group:
-                    left.remove(trial)
-                    if trial.name in ended:
-                        outcome.failed[trial.name] = ended[trial.name]
-                        print(f"{trial.name} failed: {ended[trial.name]}", flush=True)
-                    else:
-                        _land(trial, plan.commit, clone, out, env, share, outcome)
-    except KeyboardInterrupt:
-        print(f"stopped: the {len(left)} unfinished trial(s) are KILLED; the finished ones stay experiments",
-              flush=True)
-        outcome.failed.update({trial.name: CANCELLED for trial in left})
-        outcome.cancelled = True
-    except subprocess.CalledProcessError as exc:  # the clone could not be made: every trial fails alike
-        said = (exc.stderr or "").strip().splitlines()
-        reason = f"`{' '.join(exc.cmd[:3])}` exited with {exc.returncode}" + (f": {said[-1]}" if said else "")
-        outcome.failed.update({trial.name: reason for trial in left})
-    return outcome
-
-
-def _prepare_clone(plan: Plan, clone: Path, env: dict) -> None:
-    """The repository at the sweep's commit, on this project's DVC cache, with its data split."""
-    def run(*args: str, cwd: Path = clone) -> None:
-        subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, text=True)
-
-    run("git", "clone", "--quiet", plan.git_url, str(clone), cwd=clone.parent)
-    run("git", "checkout", "--quiet", "--detach", plan.commit)
-    run("dvc", "cache", "dir", "--local", dvc("cache", "dir").stdout.strip())
-    print("preparing the data in the sweep's clone", flush=True)
-    run("dvc", "repro", "--quiet", "split")
-
-
-def _train_group(group: list[grid.Trial], clone: Path, out: Path, env: dict) -> dict[str, str]:
+def _train(label: str, trials: list[grid.Trial], repo: Path, out: Path, env: dict, board) -> dict[str, str]:
     """Run the group's process; returns why each trial that did not train did not."""
     spec = out / "group.json"
-    spec.write_text(json.dumps({"trials": [{"name": t.name, "overrides": list(t.overrides)} for t in group],
+    spec.write_text(json.dumps({"trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials],
                                 "out": str(out)}))
-    returncode, tail = _run_to_end([sys.executable, "-m", "pipeline.sweep.together", str(spec)], clone, env,
-                                   shown=True)
+    board.doing.remote(label, "training together")
+    try:
+        run_watched([sys.executable, "-m", "pipeline.sweep.together", str(spec)], label, repo, env, board,
+                    "its group's process")
+        why_not = ""
+    except TrialFailed as exc:
+        why_not = exc.reason
     ended = {}
-    for trial in group:
+    for trial in trials:
         failed = out / f"{trial.name}.failed"
         if failed.exists():
             ended[trial.name] = failed.read_text()
         elif not (out / f"{trial.name}.pt").exists():
-            ended[trial.name] = reason_from_output(tail, returncode, "its group's process")
+            ended[trial.name] = why_not or "its group's process wrote no checkpoint for it"
     return ended
 
 
-def _run_to_end(args: list[str], cwd: Path, env: dict, shown: bool = False) -> tuple[int, list[str]]:
-    """Run a command to its end, its output shown as it comes if `shown`; returns its exit status
-    and last lines. Ctrl-C reaches it too: it is waited for, to end its MLflow runs KILLED, and
-    the interrupt goes on up."""
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    try:
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            if shown:
-                print(line, end="", flush=True)
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        raise
-    if proc.returncode == 130:  # it was interrupted, so the sweep is
-        raise KeyboardInterrupt
-    return proc.returncode, list(tail)
-
-
-def _land(trial: grid.Trial, commit: str, clone: Path, out: Path, env: dict, share: float, outcome: Outcome) -> None:
-    """The trained trial as its DVC experiment, pushed to this repository: `dvc exp run` with its
-    params, from its finished checkpoint (its MLflow run goes on in the same run)."""
-    subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", commit], cwd=clone, check=True)
-    (clone / CHECKPOINT_FILE).parent.mkdir(exist_ok=True)
-    shutil.copyfile(out / f"{trial.name}.pt", clone / CHECKPOINT_FILE)
+def _land(sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, env: dict, board,
+          share: float) -> TrialResult | str:
+    """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params, from its
+    finished checkpoint (its MLflow run goes on in the same run)."""
+    board.doing.remote(label, f"landing {trial.name}")
+    subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", sweep.commit], cwd=repo, check=True)
+    (repo / CHECKPOINT_FILE).parent.mkdir(exist_ok=True)
+    shutil.copyfile(out / f"{trial.name}.pt", repo / CHECKPOINT_FILE)
     started = time.monotonic()
-    returncode, lines = _run_to_end(["dvc", "exp", "run", "--name", trial.name,
-                                     *(a for o in trial.overrides for a in ("--set-param", o))], clone, env)
-    run_seconds = time.monotonic() - started
-    if returncode != 0:
-        outcome.failed[trial.name] = reason_from_output(lines, returncode, "`dvc exp run`")
-        print(f"{trial.name} failed: {outcome.failed[trial.name]}", flush=True)
-        return
-    if not any(line.startswith("resuming from epoch") for line in lines):
-        print(f"warning: {trial.name}'s `dvc exp run` did not find what its group trained, and trained it alone",
-              flush=True)
-    pushed = subprocess.run(["dvc", "exp", "push", "--no-cache", "origin", trial.name], cwd=clone, env=env,
-                            capture_output=True, text=True)
-    if pushed.returncode != 0:
-        outcome.failed[trial.name] = reason_from_output(pushed.stderr.splitlines(), pushed.returncode,
-                                                        "`dvc exp push`")
-        return
-    metrics, run_id = experiment_results(clone)
-    outcome.finished[trial.name] = TrialResult(trial.name, metrics, run_id, share + run_seconds, run_seconds)
-    print(f"{trial.name} finished: {SELECTION_METRIC} {metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
+    try:
+        run_watched(["dvc", "exp", "run", "--name", trial.name,
+                             *(a for o in trial.overrides for a in ("--set-param", o))], label, repo, env, board)
+        run_seconds = time.monotonic() - started
+        push(sweep, trial.name, repo, env)
+    except TrialFailed as exc:
+        return exc.reason
+    metrics, run_id = experiment_results(repo)
+    result = TrialResult(trial.name, metrics, run_id, share + run_seconds, run_seconds)
+    board.land.remote(result)
+    return result

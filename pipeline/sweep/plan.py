@@ -25,7 +25,8 @@ class Plan:
     sets: list[str]  # the grid as -S overrides, the file's included
     trials: list[grid.Trial]
     commit: str
-    git_url: str
+    git_url: str  # where the trials clone the repository from: the git remote, or this repository
+    local_cache: str | None  # on one machine: this project's DVC cache, which the trials share
     experiment_id: str | None  # None: tracking off (mlflow.enabled: false)
     tracking: MlflowParams
     params: list[Params]  # each trial's, checked
@@ -37,16 +38,36 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
 
 
 def prepare(args: argparse.Namespace) -> Plan:
-    """Every check that can refuse a sweep on Ray, cheapest first."""
+    """Every check that can refuse a sweep, cheapest first. On a Ray cluster (RAY_ADDRESS set) the
+    trials run on other machines, so they need the git and DVC remotes and a tracking server; on
+    this machine they clone this repository and share its DVC cache and MLflow store."""
     if not DVC_FILE.exists():
         raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
     if args.cpus_per_trial <= 0:
         raise PipelineError(f"--cpus-per-trial must be above 0, got {args.cpus_per_trial:g}")
     for option in ("gpus_per_trial", "max_concurrent", "retries"):
-        if getattr(args, option) < 0:
+        if (getattr(args, option) or 0) < 0:
             raise PipelineError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(args, option):g}")
+    if args.together < 0:
+        raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     sets, trials, commit, checked = _grid_at_head(args)
+    if args.together and any(params.train.num_processes > 1 for params in checked):
+        raise PipelineError("train.num_processes above 1 (torchrun) cannot train beside other trials: "
+                            "set it to 1, or drop --together")
     tracking = checked[0].mlflow
+    if os.environ.get("RAY_ADDRESS"):
+        git_url = _check_cluster(args, trials, commit, tracking)
+        return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked)
+    if not tracking.enabled:
+        raise PipelineError("mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
+                            "set it to true (the default store is a file in this project)")
+    return Plan(sets, trials, commit, str(Path.cwd().resolve()), dvc("cache", "dir").stdout.strip(),
+                connect(tracking), tracking, checked)
+
+
+def _check_cluster(args: argparse.Namespace, trials: list[grid.Trial], commit: str, tracking: MlflowParams) -> str:
+    """What trials on other machines need: a tracking server, the commit on the git remote, a
+    default DVC remote, and names the remote does not have yet. Returns the remote's URL."""
     if not tracking.enabled or urlparse(tracking.tracking_uri).scheme not in ("http", "https"):
         where = tracking.tracking_uri if tracking.enabled else "nowhere (mlflow.enabled: false)"
         raise PipelineError(
@@ -69,29 +90,13 @@ def prepare(args: argparse.Namespace) -> Plan:
     if taken:
         raise PipelineError(f"experiments {', '.join(taken)} already exist on '{args.git_remote}' for commit "
                             f"{commit[:7]}: give the sweep another --name")
-    return Plan(sets, trials, commit, git_url, connect(tracking), tracking, checked)
+    return git_url
 
 
-def prepare_together(args: argparse.Namespace) -> Plan:
-    """Every check that can refuse a sweep whose trials train together on this machine. It needs
-    no remote and no server: the trials run in a clone of this repository, share its DVC cache
-    and its MLflow store, and land here as experiments."""
-    if not DVC_FILE.exists():
-        raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
-    if args.together < 1:
-        raise PipelineError(f"--together must be 1 or more trials a process, got {args.together}")
-    if os.environ.get("RAY_ADDRESS"):
-        raise PipelineError("--together trains on this machine, not on the Ray cluster RAY_ADDRESS names: "
-                            "unset RAY_ADDRESS, or drop --together")
-    sets, trials, commit, checked = _grid_at_head(args)
-    if any(params.train.num_processes > 1 for params in checked):
-        raise PipelineError("train.num_processes above 1 (torchrun) cannot train beside other trials: "
-                            "set it to 1, or drop --together")
-    if not checked[0].mlflow.enabled:
-        raise PipelineError("mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
-                            "set it to true (the default store is a file in this project)")
-    return Plan(sets, trials, commit, str(Path.cwd().resolve()), connect(checked[0].mlflow), checked[0].mlflow,
-                checked)
+def experiments_here(trials: list[grid.Trial]) -> list[str]:
+    """The trials that are experiments of this repository already (a sweep run again keeps them)."""
+    listed = set(dvc("exp", "list", "--all-commits", "--names-only").stdout.split())
+    return [trial.name for trial in trials if trial.name in listed]
 
 
 def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial], str, list[Params]]:

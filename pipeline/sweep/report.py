@@ -47,7 +47,7 @@ class Summary:
     best: TrialResult | None  # the lowest SELECTION_METRIC of the finished trials
     wall_seconds: float
     trial_seconds: float  # the finished trials', added up
-    overhead_seconds: float  # a finished trial's, on average, outside `dvc exp run` (clone, data, push)
+    overhead_seconds: float  # a finished trial's, on average, outside `dvc exp run` (clone, data, push, a group's training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +183,9 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
         score = f"{result.metrics.get(SELECTION_METRIC, float('nan')):.4f}" if result else "-"
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         print(f"{trial.name:<16}{outcome.status(trial.name):<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
-    print(f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s together, "
-          f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push)")
+    print(f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
+          f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "
+          "trained together, its share of the group's training)")
 
 
 def print_repeats(configurations: list[Configuration]) -> None:

@@ -1,6 +1,8 @@
 """One trial of a sweep, as a Ray task on whichever node has room for it: the repository at the
 sweep's commit from the git remote, the data from the DVC remote, `dvc exp run` with the trial's
-params, and the experiment pushed back to both remotes, so it outlives the node that ran it.
+params, and the experiment pushed back to both remotes, so it outlives the node that ran it. On one
+machine (no RAY_ADDRESS) the clone is of this repository, on its DVC cache and MLflow store, and the
+experiment is pushed straight back here: no remote and no server.
 
 A failed trial (a diverged loss, a bad stage) raises TrialFailed, which Ray does not retry; a lost
 node is a system failure, which Ray retries elsewhere, and the lost attempt's MLflow run is marked
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -28,7 +31,7 @@ import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.history import split_train_metrics
-from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import PARENT_RUN_VARIABLE
 
 STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
@@ -50,6 +53,7 @@ class Sweep:
 
     git_url: str  # where the workers clone from, and push the experiments to
     commit: str
+    local_cache: str | None  # on one machine, the project's DVC cache the trials share (None: a cluster's remotes)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -80,27 +84,56 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
     started = time.monotonic()
     # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
     board.start.remote(name, ray.get_runtime_context().get_node_id())
-    _fail_lost_attempts(sweep, name)
-    env = dict(os.environ, **{PARENT_RUN_VARIABLE: sweep.parent_run_id})
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's dvc
-    if cpu_only:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a trial given no GPU share uses none
-    with tempfile.TemporaryDirectory(prefix=f"sweep-{name}-") as folder:
-        repo = Path(folder)
-        _step(["git", "clone", "--quiet", sweep.git_url, str(repo)], name, Path(folder).parent, env)
-        _step(["git", "checkout", "--quiet", "--detach", sweep.commit], name, repo, env)
-        board.doing.remote(name, "pulling data")
-        # The data stages' outputs, if the DVC remote has them; whatever it lacks, download and split make.
-        subprocess.run(["dvc", "pull", "--quiet", "--allow-missing", "download", "split"], cwd=repo, env=env,
-                       capture_output=True)
+    fail_lost_attempts(sweep, [name])
+    env = trial_env(sweep, cpu_only)
+    with checkout(sweep, name, env, board) as repo:
         run_started = time.monotonic()
-        _exp_run(["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
-                 name, repo, env, board)
+        run_watched(["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
+                    name, repo, env, board)
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
-        _step(["dvc", "exp", "push", "origin", name], name, repo, env)
+        push(sweep, name, repo, env)
         metrics, run_id = experiment_results(repo)
-    return TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
+    result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
+    board.land.remote(result)
+    return result
+
+
+def trial_env(sweep: Sweep, cpu_only: bool) -> dict[str, str]:
+    """What a trial's commands run in: this environment's dvc, the sweep's run as their parent, on
+    one machine the project as theirs (its MLflow store), and no GPU for a task given none."""
+    env = dict(os.environ, **{PARENT_RUN_VARIABLE: sweep.parent_run_id})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if sweep.local_cache:
+        env[PROJECT_ROOT_VARIABLE] = sweep.git_url
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+@contextlib.contextmanager
+def checkout(sweep: Sweep, label: str, env: dict, board) -> Iterator[Path]:
+    """A temporary clone at the sweep's commit, with the data stages' outputs where they exist: from
+    the project's DVC cache on one machine, from the DVC remote on a cluster (whatever neither has,
+    download and split make)."""
+    with tempfile.TemporaryDirectory(prefix=f"sweep-{label.replace(' ', '-')}-") as folder:
+        repo = Path(folder) / "repo"
+        _step(["git", "clone", "--quiet", sweep.git_url, str(repo)], label, Path(folder), env)
+        _step(["git", "checkout", "--quiet", "--detach", sweep.commit], label, repo, env)
+        board.doing.remote(label, "pulling data")
+        if sweep.local_cache:
+            _step(["dvc", "cache", "dir", "--local", sweep.local_cache], label, repo, env)
+            data = ["dvc", "checkout", "--quiet", "--allow-missing", "download", "split"]
+        else:
+            data = ["dvc", "pull", "--quiet", "--allow-missing", "download", "split"]
+        subprocess.run(data, cwd=repo, env=env, capture_output=True)
+        yield repo
+
+
+def push(sweep: Sweep, name: str, repo: Path, env: dict) -> None:
+    """The experiment to the repository it was cloned from; on a cluster its outputs to the DVC
+    remote too (on one machine they are in the shared cache already)."""
+    _step(["dvc", "exp", "push", *(["--no-cache"] if sweep.local_cache else []), "origin", name], name, repo, env)
 
 
 def experiment_results(repo: Path) -> tuple[dict[str, float], str | None]:
@@ -122,12 +155,15 @@ def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
 
 
 _STAGE = re.compile(r"Running stage '(\w+)'")
-_EPOCH = re.compile(r"^epoch (\d+)/(\d+)(?:  train_|: .*\((\d+%)\))")  # an epoch's end, or its progress line
+# An epoch's end ("epoch 2/10  train_...", or a trial's of a group: "lr-1 epoch 2/10  val_..."), or
+# its progress line ("epoch 2/10: ... (40%)").
+_EPOCH = re.compile(r"^(?:\S+ )?epoch (\d+)/(\d+)(?:  \w+_|: .*\((\d+%)\))")
 
 
-def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
-    """`dvc exp run`, its output read as it comes for the stage and epoch it is at; a cancelled
-    task (Ctrl-C on the driver) interrupts it as Ctrl-C would, so its run ends KILLED."""
+def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what: str = "`dvc exp run`") -> list[str]:
+    """A trial's command (`dvc exp run`, a group's process), its output read as it comes for the
+    stage and epoch it is at; returns its last lines. A cancelled task (Ctrl-C on the driver)
+    interrupts it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
     proc = subprocess.Popen(tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -135,15 +171,16 @@ def _exp_run(args: list[str], name: str, repo: Path, env: dict, board) -> None:
         for line in proc.stdout:
             tail.append(line)
             if stage := _STAGE.search(line):
-                board.doing.remote(name, stage[1])
+                board.doing.remote(label, stage[1])
             elif epoch := _EPOCH.match(line):
-                board.doing.remote(name, f"train epoch {epoch[1]}/{epoch[2]}" + (f" ({epoch[3]})" if epoch[3] else ""))
+                board.doing.remote(label, f"train epoch {epoch[1]}/{epoch[2]}" + (f" ({epoch[3]})" if epoch[3] else ""))
         proc.wait()
     except BaseException:  # KeyboardInterrupt: Ray cancelled the task
         _interrupt(proc)
         raise
     if proc.returncode != 0:
-        raise TrialFailed(name, reason_from_output(list(tail), proc.returncode))
+        raise TrialFailed(label, reason_from_output(list(tail), proc.returncode, what))
+    return list(tail)
 
 
 def tied_to_this_process(args: list[str]) -> list[str]:
@@ -185,11 +222,12 @@ def _interrupt(proc: subprocess.Popen) -> None:
                 process.kill()
 
 
-def _fail_lost_attempts(sweep: Sweep, name: str) -> None:
-    """The runs of this trial's earlier attempts still RUNNING (none on a first attempt): their
+def fail_lost_attempts(sweep: Sweep, names: list[str]) -> None:
+    """The runs of these trials' earlier attempts still RUNNING (none on a first attempt): their
     node was lost, so FAILED."""
     client = mlflow.MlflowClient(sweep.tracking_uri)
-    lost = (f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.run_name = '{name}' "
-            "and attributes.status = 'RUNNING'")
-    for run in client.search_runs([sweep.experiment_id], filter_string=lost):
-        client.set_terminated(run.info.run_id, "FAILED")
+    for name in names:
+        lost = (f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.run_name = '{name}' "
+                "and attributes.status = 'RUNNING'")
+        for run in client.search_runs([sweep.experiment_id], filter_string=lost):
+            client.set_terminated(run.info.run_id, "FAILED")
