@@ -1,10 +1,11 @@
-"""Wall-clock seconds of a sweep's trials run one after another as `dvc exp run`s against the same
-grid through `python -m pipeline.sweep --together N`, each in a fresh clone of this repository's
-HEAD on the same IDX mirror; and whether each trial's `models/model.pt` is the same bytes both ways
-(the md5 DVC records for it).
+"""Wall-clock seconds of a sweep's trials three ways, each in a fresh clone of this repository's
+HEAD on the same IDX mirror: one after another as `dvc exp run`s, as a plain sweep (`python -m
+pipeline.sweep`: a Ray task per trial, as many at once as the cores hold), and trained together
+(`--together N`); and whether each trial's `models/model.pt` is the same bytes each way (the md5
+DVC records for it).
 
-Both ways pay what a user pays: the stages' processes, imports, MLflow runs, the model logged, the
-evaluation and the figures. The data are downloaded and split before either clock starts.
+Every way pays what a user pays: the stages' processes, imports, MLflow runs, the model logged, the
+evaluation and the figures. The data are downloaded and split before any clock starts.
 
     python bench/sweep_together.py ../shared/data/fashion-mnist --dataset fashion_mnist \
         -S train.learning_rate=0.001,0.0005 -S seed=1,2 --set train.epochs=1 evaluate.iw_samples=1
@@ -80,28 +81,33 @@ def main() -> None:
     settings |= {"data.dataset": args.dataset, "data.mirror": str(args.mirror.resolve())}
     trials = grid.expand(args.sets, "bench")
 
+    sweep = [sys.executable, "-m", "pipeline.sweep", *(a for s in args.sets for a in ("-S", s)), "--name", "bench"]
+    ways = {"alone": [["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("-S", o))]
+                      for trial in trials],
+            "sweep": [sweep], "together": [[*sweep, "--together", str(len(trials))]]}
+    seconds, md5s = {}, {}
     with tempfile.TemporaryDirectory(prefix="sweep-together-") as folder:
-        alone = clone(Path(folder) / "alone", settings)
-        started = time.monotonic()
-        for trial in trials:
-            run(["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("-S", o))], alone)
-        alone_seconds = time.monotonic() - started
-
-        together = clone(Path(folder) / "together", settings)
-        started = time.monotonic()
-        run([sys.executable, "-m", "pipeline.sweep", *(a for s in args.sets for a in ("-S", s)),
-             "--together", str(len(trials)), "--name", "bench"], together)
-        together_seconds = time.monotonic() - started
-        same = model_md5s(alone) == model_md5s(together) and len(model_md5s(alone)) == len(trials)
+        for way, commands in ways.items():
+            project = clone(Path(folder) / way, settings)
+            started = time.monotonic()
+            for command in commands:
+                run(command, project)
+            seconds[way] = time.monotonic() - started
+            md5s[way] = model_md5s(project)
+            print(f"{way}: {seconds[way]:.1f} s", flush=True)
+    same = {way: md5s[way] == md5s["alone"] and len(md5s[way]) == len(trials) for way in ("sweep", "together")}
 
     result = {
         "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "grid": args.sets, "settings": settings,
-        "trials": len(trials), "alone_seconds": round(alone_seconds, 1), "together_seconds": round(together_seconds, 1),
-        "ratio": round(together_seconds / alone_seconds, 3), "same_model_bytes": same,
+        "trials": len(trials), **{f"{way}_seconds": round(value, 1) for way, value in seconds.items()},
+        "together_over_alone": round(seconds["together"] / seconds["alone"], 3),
+        "together_over_sweep": round(seconds["together"] / seconds["sweep"], 3),
+        "same_model_bytes_as_alone": same,
     }
-    print(f"{len(trials)} trials one after another: {alone_seconds:.1f} s; together: {together_seconds:.1f} s "
-          f"({together_seconds / alone_seconds:.2f}x); the same model bytes both ways: {same}")
+    print(f"{len(trials)} trials one after another: {seconds['alone']:.1f} s; as a sweep: {seconds['sweep']:.1f} s; "
+          f"together: {seconds['together']:.1f} s ({result['together_over_alone']:.2f}x alone, "
+          f"{result['together_over_sweep']:.2f}x the sweep); the same model bytes as alone: {same}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
