@@ -58,6 +58,9 @@ def swept_together(tmp_path_factory) -> Swept:
     tmp = tmp_path_factory.mktemp("together")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = project_env() | GIT_IDENTITY
+    # Unset, as a user's shell has it: Ray gives a task OMP_NUM_THREADS of its CPUs, and a group on
+    # other threads than a run alone would not be its bytes.
+    env.pop("OMP_NUM_THREADS", None)
     first = run([*SWEEP, *GRID], project, check=False, env=env)
     run(["dvc", "exp", "run", "-n", "solo", "-S", SOLO], project, env=env)
     run(["git", "checkout", "--", "."], project)  # the workspace as committed

@@ -13,6 +13,7 @@ MLflow and on screen (report.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid", type=Path, help="a YAML file of `key: [values]`, added to the -S grid")
     parser.add_argument("-n", "--name", help="the sweep's name; its trials are NAME-1, NAME-2, ... (default: a "
                                              "name DVC makes up)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0,
-                        help="Ray CPUs a task takes: a trial, or with --together a group (default 1)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="Ray CPUs a task takes: a trial, or with --together a group; default 1, and for a "
+                             "group on the CPU a whole node")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
                         help="GPUs a task takes, fractions sharing one (0.25: four trials a GPU); default 0, "
                              "and with --together 1 where the cluster has a GPU")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args)
     sweep = Sweep(plan.git_url, plan.commit, plan.local_cache, mlflow.get_tracking_uri(), plan.experiment_id,
-                  parent_run_id)
+                  parent_run_id, os.environ.get("OMP_NUM_THREADS"))
     where = "on this machine" if plan.local_cache else "on the Ray cluster"
     how = f" in groups of up to {args.together} trained together" if args.together else ""
     print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]} {where}{how}, MLflow run "

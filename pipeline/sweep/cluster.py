@@ -72,8 +72,9 @@ def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list
 def start_ray(args: argparse.Namespace) -> None:
     """Join the cluster RAY_ADDRESS names, or start a Ray on this machine; the workers import this
     package as the driver has it. Without --gpus-per-trial, a group trained together takes a whole
-    GPU where the cluster has one, and a trial alone none. A task no node can hold is refused now,
-    not left pending."""
+    GPU where the cluster has one, and a trial alone none; without --cpus-per-trial, a group on the
+    CPU takes a whole node (its trials use every core, as a run alone does), and anything else one
+    CPU. A task no node can hold is refused now, not left pending."""
     address = os.environ.get("RAY_ADDRESS")
     # "local": Ray would otherwise join the cluster its last `ray start --head` here recorded, gone or not.
     ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
@@ -85,6 +86,9 @@ def start_ray(args: argparse.Namespace) -> None:
           f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {gpus:g} GPUs", flush=True)
     if args.gpus_per_trial is None:
         args.gpus_per_trial = 1.0 if args.together and gpus else 0.0
+    if args.cpus_per_trial is None:
+        on_cpu = args.together and not args.gpus_per_trial
+        args.cpus_per_trial = max(n.get("CPU", 0) for n in nodes) if on_cpu else 1.0
     if not any(n.get("CPU", 0) >= args.cpus_per_trial and n.get("GPU", 0) >= args.gpus_per_trial for n in nodes):
         raise PipelineError(f"no node of the Ray cluster has {args.cpus_per_trial:g} CPUs and {args.gpus_per_trial:g} "
                             "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node")

@@ -48,7 +48,7 @@ def run_group(sweep: Sweep, label: str, trials: list[grid.Trial], board,
     started = time.monotonic()
     board.start.remote(label, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [trial.name for trial in trials])
-    env = trial_env(sweep, cpu_only)
+    env = trial_env(sweep, cpu_only, threads_as_alone=True)
     with checkout(sweep, label, env, board) as repo:
         subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
         out = repo.parent / "trained"

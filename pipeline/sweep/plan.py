@@ -43,7 +43,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     this machine they clone this repository and share its DVC cache and MLflow store."""
     if not DVC_FILE.exists():
         raise PipelineError(f"no {DVC_FILE} here: run the sweep from the project root")
-    if args.cpus_per_trial <= 0:
+    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
         raise PipelineError(f"--cpus-per-trial must be above 0, got {args.cpus_per_trial:g}")
     for option in ("gpus_per_trial", "max_concurrent", "retries"):
         if (getattr(args, option) or 0) < 0:

@@ -47,7 +47,7 @@ class Summary:
     best: TrialResult | None  # the lowest SELECTION_METRIC of the finished trials
     wall_seconds: float
     trial_seconds: float  # the finished trials', added up
-    overhead_seconds: float  # a finished trial's, on average, outside `dvc exp run` (clone, data, push, a group's training)
+    overhead_seconds: float  # a finished trial's mean outside `dvc exp run` (clone, data, push, its group)
 
 
 @dataclasses.dataclass(frozen=True)

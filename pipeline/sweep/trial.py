@@ -57,6 +57,9 @@ class Sweep:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    # On one machine, the driver's OMP_NUM_THREADS (None: unset): the threads a run alone has, which
+    # a group's process gets in place of Ray's one-thread-a-CPU share, so its trials are as alone.
+    threads: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +102,17 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
     return result
 
 
-def trial_env(sweep: Sweep, cpu_only: bool) -> dict[str, str]:
+def trial_env(sweep: Sweep, cpu_only: bool, threads_as_alone: bool = False) -> dict[str, str]:
     """What a trial's commands run in: this environment's dvc, the sweep's run as their parent, on
-    one machine the project as theirs (its MLflow store), and no GPU for a task given none."""
+    one machine the project as theirs (its MLflow store) and, for a group, the threads a run alone
+    has, and no GPU for a task given none."""
     env = dict(os.environ, **{PARENT_RUN_VARIABLE: sweep.parent_run_id})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if sweep.local_cache:
         env[PROJECT_ROOT_VARIABLE] = sweep.git_url
+        if threads_as_alone:  # Ray gives a task OMP_NUM_THREADS = its CPUs; a thread count changes the bytes
+            env.pop("OMP_NUM_THREADS", None)
+            env.update({"OMP_NUM_THREADS": sweep.threads} if sweep.threads else {})
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
