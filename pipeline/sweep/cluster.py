@@ -141,6 +141,8 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> 
                     ] = task
 
     def collect(refs) -> None:
+        if not refs:
+            return
         landed = ray.get(board.snapshot.remote())[1]
         for ref in refs:
             task = running.pop(ref)

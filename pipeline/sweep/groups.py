@@ -94,7 +94,7 @@ def _land(sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, en
     started = time.monotonic()
     try:
         run_watched(["dvc", "exp", "run", "--name", trial.name,
-                             *(a for o in trial.overrides for a in ("--set-param", o))], label, repo, env, board)
+                     *(a for o in trial.overrides for a in ("--set-param", o))], label, repo, env, board)
         run_seconds = time.monotonic() - started
         push(sweep, trial.name, repo, env)
     except TrialFailed as exc:

@@ -4,9 +4,9 @@ params, and the experiment pushed back to both remotes, so it outlives the node 
 machine (no RAY_ADDRESS) the clone is of this repository, on its DVC cache and MLflow store, and the
 experiment is pushed straight back here: no remote and no server.
 
-A failed trial (a diverged loss, a bad stage) raises TrialFailed, which Ray does not retry; a lost
-node is a system failure, which Ray retries elsewhere, and the lost attempt's MLflow run is marked
-FAILED when the next attempt starts."""
+A failed trial (a diverged loss, a bad stage) raises TrialFailed, which is not run again; a lost
+node is a system failure, whose task the driver runs again elsewhere, and the lost attempt's MLflow
+run is marked FAILED when the next attempt starts."""
 
 from __future__ import annotations
 
@@ -167,9 +167,9 @@ _STAGE = re.compile(r"Running stage '(\w+)'")
 _EPOCH = re.compile(r"^(?:\S+ )?epoch (\d+)/(\d+)(?:  \w+_|: .*\((\d+%)\))")
 
 
-def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what: str = "`dvc exp run`") -> list[str]:
+def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what: str = "`dvc exp run`") -> None:
     """A trial's command (`dvc exp run`, a group's process), its output read as it comes for the
-    stage and epoch it is at; returns its last lines. A cancelled task (Ctrl-C on the driver)
+    stage and epoch it is at. A cancelled task (Ctrl-C on the driver)
     interrupts it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
     proc = subprocess.Popen(tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE,
@@ -187,7 +187,6 @@ def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what:
         raise
     if proc.returncode != 0:
         raise TrialFailed(label, reason_from_output(list(tail), proc.returncode, what))
-    return list(tail)
 
 
 def tied_to_this_process(args: list[str]) -> list[str]:
