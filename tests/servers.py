@@ -4,11 +4,13 @@ store holds, read through its API."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -29,6 +31,43 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class HeldDownloads:
+    """A folder over HTTP that serves its files until the test calls `hold`; every download after
+    that goes on, a byte a second, until the test ends: a download certain to be under way, and not
+    done, whenever the test acts."""
+
+    def __init__(self, folder: Path):
+        self.holding, self.released = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                if not outer.holding.is_set():
+                    return super().do_GET()
+                self.send_response(200)
+                self.send_header("Content-Length", str(2**30))
+                self.end_headers()
+                while not outer.released.wait(1):  # a byte a second: under way, never done or timed out
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.server.handle_error = lambda *_: None  # a held client that gave up has closed its socket
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def hold(self) -> None:
+        self.holding.set()
+
+    def __enter__(self) -> HeldDownloads:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def free_port() -> int:

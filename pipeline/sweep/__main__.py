@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from dvc.repo.experiments.utils import gen_random_name
 
 from pipeline.errors import PipelineError
 from pipeline.sweep import cluster, report
-from pipeline.sweep.plan import dvc, experiments_here, prepare
+from pipeline.sweep.interrupts import ctrl_c_as_flag
+from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
 from pipeline.sweep.trial import Sweep
 
 
@@ -57,15 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.name = args.name or gen_random_name()
     started = time.monotonic()
-    try:
-        plan = prepare(args)
-        cluster.start_ray(args)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted before any trial started", file=sys.stderr)
-        return 130
+    with ctrl_c_as_flag() as ctrl_c:  # read between steps: no trial is ever half-recorded
+        try:
+            plan = prepare(args)
+            cluster.start_ray(args)
+            if ctrl_c.is_set():
+                print("interrupted before any trial started", file=sys.stderr)
+                return 130
+            return sweep_trials(plan, args, ctrl_c, started)
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            ray.shutdown()
+
+def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, started: float) -> int:
+    """The plan's trials run, their parent run opened and finished; the sweep's exit status."""
     trials = plan.trials
     if plan.local_cache:  # a trial that is an experiment here already is kept: the same sweep again resumes it
         kept = experiments_here(plan.trials)
@@ -88,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task.label}: {', '.join(t.name for t in task.trials)}" + (f" (all {' '.join(shared)})" if shared
                                                                            else ""), flush=True)
     try:
-        outcome = cluster.run_sweep(sweep, tasks, args)
+        outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c)
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    finally:
-        ray.shutdown()
     summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started)
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)

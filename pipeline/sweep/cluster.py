@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -119,8 +120,9 @@ class Progress:
             self.last_counts, self.last_line, self.printed = counts, line, now
 
 
-def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> Outcome:
-    """Submit the tasks (at most --max-concurrent at once), report as they go; Ctrl-C cancels the rest."""
+def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctrl_c: threading.Event) -> Outcome:
+    """Submit the tasks (at most --max-concurrent at once), report as they go; once `ctrl_c` is set
+    (read between steps, so every task Ray accepted is in `running`), cancel the rest."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = Board.options(scheduling_strategy=here).remote()
     trial_task, group_task = ray.remote(run_trial), ray.remote(run_group)
@@ -130,7 +132,7 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> 
     progress = Progress(sum(len(task.trials) for task in all_tasks))
 
     def submit() -> None:
-        while waiting and (not args.max_concurrent or len(running) < args.max_concurrent):
+        while waiting and not ctrl_c.is_set() and (not args.max_concurrent or len(running) < args.max_concurrent):
             task = waiting.pop(0)
             options = {"name": task.label, "num_cpus": args.cpus_per_trial, "num_gpus": args.gpus_per_trial,
                        "max_retries": 0}  # a lost node's task runs again from here, less what it had landed
@@ -154,9 +156,11 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> 
                 ended = CANCELLED
             except ray.exceptions.RayTaskError as exc:
                 ended = str(exc.cause).splitlines()[0] if exc.cause else str(exc).splitlines()[0]
-            except ray.exceptions.RayError as exc:  # its node was lost
+            except ray.exceptions.RayError as exc:  # its node was lost, or Ctrl-C's cancel killed its worker
                 left = tuple(trial for trial in task.trials if trial.name not in landed)
-                if task.attempt <= args.retries:
+                if ctrl_c.is_set():
+                    ended = CANCELLED
+                elif task.attempt <= args.retries:
                     if left:
                         waiting.insert(0, dataclasses.replace(task, trials=left, attempt=task.attempt + 1))
                     ended = {trial.name: landed[trial.name] for trial in task.trials if trial not in left}
@@ -176,20 +180,21 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace) -> 
                     print(f"{name} failed: {end}", flush=True)
 
     submit()
-    try:
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            collect(done)
-            submit()
-            progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
-    except KeyboardInterrupt:
+    while running and not ctrl_c.is_set():
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        collect(done)
+        submit()
+        progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
+    if running or waiting:  # Ctrl-C came before they ended
         print(f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting])} unfinished trial(s); "
               "the finished ones stay pushed and logged", flush=True)
         failed.update({trial.name: CANCELLED for task in waiting for trial in task.trials})
         waiting.clear()
         for ref in running:
             ray.cancel(ref)
-        ray.wait(list(running), num_returns=len(running), timeout=STOP_GRACE_SECONDS + 30)
+        _, unended = ray.wait(list(running), num_returns=len(running), timeout=STOP_GRACE_SECONDS + 30)
+        for ref in unended:  # past the grace: its worker is killed, and with it what the worker started
+            ray.cancel(ref, force=True)
         collect(list(running))
         outcome.cancelled = True
     return outcome

@@ -25,9 +25,8 @@ from pipeline.sweep.trial import (
     TrialFailed,
     TrialResult,
     checkout,
-    experiment_results,
     fail_lost_attempts,
-    push,
+    push_and_report,
     run_watched,
     trial_env,
 )
@@ -91,15 +90,11 @@ def _land(sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, en
     subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", sweep.commit], cwd=repo, check=True)
     (repo / CHECKPOINT_FILE).parent.mkdir(exist_ok=True)
     shutil.copyfile(out / f"{trial.name}.pt", repo / CHECKPOINT_FILE)
-    started = time.monotonic()
+    run_started = time.monotonic()
     try:
         run_watched(["dvc", "exp", "run", "--name", trial.name,
                      *(a for o in trial.overrides for a in ("--set-param", o))], label, repo, env, board)
-        run_seconds = time.monotonic() - started
-        push(sweep, trial.name, repo, env)
+        started = run_started - share  # its share of the group's clone and training counts as its own
+        return push_and_report(sweep, trial.name, repo, env, board, started, time.monotonic() - run_started)
     except TrialFailed as exc:
         return exc.reason
-    metrics, run_id = experiment_results(repo)
-    result = TrialResult(trial.name, metrics, run_id, share + run_seconds, run_seconds)
-    board.land.remote(result)
-    return result

@@ -33,6 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.history import split_train_metrics
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import PARENT_RUN_VARIABLE
+from pipeline.sweep.interrupts import uninterrupted
 
 STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
 
@@ -95,10 +96,19 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
                     name, repo, env, board)
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
+        return push_and_report(sweep, name, repo, env, board, started, run_seconds)
+
+
+def push_and_report(sweep: Sweep, name: str, repo: Path, env: dict, board, started: float,
+                    run_seconds: float) -> TrialResult:
+    """The trial's finished experiment pushed, and landed on the board before the task ends. It runs
+    to its end: a cancel that comes meanwhile is raised after it, so a pushed trial is never
+    reported cancelled."""
+    with uninterrupted():
         push(sweep, name, repo, env)
         metrics, run_id = experiment_results(repo)
-    result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
-    board.land.remote(result)
+        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
+        ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
 
 
