@@ -29,8 +29,9 @@ class DownloadError(PipelineError):
     """The data could not be fetched: unreachable mirror, missing file, checksum mismatch."""
 
 
-def fetch_official(dataset: str, dest: Path) -> None:
-    """torchvision's download, which tries each of the dataset class's mirrors and checks each MD5."""
+def fetch_official(dataset: str, dest: Path) -> dict[str, str]:
+    """torchvision's download, which tries each of the dataset class's mirrors and checks each MD5.
+    Returns what each file is to the user: which download it came from."""
     import torchvision
 
     dataset_cls = getattr(torchvision.datasets, DATASETS[dataset])
@@ -45,18 +46,23 @@ def fetch_official(dataset: str, dest: Path) -> None:
     for name in FILES.values():
         shutil.move(Path(dataset.raw_folder) / name, dest / name)
     shutil.rmtree(work)
+    return {name: f"{name} of torchvision's {dataset_cls.__name__} download" for name in FILES.values()}
 
 
-def fetch_mirror(mirror: str, dest: Path) -> None:
-    """Copy (folder) or download (URL) each IDX file, preferring `<name>.gz` over `<name>`."""
+def fetch_mirror(mirror: str, dest: Path) -> dict[str, str]:
+    """Copy (folder) or download (URL) each IDX file, preferring `<name>.gz` over `<name>`. Returns
+    where each file came from, as the user knows it: the mirror's path or URL of it."""
     is_url = urlparse(mirror).scheme in ("http", "https", "ftp", "file")
     folder = None if is_url else from_root(mirror)
     if folder is not None and not folder.is_dir():
         raise DownloadError(f"data.mirror: {folder} is not a folder; point it at the folder holding the four IDX files")
+    origins = {}
     for name in FILES.values():
         fetched = _download_one(mirror.rstrip("/"), name, dest) if is_url else _copy_one(folder, name, dest)
+        origins[name] = f"{mirror.rstrip('/')}/{fetched.name}" if is_url else str(folder / fetched.name)
         if fetched.suffix == ".gz":
-            _gunzip(fetched, dest / name)
+            _gunzip(fetched, dest / name, origins[name])
+    return origins
 
 
 def _copy_one(folder: Path, name: str, dest: Path) -> Path:
@@ -85,24 +91,23 @@ def _download_one(base_url: str, name: str, dest: Path) -> Path:
     raise DownloadError(f"data.mirror: {base_url} has neither {name}.gz nor {name}; add the file or fix the URL")
 
 
-def _gunzip(archive: Path, target: Path) -> None:
+def _gunzip(archive: Path, target: Path, origin: str) -> None:
     try:
         with gzip.open(archive, "rb") as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise IdxError(f"{archive.name}: not a complete gzip file ({exc}); the mirror's copy is truncated or corrupt, fetch it again") from None
+        raise IdxError(f"{origin}: not a complete gzip file ({exc}); the mirror's copy is truncated or corrupt, "
+                       "fetch it again") from None
     archive.unlink()
 
 
 def download(dataset: str, mirror: str | None, target: Path = RAW_DIR) -> None:
-    """Fetch into a staging folder, check every file, then swap it in: a failure leaves nothing partial."""
+    """Fetch into a staging folder, check every file, then swap it in: a failure leaves nothing partial,
+    and names the file as the user knows it (the mirror's), not its staging copy."""
     with atomic_dir(target) as staging:
-        if mirror is None:
-            fetch_official(dataset, staging)
-        else:
-            fetch_mirror(mirror, staging)
+        origins = fetch_official(dataset, staging) if mirror is None else fetch_mirror(mirror, staging)
         for split in ("train", "test"):
-            images, _ = read_split(staging, split)
+            images, _ = read_split(staging, split, named=lambda path: origins[path.name])
             print(f"{split}: {len(images)} images checked", flush=True)
 
 

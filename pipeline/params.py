@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ import yaml
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+LARGEST_INTEGER = 2**63 - 1  # an int64: a seed, a size or a count beyond it overflows in PyTorch and NumPy
 
 
 class ParamsError(PipelineError):
@@ -185,8 +187,13 @@ def _build(cls, raw: Any, prefix: str):
             value = _parse_float(value, key)
         if not _matches(value, tp):
             raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise ParamsError(f"{key}: must be a finite number, got {value}")
         if "check" in f.metadata and value is not None and not f.metadata["check"](value):
             raise ParamsError(f"{key}: {f.metadata['requirement']}, got {f.metadata['shown'](raw[name])}")
+        if tp is int and abs(value) > LARGEST_INTEGER:  # after the field's own check, which bounds it below
+            raise ParamsError(f"{key}: must be at most {LARGEST_INTEGER:,} (2^63 - 1, the largest integer PyTorch "
+                              f"and NumPy take), got {value}")
         values[name] = float(value) if tp is float else value
     return cls(**values)
 

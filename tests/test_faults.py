@@ -5,6 +5,7 @@ marks every output persist), nothing half-written appears, and interrupted train
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import re
@@ -103,11 +104,24 @@ def an_unreachable_url(mirror: Path) -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
+def a_truncated_idx_file(mirror: Path) -> str:
+    """A whole gzip of a cut IDX file: the archive is fine, its contents are not."""
+    archive = mirror_file(mirror, "train_images")
+    with gzip.open(archive) as fh:
+        data = fh.read()
+    with gzip.open(archive, "wb") as fh:
+        fh.write(data[:-500])
+    return str(mirror)
+
+
+# Each error names the file as the user knows it: its path in the mirror (MIRROR), or its URL.
 BAD_MIRRORS = [
-    (truncated_gzip, r"train-images-idx3-ubyte.gz: not a complete gzip file .* fetch it again"),
-    (wrong_magic_number, r"train-labels-idx1-ubyte: magic number 0x00000803 is not 0x00000801"),
-    (counts_that_disagree, r"holds 240 images but \S+train-labels-idx1-ubyte holds 239 labels"),
-    (labels_outside_0_to_9, r"t10k-labels-idx1-ubyte: label 10 is outside 0-9"),
+    (truncated_gzip, r"MIRROR/train-images-idx3-ubyte.gz: not a complete gzip file .* fetch it again"),
+    (a_truncated_idx_file, r"MIRROR/train-images-idx3-ubyte.gz: header promises shape \(240, 28, 28\) .* truncated"),
+    (wrong_magic_number, r"MIRROR/train-labels-idx1-ubyte.gz: magic number 0x00000803 is not 0x00000801"),
+    (counts_that_disagree, r"MIRROR/train-images-idx3-ubyte.gz holds 240 images but MIRROR/train-labels-idx1-ubyte.gz "
+                           r"holds 239 labels"),
+    (labels_outside_0_to_9, r"MIRROR/t10k-labels-idx1-ubyte.gz: label 10 is outside 0-9"),
     (a_missing_file, r"has neither t10k-labels-idx1-ubyte.gz nor t10k-labels-idx1-ubyte; add the file"),
     (an_unreachable_url, r"cannot reach http://127.0.0.1:\d+/train-images-idx3-ubyte.gz: .*check data.mirror"),
 ]
@@ -115,11 +129,13 @@ BAD_MIRRORS = [
 
 @pytest.mark.parametrize("spoil, message", BAD_MIRRORS, ids=[spoil.__name__ for spoil, _ in BAD_MIRRORS])
 def test_a_bad_mirror_stops_the_download_and_keeps_the_previous_data(finished, tmp_path, spoil, message):
-    edit_params(finished, **{"data.mirror": spoil(write_mirror(tmp_path / "bad-mirror"))})
+    mirror = spoil(write_mirror(tmp_path / "bad-mirror"))
+    edit_params(finished, **{"data.mirror": mirror})
     before = outputs_of(finished)
     result = run(["dvc", "repro"], finished, check=False)
     assert result.returncode != 0
-    assert re.search(f"error: .*{message}", result.stderr), result.stderr
+    assert re.search(f"error: .*{message.replace('MIRROR', re.escape(mirror))}", result.stderr), result.stderr
+    assert ".tmp" not in result.stderr, "a staging copy the user never made is not named"
     assert stages_run(result.stdout) == ["download"]
     assert_kept(finished, before)
 
@@ -147,7 +163,8 @@ def test_a_failed_checksum_in_torchvisions_download_keeps_the_previous_data(fini
     ({"train.batch_size": "big"}, "train", "train.batch_size: expected an integer, got 'big'"),
     ({"data.val_fraction": 1.5}, "split", "data.val_fraction: must be strictly between 0 and 1, got 1.5"),
     ({"train.batch_size": 512}, "train", "train.batch_size 512 is larger than the 192 training images; lower it"),
-], ids=["misspelt key", "wrong type", "out of range", "batch larger than the data"])
+    ({"seed": 2**70}, "train", "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1"),
+], ids=["misspelt key", "wrong type", "out of range", "batch larger than the data", "integer beyond int64"])
 def test_a_params_mistake_stops_its_stage_before_any_work_and_keeps_everything(finished, changes, stage, message):
     edit_params(finished, **changes)
     before = outputs_of(finished)
@@ -423,10 +440,27 @@ def test_unreachable_tracking_server_fails_fast_naming_it(finished):
     result = run(["dvc", "repro"], finished, check=False)
     seconds = time.monotonic() - started
     assert result.returncode != 0
-    assert f"error: cannot reach the MLflow tracking store {uri} (" in result.stderr
+    assert f"error: cannot reach the MLflow tracking server {uri} (" in result.stderr
     assert seconds < 60, f"took {seconds:.0f} s to give up"
     assert_kept(finished, before)
     assert not (finished / "models/checkpoint.pt").exists()
+
+
+def test_a_damaged_local_store_is_named_with_how_to_recover_and_left_as_it_was(finished):
+    store = finished / "mlruns/mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{store}").search_experiments()  # a store with MLflow's tables
+    damaged = bytearray(store.read_bytes())
+    damaged[4096:] = bytes(len(damaged) - 4096)  # every page but the first zeroed, as a bad disk or copy leaves it
+    store.write_bytes(damaged)
+    edit_params(finished, **{"mlflow.enabled": True, "train.learning_rate": 0.001})
+    before = outputs_of(finished)
+    result = run(["dvc", "repro"], finished, check=False)
+    assert result.returncode != 0
+    assert re.search(r"error: the MLflow store mlruns/mlflow.db is damaged \(database disk image is malformed\), .*"
+                     r"Move it aside \(`mv mlruns/mlflow.db mlruns/mlflow.db.damaged`\)", result.stderr), result.stderr
+    assert "Start the server" not in result.stderr
+    assert_kept(finished, before)
+    assert store.read_bytes() == damaged, "the damaged store is left for the user to recover"
 
 
 def test_tracking_disabled_runs_the_whole_pipeline_without_a_store(project):

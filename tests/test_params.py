@@ -67,6 +67,13 @@ def test_flat_names_match_dvc_param_keys():
         ("train.device", "gpu", "train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("train.channels_last", "yes", "train.channels_last: expected true or false, got 'yes'"),
         ("seed", -1, "seed: must be 0 or more, got -1"),
+        ("seed", 2**70, "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest integer PyTorch and "
+                        "NumPy take), got 1180591620717411303424"),
+        ("train.epochs", 2**63, "train.epochs: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest "
+                                "integer PyTorch and NumPy take), got 9223372036854775808"),
+        ("train.epochs", -2**64, "train.epochs: must be greater than 0, got -18446744073709551616"),
+        ("train.learning_rate", float("inf"), "train.learning_rate: must be a finite number, got inf"),
+        ("train.beta", float("nan"), "train.beta: must be a finite number, got nan"),
         ("model", [1, 2], "model: expected a mapping of keys, got [1, 2]"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,7 +16,7 @@ from mlflow.utils.rest_utils import http_request
 
 from pipeline.errors import PipelineError
 from pipeline.params import MlflowParams
-from pipeline.paths import from_root
+from pipeline.paths import from_root, project_root
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -64,14 +65,50 @@ def connect(params: MlflowParams) -> str | None:
     except PipelineError:
         raise
     except Exception as exc:
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            raise PipelineError(
-                f"cannot verify the certificate of the MLflow server {uri}: set MLFLOW_TRACKING_SERVER_CERT_PATH "
-                "to the certificate of the CA that signed it") from None
-        reason = str(exc).splitlines()[0][:300]
-        raise PipelineError(
-            f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {reason}). "
-            "Start the server, fix mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false") from None
+        raise PipelineError(_why_not_reached(uri, exc)) from None
+
+
+def _why_not_reached(uri: str, exc: Exception) -> str:
+    """What is wrong with the store, and what to do, by what the store is: a server, a SQLite file
+    (damaged, or not writable), or another URI."""
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return (f"cannot verify the certificate of the MLflow server {uri}: set MLFLOW_TRACKING_SERVER_CERT_PATH "
+                "to the certificate of the CA that signed it")
+    if urlparse(uri).scheme in ("http", "https"):
+        return (f"cannot reach the MLflow tracking server {uri} ({reason}). Start the server, fix "
+                "mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false")
+    if uri.startswith("sqlite:///"):
+        database = _shown(Path(uri[len("sqlite:///"):]))
+        damage = _sqlite_damage(Path(uri[len("sqlite:///"):]))
+        if damage:
+            return (f"the MLflow store {database} is damaged ({damage}), so no run can be read from it or logged to "
+                    f"it. Move it aside (`mv {database} {database}.damaged`) and run again to start an empty store, "
+                    f"or put back a copy from a backup; `sqlite3 {database} .recover` often saves the runs it holds")
+        return (f"cannot open the MLflow store {database} ({reason}): check that it and its folder can be read and "
+                "written, point mlflow.tracking_uri in params.yaml elsewhere, or set mlflow.enabled: false")
+    return (f"cannot open the MLflow tracking store {uri} ({reason}): fix mlflow.tracking_uri in params.yaml, or "
+            "set mlflow.enabled: false")
+
+
+def _sqlite_damage(database: Path) -> str | None:
+    """SQLite's own word on a store file that is not a sound database, read-only ("database disk
+    image is malformed", "file is not a database"); None for a sound file, or none at all."""
+    if not database.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+            found = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if found == ["ok"] else "; ".join(found)
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user wrote it: relative to the project root when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(project_root()))
+    return str(path)
 
 
 ANONYMOUS = "an anonymous user"
