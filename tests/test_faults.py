@@ -504,7 +504,12 @@ def test_a_second_repro_in_the_same_workspace_is_refused_and_the_first_finishes_
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     first = started(["dvc", "repro", "train"], project)
     seen = read_until(first, epoch_ended(1))
-    second = run(["dvc", "repro"], project, check=False)
+    training = stage_process(first, "train")
+    training.suspend()  # the first repro still holds its lock while the second starts, however fast the machine
+    try:
+        second = run(["dvc", "repro"], project, check=False)
+    finally:
+        training.resume()
     assert second.returncode != 0
     assert re.search(r"ERROR: .* is busy, it is being blocked by:\s+\(PID \d+\)", second.stderr), second.stderr
     status, seen = finish(first, seen)
