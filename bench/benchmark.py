@@ -35,10 +35,15 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Subset
 
+from pipeline.device import (
+    compiles_forward,
+    configure_determinism,
+    has_native_bf16,
+    resolve_device,
+)
 from pipeline.idx import FILES, read_split
 from pipeline.losses import dataset_loss
 from pipeline.model import EVAL_BATCH_SIZE, VAE
-from pipeline.runtime import compiles_forward, configure_determinism, has_native_bf16, resolve_device
 from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 BATCH, LR, SEED = 64, 5e-4, 0

@@ -1,7 +1,7 @@
 """Seconds of the evaluate stage's work against one training epoch: same model, same device, one run.
 
-Downloads and splits a local IDX mirror with the pipeline's own stages (48,000 training, 12,000
-validation and 10,000 test images for the full datasets), trains one epoch as the train stage does
+Downloads and splits a local IDX mirror with the code the download and split stages run (48,000
+training, 12,000 validation and 10,000 test images for the full datasets), trains one epoch as the train stage does
 (training plus validation), then evaluates that model on the test images as the evaluate stage
 does, K importance samples an image. Prints both times and their ratio and writes them as JSON.
 
@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data_parts import load_part
-from pipeline.download import download
-from pipeline.evaluate import evaluate
+from pipeline.data_parts import load_part, split
+from pipeline.device import resolve_device
+from pipeline.evaluation import evaluate
 from pipeline.losses import dataset_loss
 from pipeline.model import VAE
 from pipeline.params import EvaluateParams, Params, TrainParams
-from pipeline.runtime import resolve_device
-from pipeline.split import split
+from pipeline.raw_data import download
 from pipeline.step import TrainStep, make_optimizer, train_epoch
 
 

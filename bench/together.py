@@ -46,7 +46,7 @@ from benchmark import BATCH, LR, gpu_profile, torchvision_root  # noqa: E402
 from pipeline.idx import read_split  # noqa: E402
 from pipeline.losses import dataset_loss, vae_loss  # noqa: E402
 from pipeline.model import VAE, to_input  # noqa: E402
-from pipeline.runtime import compiles_forward, configure_determinism, resolve_device  # noqa: E402
+from pipeline.device import compiles_forward, configure_determinism, resolve_device  # noqa: E402
 from pipeline.step import TrainStep, copy_of_default_generator, make_optimizer, train_together  # noqa: E402
 
 ROUTES = ("streams", "vmap")

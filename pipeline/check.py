@@ -8,8 +8,8 @@ and nothing else: it runs on such an edit, and refuses a bad one before DVC reco
 
 from __future__ import annotations
 
-from pipeline.errors import run_stage
 from pipeline.params import load_params
+from pipeline.stage import run_stage
 
 
 def main() -> None:

@@ -16,17 +16,31 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline import atomic, history, model_files, runtime, tracking
+from pipeline import atomic, history, model_files, torchrun, tracking
 from pipeline.data_parts import part_on
-from pipeline.errors import PipelineError, run_stage
+from pipeline.device import (
+    compiles_forward,
+    configure_determinism,
+    resolve_device,
+    resolve_precision,
+)
+from pipeline.errors import PipelineError
 from pipeline.history import EpochLosses
 from pipeline.losses import dataset_loss
 from pipeline.model import VAE, Reconstructor, to_input
 from pipeline.params import Params, TrainParams, load_params
-from pipeline.paths import CHECKPOINT_FILE, MODEL_FILE, STATE_FILE, TRAIN_HISTORY, TRAIN_METRICS
+from pipeline.paths import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+)
 from pipeline.progress import progress
-from pipeline.runtime import Ranks
+from pipeline.stage import run_stage
 from pipeline.step import TrainStep, divergence, seeded_start, train_epoch
+from pipeline.torchrun import Ranks
+
 
 class DivergedError(PipelineError):
     """The loss became NaN or infinite."""
@@ -36,15 +50,15 @@ def train(params: Params) -> None:
     """A run, top to bottom: prepare, start or resume, the epoch loop, finish. Under torchrun every
     rank trains; rank 0 alone validates and writes the checkpoint, the outputs and the MLflow run."""
     cfg = params.train
-    ranks = runtime.join_process_group(cfg.device)
-    device = runtime.resolve_device(cfg.device, ranks.local_rank)
-    precision = runtime.resolve_precision(cfg.precision, device, quiet=not ranks.writer)
-    runtime.configure_determinism(cfg.deterministic)
+    ranks = torchrun.join_process_group(cfg.device)
+    device = resolve_device(cfg.device, ranks.local_rank)
+    precision = resolve_precision(cfg.precision, device, quiet=not ranks.writer)
+    configure_determinism(cfg.deterministic)
     data = load_data(params, ranks, device)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
-    compiles = runtime.compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
+    compiles = compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
     step = TrainStep.from_params(cfg, state.step_model, state.optimizer, data.train, precision=precision,
                                  compile=compiles, rank=ranks.rank, world_size=ranks.world_size)
     continues_run_id = tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE)) \
@@ -58,7 +72,7 @@ def train(params: Params) -> None:
             for epoch in range(len(state.history) + 1, cfg.epochs + 1):
                 started = time.perf_counter()
                 row = run_epoch(epoch, state, step, data, cfg, ranks)
-                rng_by_rank = runtime.gather_to_writer(model_files.random_states(state.generator), ranks)
+                rng_by_rank = torchrun.gather_to_writer(model_files.random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
                     model_files.save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank,
@@ -74,7 +88,7 @@ def train(params: Params) -> None:
         raise
     finally:
         tracked.finish(status)
-        runtime.leave_process_group(ranks)
+        torchrun.leave_process_group(ranks)
     if ranks.writer:
         # For the later stages of this execution.
         tracking.record_trained_model(tracked, model_files.file_sha256(MODEL_FILE))
@@ -134,7 +148,7 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
 
     # Rank 0 reads the checkpoint first and alone deletes a stale one; the others read after it.
     checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
-    runtime.barrier(ranks)
+    torchrun.barrier(ranks)
     if not ranks.writer:
         checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs)
     if checkpoint is not None:
@@ -193,8 +207,8 @@ def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tens
 def main() -> None:
     params = load_params()
     if params.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        runtime.check_processes(params.train.device, params.train.num_processes)
-        runtime.relaunch_under_torchrun("pipeline.train", params.train.num_processes)
+        torchrun.check_processes(params.train.device, params.train.num_processes)
+        torchrun.relaunch_under_torchrun("pipeline.train", params.train.num_processes)
     else:
         train(params)
 

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline import atomic, tracking  # noqa: E402
 from pipeline.data_parts import part_on  # noqa: E402
-from pipeline.errors import run_stage  # noqa: E402
+from pipeline.stage import run_stage  # noqa: E402
 from pipeline.history import EPOCH  # noqa: E402
 from pipeline.idx import NUM_CLASSES  # noqa: E402
 from pipeline.model import VAE, latent_means, to_input  # noqa: E402
@@ -34,7 +34,7 @@ from pipeline.model_files import file_sha256, load_model  # noqa: E402
 from pipeline.params import VisualizeParams, load_params  # noqa: E402
 from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
 from pipeline.progress import progress  # noqa: E402
-from pipeline.runtime import resolve_device, standard_normal  # noqa: E402
+from pipeline.device import resolve_device, standard_normal  # noqa: E402
 from pipeline.tiling import tile  # noqa: E402
 
 INTERPOLATED_PAIRS = 6

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.runtime import has_native_bf16
+from pipeline.device import has_native_bf16
 from tests.processes import epoch_ended, read_until
 from tests.projects import edit_params, make_project, project_env, run
 from tests.servers import SYSTEM_METRICS_OFTEN, runs_of

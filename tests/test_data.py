@@ -10,9 +10,9 @@ import pytest
 import torchvision
 
 from pipeline.data_parts import load_part
-from pipeline.download import DownloadError, download
+from pipeline.raw_data import DownloadError, download
 from pipeline.idx import FILES, IdxError, read_idx, read_pair, write_idx
-from pipeline.split import split
+from pipeline.data_parts import split
 from tests.synthetic import write_mirror
 
 

@@ -22,10 +22,18 @@ import pytest
 import torch
 import yaml
 
+from pipeline.device import has_native_bf16
 from pipeline.idx import FILES, write_idx
-from pipeline.runtime import has_native_bf16
 from tests.processes import epoch_ended, read_until, stage_process
-from tests.projects import assert_kept, edit_params, make_project, outputs_of, project_env, run, stages_run
+from tests.projects import (
+    assert_kept,
+    edit_params,
+    make_project,
+    outputs_of,
+    project_env,
+    run,
+    stages_run,
+)
 from tests.servers import free_port, runs_of
 from tests.synthetic import write_mirror
 from tests.tolerances import BF16_LOSS_TOLERANCE

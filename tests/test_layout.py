@@ -11,8 +11,9 @@ from tests.projects import ROOT
 
 STAGES = {"check", "download", "split", "train", "evaluate", "visualize"}
 # Shared modules that cannot change a stage's outputs: reporting to MLflow and progress on screen,
-# the params file's parsing, paths, atomic writes and the error type. Editing one reruns nothing.
-NOT_SHAPING = {"tracking", "progress", "params", "paths", "atomic", "errors"}
+# the params file's parsing, paths, atomic writes, the error type, the stage's entry point and its
+# watch on DVC. Editing one reruns nothing.
+NOT_SHAPING = {"tracking", "progress", "params", "paths", "atomic", "errors", "stage", "dvc_process"}
 
 
 def pipeline_imports(path: Path) -> set[str]:
@@ -65,6 +66,14 @@ def top_level_names(path: Path) -> set[str]:
         elif isinstance(node, ast.Assign):
             names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     return names
+
+
+def test_the_benchmarks_import_no_stage_module():
+    """What a benchmark times is a stage's work, from the shared module the stage calls too: a
+    stage module is a leaf that DVC runs, and changes for reasons of its own."""
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        stages_imported = pipeline_imports(path) & STAGES
+        assert not stages_imported, f"{path.relative_to(ROOT)} imports the stage module(s) {sorted(stages_imported)}"
 
 
 def test_benchmarks_and_tests_take_the_training_step_from_its_own_module():

@@ -82,7 +82,7 @@ def test_dataset_loss_weights_a_ragged_last_batch_by_its_size():
 def test_importance_weighted_likelihood_tightens_the_elbo():
     import math
 
-    from pipeline.evaluate import importance_weighted_log_likelihood
+    from pipeline.evaluation import importance_weighted_log_likelihood
 
     torch.manual_seed(0)
     model = VAE().eval()
@@ -97,7 +97,7 @@ def test_importance_weighted_likelihood_tightens_the_elbo():
 
 
 def test_knn_accuracy_on_separated_and_mixed_clusters():
-    from pipeline.evaluate import knn_accuracy
+    from pipeline.evaluation import knn_accuracy
 
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     labels = torch.arange(3).repeat_interleave(20)
@@ -124,7 +124,7 @@ def plain_importance_weighted_log_likelihood(model, x, mean, log_var, samples: i
     torch.distributions."""
     import math
 
-    from pipeline.evaluate import log_likelihood
+    from pipeline.evaluation import log_likelihood
 
     std = torch.exp(0.5 * log_var)
     estimates = []
@@ -138,7 +138,7 @@ def plain_importance_weighted_log_likelihood(model, x, mean, log_var, samples: i
 
 @pytest.mark.parametrize("kind", ["mse", "bce"])
 def test_batched_importance_weighted_estimate_matches_the_plain_per_sample_one(kind):
-    from pipeline.evaluate import importance_weighted_log_likelihood
+    from pipeline.evaluation import importance_weighted_log_likelihood
 
     torch.manual_seed(0)
     model = VAE().eval()

@@ -7,10 +7,10 @@ import torch
 import torch._inductor.async_compile
 import torch.nn.functional as F
 
+from pipeline.device import compiles_forward
 from pipeline.losses import dataset_loss
 from pipeline.model import VAE
 from pipeline.params import TrainParams
-from pipeline.runtime import compiles_forward
 from pipeline.step import (
     TrainStep,
     copy_of_default_generator,

@@ -23,14 +23,26 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import atomic, history, model_files, runtime, tracking
+from pipeline import atomic, history, model_files, tracking
 from pipeline.data_parts import part_on
-from pipeline.errors import run_stage
+from pipeline.device import (
+    compiles_forward,
+    configure_determinism,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.history import EpochLosses
 from pipeline.losses import dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.provenance import PARENT_RUN_VARIABLE
-from pipeline.step import TrainStep, copy_of_default_generator, divergence, seeded_start, train_together
+from pipeline.stage import run_stage
+from pipeline.step import (
+    TrainStep,
+    copy_of_default_generator,
+    divergence,
+    seeded_start,
+    train_together,
+)
 from pipeline.sweep import grid
 
 # What every trial of a group must share to train in one process: all but these are one for all.
@@ -79,12 +91,12 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
     if len({group_key(params) for params in all_params}) > 1:
         raise ValueError("the trials of a group must differ only in seed, learning rate, beta and loss")
     cfg = all_params[0].train
-    device = runtime.resolve_device(cfg.device)
-    precision = runtime.resolve_precision(cfg.precision, device)
-    runtime.configure_determinism(cfg.deterministic)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    configure_determinism(cfg.deterministic)
     train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
     experiment_id = tracking.connect(all_params[0].mlflow)
-    compiles = runtime.compiles_forward(cfg.compile, device, 1)
+    compiles = compiles_forward(cfg.compile, device, 1)
     members = [_start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation)
                for trial, params, text in zip(trials, all_params, texts)]
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)

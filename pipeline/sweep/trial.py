@@ -202,7 +202,7 @@ def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what:
 def tied_to_this_process(args: list[str]) -> list[str]:
     """`args` as a command that ends when this process does, killed or not. A Ray worker whose
     raylet dies exits at once, and its `dvc exp run` would train on, unseen, into the MLflow run the
-    retry has marked FAILED; tied, DVC ends, and its stage with it (pipeline.errors.run_stage).
+    retry has marked FAILED; tied, DVC ends, and its stage with it (pipeline.stage.run_stage).
     On Linux, where Ray clusters run; elsewhere `args` as they are, said once."""
     if sys.platform != "linux":
         _say_untied()

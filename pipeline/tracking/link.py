@@ -24,7 +24,7 @@ import torch
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import atomic, provenance
-from pipeline.errors import DVC_STAGE_VARIABLE, lineage_up_to_dvc
+from pipeline.dvc_process import DVC_STAGE_VARIABLE, lineage_up_to_dvc
 from pipeline.history import split_train_metrics
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
