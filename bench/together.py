@@ -40,14 +40,18 @@ from pathlib import Path
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, run as a script too
-from benchmark import BATCH, LR, gpu_profile, torchvision_root  # noqa: E402
+from benchmark import BATCH, LR, gpu_profile, torchvision_root  # the sibling script: bench/ is on sys.path
 
-from pipeline.idx import read_split  # noqa: E402
-from pipeline.losses import dataset_loss, vae_loss  # noqa: E402
-from pipeline.model import VAE, to_input  # noqa: E402
-from pipeline.device import compiles_forward, configure_determinism, resolve_device  # noqa: E402
-from pipeline.step import TrainStep, copy_of_default_generator, make_optimizer, train_together  # noqa: E402
+from pipeline.device import compiles_forward, configure_determinism, resolve_device
+from pipeline.idx import read_split
+from pipeline.losses import dataset_loss, vae_loss
+from pipeline.model import VAE, to_input
+from pipeline.step import (
+    TrainStep,
+    copy_of_default_generator,
+    make_optimizer,
+    train_together,
+)
 
 ROUTES = ("streams", "vmap")
 LOSS_TOLERANCE = 0.01  # vmap's per-epoch losses against alone, relative, over a benchmark's epochs (streams: 0)

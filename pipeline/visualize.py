@@ -17,41 +17,38 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from pipeline import atomic, tracking  # noqa: E402
-from pipeline.data_parts import part_on  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
-from pipeline.history import EPOCH  # noqa: E402
-from pipeline.idx import NUM_CLASSES  # noqa: E402
-from pipeline.model import VAE, latent_means, to_input  # noqa: E402
-from pipeline.model_files import file_sha256, load_model  # noqa: E402
-from pipeline.params import VisualizeParams, load_params  # noqa: E402
-from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY  # noqa: E402
-from pipeline.progress import progress  # noqa: E402
-from pipeline.device import resolve_device, standard_normal  # noqa: E402
-from pipeline.tiling import tile  # noqa: E402
+from pipeline import atomic, tracking
+from pipeline.data_parts import part_on
+from pipeline.device import resolve_device, standard_normal
+from pipeline.history import EPOCH
+from pipeline.idx import NUM_CLASSES
+from pipeline.model import VAE, latent_means, to_input
+from pipeline.model_files import file_sha256, load_model
+from pipeline.params import VisualizeParams, load_params
+from pipeline.paths import FIGURES_DIR, MODEL_FILE, TRAIN_HISTORY
+from pipeline.progress import progress
+from pipeline.stage import run_stage
+from pipeline.tiling import tile
 
 INTERPOLATED_PAIRS = 6
 FIGURE_COUNT = 6  # the figures `figures` draws
 
 
-def save_figure(fig, path: Path) -> None:
-    """PNG without a software version stamp, so the same figure is the same bytes."""
+def save_figure(fig: Figure, path: Path) -> None:
+    """PNG without a software version stamp, so the same figure is the same bytes. The figures are
+    matplotlib's Figure objects, not pyplot's: no GUI backend, no global state to close."""
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
 
 
 def image_grid(images: torch.Tensor, cols: int, title: str):
     """One figure of the images tiled `cols` to a row."""
     grid = tile(images.cpu(), cols)
     rows = -(-len(images) // cols)
-    fig, ax = plt.subplots(figsize=(max(4.0, cols * 0.6), rows * 0.6 + 0.5))
+    fig = Figure(figsize=(max(4.0, cols * 0.6), rows * 0.6 + 0.5))
+    ax = fig.subplots()
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
     ax.set_title(title)
@@ -71,7 +68,8 @@ def latent_plane(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plot_latent_space(means: torch.Tensor, labels, origin, axes):
     coords = ((means - origin) @ axes.T).cpu()
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=2, vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(NUM_CLASSES), label="label")
     projected = means.shape[1] > 2
@@ -105,7 +103,8 @@ def plot_loss_curves(history_file: Path):
         rows = list(csv.DictReader(fh))
     epochs = [int(r[EPOCH]) for r in rows]
     loss_names = [column.removeprefix("train_") for column in rows[0] if column.startswith("train_")]
-    fig, axes = plt.subplots(1, len(loss_names), figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, len(loss_names))
     for ax, name in zip(axes, loss_names):
         for split in ("train", "val"):
             ax.plot(epochs, [float(r[f"{split}_{name}"]) for r in rows], marker="." if len(rows) < 30 else None, label=split)
