@@ -108,7 +108,8 @@ def log_trials_table(sweep: Sweep, trials: list[grid.Trial], outcome: Outcome) -
 
 def repeats(trials: list[grid.Trial], outcome: Outcome) -> list[Configuration]:
     """The grid's configurations when it repeats any over `seed` (none otherwise), in grid order.
-    MLflow cannot aggregate runs itself (mlflow/mlflow#4277)."""
+    MLflow's UI groups runs by a param with their mean, min and max; this adds the spread (n - 1)
+    and the finished count, per configuration of every swept param but the seed."""
     by_values: dict[tuple, list[str]] = collections.defaultdict(list)
     for trial in trials:
         by_values[tuple((k, v) for k, v in trial.values.items() if k != "seed")].append(trial.name)
