@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -103,10 +104,9 @@ def test_pull_requests_get_the_quick_tier_and_the_full_suite_runs_nightly_and_on
     assert runs["full-suite.yml"] and not any("-m " in line.split("pytest", 1)[1] for line in runs["full-suite.yml"]), runs
 
 
-def path_without(tmp_path: Path, *hidden: str) -> str:
-    """A PATH of links to every program on this one but `hidden`: a machine where they are absent."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
+def path_without(folder: Path, *hidden: str) -> str:
+    """A PATH of links to every program on this one but `hidden`: a machine where they are absent.
+    `folder` must be one every user can enter: apt runs gpgv as its own user (_apt), from PATH."""
     for directory in os.environ["PATH"].split(os.pathsep):
         for program in Path(directory).glob("*") if Path(directory).is_dir() else []:
             link = folder / program.name
@@ -125,12 +125,14 @@ def debian_package(program: str) -> str | None:
 @pytest.mark.skipif(shutil.which("apt-get") is None or os.geteuid() != 0, reason="needs apt-get, as root")
 @pytest.mark.skipif(debian_package("node") is None or debian_package("node") != debian_package("npm"),
                     reason="needs Node.js whose Debian package holds its own npm, as this image's does")
-def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_debians_npm(tmp_path):
+def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_debians_npm():
     """A fresh machine of this image: Node.js with its own npm, no Chromium. Debian's npm package
     conflicts with that Node.js, and asking for it made apt refuse the whole line."""
-    env = dict(os.environ, PATH=path_without(tmp_path, "chromium", "chromedriver"))
-    result = subprocess.run([str(ROOT / ".ci/system-packages"), "--simulate"], env=env, capture_output=True,
-                            text=True, timeout=600)
+    with tempfile.TemporaryDirectory(prefix="path-without-chromium.") as folder:
+        os.chmod(folder, 0o755)  # not in pytest's tmp_path, which only its owner may enter
+        env = dict(os.environ, PATH=path_without(Path(folder), "chromium", "chromedriver"))
+        result = subprocess.run([str(ROOT / ".ci/system-packages"), "--simulate"], env=env, capture_output=True,
+                                text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     asked = re.search(r"^system packages: installing (.*)$", result.stdout, re.M).group(1).split()
     assert {"chromium", "chromium-driver"} <= set(asked), asked
