@@ -66,8 +66,9 @@ class UserLoop:
 
     def __init__(self, root: Path, train_index, val_index, device, workers: int):
         dataset = torchvision.datasets.MNIST(root, train=True, transform=torchvision.transforms.ToTensor())
-        options = dict(batch_size=BATCH, num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=workers > 0)
+        options = dict(
+            batch_size=BATCH, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0
+        )
         self.train = DataLoader(Subset(dataset, train_index), shuffle=True, **options)
         self.val = DataLoader(Subset(dataset, val_index), **options)
         self.device = device
@@ -112,9 +113,15 @@ class Variant:
 PIPELINE = Variant("pipeline")
 BF16 = Variant("pipeline bf16", precision="bf16")
 VARIANTS = {
-    "cuda": [PIPELINE, BF16, Variant("not compiled", compile=False), Variant("no CUDA graph", cuda_graph=False),
-             Variant("NCHW", channels_last=False), Variant("foreach Adam", fused_adam=False),
-             Variant("val batch 12000", val_batch=12_000)],
+    "cuda": [
+        PIPELINE,
+        BF16,
+        Variant("not compiled", compile=False),
+        Variant("no CUDA graph", cuda_graph=False),
+        Variant("NCHW", channels_last=False),
+        Variant("foreach Adam", fused_adam=False),
+        Variant("val batch 12000", val_batch=12_000),
+    ],
     "cpu": [PIPELINE, BF16],
 }
 
@@ -130,10 +137,16 @@ class PipelineLoop:
         if variant.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(self.model, LR, device, fused=variant.fused_adam)
-        self.step = TrainStep(self.model, optimizer, train_images.to(device), batch_size=BATCH,
-                              channels_last=variant.channels_last,
-                              cuda_graph=variant.cuda_graph, precision=variant.precision,
-                              compile=compiles_forward(variant.compile, device, world_size=1))
+        self.step = TrainStep(
+            self.model,
+            optimizer,
+            train_images.to(device),
+            batch_size=BATCH,
+            channels_last=variant.channels_last,
+            cuda_graph=variant.cuda_graph,
+            precision=variant.precision,
+            compile=compiles_forward(variant.compile, device, world_size=1),
+        )
         self.generator = torch.Generator(device=device).manual_seed(SEED)
 
     def epoch(self) -> float:
@@ -184,8 +197,10 @@ def gpu_profile(run: Callable[[], object], steps: int) -> dict:
         "busy_us_per_step": busy_us / steps,
         "wall_us_per_step": wall_us / steps,
         "concurrency": busy_us / wall_us,
-        "costliest": [{"kernel": name[:100], "us_per_step": sum(times) / steps, "calls_per_step": len(times) / steps}
-                      for name, times in costliest],
+        "costliest": [
+            {"kernel": name[:100], "us_per_step": sum(times) / steps, "calls_per_step": len(times) / steps}
+            for name, times in costliest
+        ],
     }
 
 
@@ -195,10 +210,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="epochs of each loop, alternating (default 3)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the user's loop")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--train-images", type=int, default=None,
-                        help="use only the first N of the mirror's training images (a quick rehearsal)")
-    parser.add_argument("--profile-steps", type=int, default=0,
-                        help="on a GPU, afterwards profile this many steps of each variant's loop (kernels per step)")
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="use only the first N of the mirror's training images (a quick rehearsal)",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="on a GPU, afterwards profile this many steps of each variant's loop (kernels per step)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -218,24 +241,36 @@ def main() -> None:
             for name, loop in loops.items():
                 timings[name].append(timed(loop, device))
                 t = timings[name][-1]
-                print(f"round {round_}  {name:16s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
-                      f"  val_total {t['val_total']:.3f}", flush=True)
-        profiles = {name: kernels_per_step(loop, args.profile_steps) for name, loop in loops.items()
-                    if args.profile_steps and device.type == "cuda" and name != "user"}
+                print(
+                    f"round {round_}  {name:16s} {t['seconds']:7.2f} s  train_total {t['train_total']:.3f}"
+                    f"  val_total {t['val_total']:.3f}",
+                    flush=True,
+                )
+        profiles = {
+            name: kernels_per_step(loop, args.profile_steps)
+            for name, loop in loops.items()
+            if args.profile_steps and device.type == "cuda" and name != "user"
+        }
 
     # The first epoch of each loop includes warm-up (allocator, cuDNN autotuning, the graph's
     # capture); report the median.
     summary = {name: statistics.median(t["seconds"] for t in runs) for name, runs in timings.items()}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "native_bf16": has_native_bf16(device),
-        "train_images": len(train_index), "val_images": len(val_index),
-        "batch_size": BATCH, "rounds": args.rounds, "user_workers": args.workers,
+        "train_images": len(train_index),
+        "val_images": len(val_index),
+        "batch_size": BATCH,
+        "rounds": args.rounds,
+        "user_workers": args.workers,
         "variants": {v.name: dataclasses.asdict(v) for v in VARIANTS[device.type]},
-        "seconds_per_epoch": summary, "speedup": summary["user"] / summary[PIPELINE.name],
+        "seconds_per_epoch": summary,
+        "speedup": summary["user"] / summary[PIPELINE.name],
         "speedup_over_user": {name: summary["user"] / s for name, s in summary.items()},
         "images_per_second": {name: len(images) / s for name, s in summary.items()},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -244,16 +279,22 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nseconds per epoch, median of {args.rounds} ({result['device']}, torch {torch.__version__}, "
-          f"native bf16: {'yes' if result['native_bf16'] else 'no'}):")
+    print(
+        f"\nseconds per epoch, median of {args.rounds} ({result['device']}, torch {torch.__version__}, "
+        f"native bf16: {'yes' if result['native_bf16'] else 'no'}):"
+    )
     for name, seconds in summary.items():
         last = timings[name][-1]
-        print(f"  {name:16s} {seconds:7.3f} s  {summary['user'] / seconds:6.2f}x the user's loop"
-              f"  {len(images) / seconds:9.0f} images/s  last val_total {last['val_total']:.3f}")
+        print(
+            f"  {name:16s} {seconds:7.3f} s  {summary['user'] / seconds:6.2f}x the user's loop"
+            f"  {len(images) / seconds:9.0f} images/s  last val_total {last['val_total']:.3f}"
+        )
     for name, profile in profiles.items():
-        print(f"  {name:16s} {profile['kernels_per_step']:5.1f} kernels a step, the GPU busy"
-              f" {profile['busy_us_per_step']:6.1f} us a step; costliest: "
-              + ", ".join(f"{k['kernel'][:40]} {k['us_per_step']:.1f} us" for k in profile["costliest"][:3]))
+        print(
+            f"  {name:16s} {profile['kernels_per_step']:5.1f} kernels a step, the GPU busy"
+            f" {profile['busy_us_per_step']:6.1f} us a step; costliest: "
+            + ", ".join(f"{k['kernel'][:40]} {k['us_per_step']:.1f} us" for k in profile["costliest"][:3])
+        )
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB  -> {args.out}")
 
 

@@ -57,36 +57,50 @@ def main() -> None:
         parts = {part: load_part(part, Path(tmp) / "split") for part in ("train", "val", "test")}
     (train_images, train_labels), (val_images, _), (test_images, test_labels) = (
         (torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long())
-        for images, labels in parts.values())
+        for images, labels in parts.values()
+    )
 
     torch.manual_seed(params.seed)
     model = VAE().to(device).to(memory_format=torch.channels_last)
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    step = TrainStep.from_params(cfg, model, make_optimizer(model, cfg.learning_rate, device), train_images,
-                                 precision="fp32", compile=False)
+    step = TrainStep.from_params(
+        cfg, model, make_optimizer(model, cfg.learning_rate, device), train_images, precision="fp32", compile=False
+    )
 
     def one_epoch() -> None:
         train_epoch(step, generator)
         dataset_loss(model, val_images, cfg.channels_last, step.loss).tolist()
 
     epoch_s = seconds(one_epoch, device)
-    print(f"one training epoch ({len(train_images):,} + {len(val_images):,} validation images): {epoch_s:.1f} s",
-          flush=True)
+    print(
+        f"one training epoch ({len(train_images):,} + {len(val_images):,} validation images): {epoch_s:.1f} s",
+        flush=True,
+    )
     model.eval()
     metrics = {}
-    evaluate_s = seconds(lambda: metrics.update(
-        evaluate(model, test_images, test_labels, train_images, train_labels, params)), device)
+    evaluate_s = seconds(
+        lambda: metrics.update(evaluate(model, test_images, test_labels, train_images, train_labels, params)), device
+    )
     ratio = evaluate_s / epoch_s
-    print(f"evaluate ({len(test_images):,} test images, K = {args.iw_samples}): {evaluate_s:.1f} s  "
-          f"= {ratio:.2f} training epochs  ({len(test_images) * args.iw_samples / evaluate_s:,.0f} decodes/s)")
+    print(
+        f"evaluate ({len(test_images):,} test images, K = {args.iw_samples}): {evaluate_s:.1f} s  "
+        f"= {ratio:.2f} training epochs  ({len(test_images) * args.iw_samples / evaluate_s:,.0f} decodes/s)"
+    )
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "train_images": len(train_images), "val_images": len(val_images),
-        "test_images": len(test_images), "iw_samples": args.iw_samples,
-        "epoch_seconds": epoch_s, "evaluate_seconds": evaluate_s, "evaluate_in_epochs": ratio, "metrics": metrics,
+        "torch": torch.__version__,
+        "train_images": len(train_images),
+        "val_images": len(val_images),
+        "test_images": len(test_images),
+        "iw_samples": args.iw_samples,
+        "epoch_seconds": epoch_s,
+        "evaluate_seconds": evaluate_s,
+        "evaluate_in_epochs": ratio,
+        "metrics": metrics,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -30,8 +30,7 @@ import yaml
 from pipeline.sweep import grid
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, DVC_NO_ANALYTICS="1",
-           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
 def run(args: list[str], cwd: Path) -> str:
@@ -82,9 +81,14 @@ def main() -> None:
     trials = grid.expand(args.sets, "bench")
 
     sweep = [sys.executable, "-m", "pipeline.sweep", *(a for s in args.sets for a in ("-S", s)), "--name", "bench"]
-    ways = {"alone": [["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("-S", o))]
-                      for trial in trials],
-            "sweep": [sweep], "together": [[*sweep, "--together", str(len(trials))]]}
+    ways = {
+        "alone": [
+            ["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("-S", o))]
+            for trial in trials
+        ],
+        "sweep": [sweep],
+        "together": [[*sweep, "--together", str(len(trials))]],
+    }
     seconds, md5s = {}, {}
     with tempfile.TemporaryDirectory(prefix="sweep-together-") as folder:
         for way, commands in ways.items():
@@ -98,16 +102,23 @@ def main() -> None:
     same = {way: md5s[way] == md5s["alone"] and len(md5s[way]) == len(trials) for way in ("sweep", "together")}
 
     result = {
-        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "grid": args.sets, "settings": settings,
-        "trials": len(trials), **{f"{way}_seconds": round(value, 1) for way, value in seconds.items()},
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "grid": args.sets,
+        "settings": settings,
+        "trials": len(trials),
+        **{f"{way}_seconds": round(value, 1) for way, value in seconds.items()},
         "together_over_alone": round(seconds["together"] / seconds["alone"], 3),
         "together_over_sweep": round(seconds["together"] / seconds["sweep"], 3),
         "same_model_bytes_as_alone": same,
     }
-    print(f"{len(trials)} trials one after another: {seconds['alone']:.1f} s; as a sweep: {seconds['sweep']:.1f} s; "
-          f"together: {seconds['together']:.1f} s ({result['together_over_alone']:.2f}x alone, "
-          f"{result['together_over_sweep']:.2f}x the sweep); the same model bytes as alone: {same}")
+    print(
+        f"{len(trials)} trials one after another: {seconds['alone']:.1f} s; as a sweep: {seconds['sweep']:.1f} s; "
+        f"together: {seconds['together']:.1f} s ({result['together_over_alone']:.2f}x alone, "
+        f"{result['together_over_sweep']:.2f}x the sweep); the same model bytes as alone: {same}"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -30,7 +30,6 @@ import faulthandler
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -38,9 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.func import functional_call, stack_module_state, vmap
-
 from benchmark import BATCH, LR, gpu_profile, torchvision_root  # the sibling script: bench/ is on sys.path
+from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline.device import compiles_forward, configure_determinism, resolve_device
 from pipeline.idx import read_split
@@ -65,9 +63,16 @@ class Trial:
         torch.manual_seed(seed)
         self.model = VAE().to(device).to(memory_format=torch.channels_last)
         self.noise = copy_of_default_generator(device)
-        self.step = TrainStep(self.model, make_optimizer(self.model, LR, device), train, batch_size=BATCH,
-                              channels_last=True, cuda_graph=True, compile=compiles_forward(True, device, 1),
-                              noise_generator=self.noise)
+        self.step = TrainStep(
+            self.model,
+            make_optimizer(self.model, LR, device),
+            train,
+            batch_size=BATCH,
+            channels_last=True,
+            cuda_graph=True,
+            compile=compiles_forward(True, device, 1),
+            noise_generator=self.noise,
+        )
         self.order = torch.Generator(device).manual_seed(seed)
         self.val = val
 
@@ -79,7 +84,7 @@ def alone(trials: list[Trial]) -> list[float]:
     """An epoch of each trial, one after another; the train and validation totals of each."""
     totals = []
     for trial in trials:
-        (parts, _), = train_together([trial.step], [trial.order])
+        ((parts, _),) = train_together([trial.step], [trial.order])
         totals.append([parts[2].item(), trial.validate()[2].item()])
     return totals
 
@@ -87,8 +92,9 @@ def alone(trials: list[Trial]) -> list[float]:
 def streams(trials: list[Trial]) -> list[float]:
     """An epoch of the trials together; their totals read once, at the end."""
     results = train_together([t.step for t in trials], [t.order for t in trials])
-    return torch.stack([torch.stack([parts[2], trial.validate()[2]]) for (parts, _), trial in zip(results, trials)]
-                       ).tolist()
+    return torch.stack(
+        [torch.stack([parts[2], trial.validate()[2]]) for (parts, _), trial in zip(results, trials)]
+    ).tolist()
 
 
 class StackedTrials:
@@ -103,8 +109,9 @@ class StackedTrials:
         for value in self.params.values():
             value.requires_grad_(True)
         device = train.device
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=LR, **(
-            {"capturable": True, "fused": True} if device.type == "cuda" else {}))
+        self.optimizer = torch.optim.Adam(
+            self.params.values(), lr=LR, **({"capturable": True, "fused": True} if device.type == "cuda" else {})
+        )
         self.train, self.val, self.device = train, val, device
         self.sums = torch.zeros(len(seeds), 3, device=device)
         self.batch = torch.empty(len(seeds), BATCH, dtype=torch.long, device=device)
@@ -116,7 +123,9 @@ class StackedTrials:
 
     def run(self, index: torch.Tensor) -> None:
         images = self.train[index]  # trials x batch x 28 x 28
-        noise = torch.stack([torch.randn(index.shape[1], 2, device=self.device, generator=t.noise) for t in self.trials])
+        noise = torch.stack(
+            [torch.randn(index.shape[1], 2, device=self.device, generator=t.noise) for t in self.trials]
+        )
         parts = vmap(self.losses, in_dims=(0, 0, 0), randomness="error")(self.params, images, noise)  # trials x 3
         self.optimizer.zero_grad(set_to_none=True)
         parts[:, 2].sum().backward()  # each trial's gradient is its own loss's
@@ -191,20 +200,33 @@ def main() -> None:
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 4, 16], help="the Ns to measure")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
     parser.add_argument("--rounds", type=int, default=3, help="epochs of each, alternating (default 3)")
-    parser.add_argument("--train-images", type=int, default=None,
-                        help="use only the first N of the mirror's training images (a quick rehearsal)")
-    parser.add_argument("--profile-steps", type=int, default=0,
-                        help="on a GPU, afterwards profile this many steps of the largest N's routes")
-    parser.add_argument("--stall-seconds", type=float, default=600,
-                        help="an epoch running longer is taken for a hang: stacks to stderr, exit (default 600)")
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="use only the first N of the mirror's training images (a quick rehearsal)",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="on a GPU, afterwards profile this many steps of the largest N's routes",
+    )
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=600,
+        help="an epoch running longer is taken for a hang: stacks to stderr, exit (default 600)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/together.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
     configure_determinism(False)  # as `dvc repro` runs by default
 
     with tempfile.TemporaryDirectory() as tmp:
-        images = torch.from_numpy(read_split(torchvision_root(args.mirror, Path(tmp)) / "MNIST" / "raw", "train")[0]
-                                  .copy())[: args.train_images]
+        images = torch.from_numpy(
+            read_split(torchvision_root(args.mirror, Path(tmp)) / "MNIST" / "raw", "train")[0].copy()
+        )[: args.train_images]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     n_val = round(len(images) * 0.2)
     val, train = images[order[:n_val]].to(device), images[order[n_val:]].to(device)
@@ -228,8 +250,10 @@ def main() -> None:
                     del contenders[name]
                     continue
                 runs[name].append({"seconds": seconds, "totals": totals})
-                print(f"N={n:2d} round {round_} {name:8s} {seconds:7.2f} s  train_total of trial 0 "
-                      f"{totals[0][0]:.3f}", flush=True)
+                print(
+                    f"N={n:2d} round {round_} {name:8s} {seconds:7.2f} s  train_total of trial 0 {totals[0][0]:.3f}",
+                    flush=True,
+                )
         # The first round includes the warm-up (compiling, cuDNN's autotuning, capturing the graphs).
         one_alone = statistics.median(r["seconds"] for r in runs["alone"][1:] or runs["alone"]) / n
         results[n] = {"one_trial_alone_s": one_alone}
@@ -237,22 +261,33 @@ def main() -> None:
             if name == "alone" or not measured:
                 continue
             seconds = statistics.median(r["seconds"] for r in measured[1:] or measured)
-            difference = max(largest_relative_difference(r["totals"], a["totals"])
-                             for r, a in zip(measured, runs["alone"]))
-            results[n][name] = {"seconds": seconds, "ratio_to_one_alone": seconds / one_alone,
-                                "speedup_over_one_after_another": one_alone * n / seconds,
-                                "largest_relative_loss_difference": difference,
-                                "within_tolerance": difference == 0 if name == "streams" else difference <= LOSS_TOLERANCE}
+            difference = max(
+                largest_relative_difference(r["totals"], a["totals"]) for r, a in zip(measured, runs["alone"])
+            )
+            results[n][name] = {
+                "seconds": seconds,
+                "ratio_to_one_alone": seconds / one_alone,
+                "speedup_over_one_after_another": one_alone * n / seconds,
+                "largest_relative_loss_difference": difference,
+                "within_tolerance": difference == 0 if name == "streams" else difference <= LOSS_TOLERANCE,
+            }
         if args.profile_steps and device.type == "cuda" and n == max(args.trials):
             profiles = profile(seeds, train, val, args.routes, args.profile_steps)
 
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "train_images": len(train), "val_images": len(val), "batch_size": BATCH,
-        "rounds": args.rounds, "loss_tolerance_vmap": LOSS_TOLERANCE,
-        "seconds_per_epoch": results, "errors": errors, "profile": profiles,
+        "torch": torch.__version__,
+        "train_images": len(train),
+        "val_images": len(val),
+        "batch_size": BATCH,
+        "rounds": args.rounds,
+        "loss_tolerance_vmap": LOSS_TOLERANCE,
+        "seconds_per_epoch": results,
+        "errors": errors,
+        "profile": profiles,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -262,13 +297,17 @@ def main() -> None:
         for name in ROUTES:
             if name in row:
                 r = row[name]
-                print(f"        {name:8s} {r['seconds']:7.3f} s  {r['ratio_to_one_alone']:5.2f}x one alone, "
-                      f"{r['speedup_over_one_after_another']:5.2f}x one after another; "
-                      f"losses within {r['largest_relative_loss_difference']:.1e} of alone")
+                print(
+                    f"        {name:8s} {r['seconds']:7.3f} s  {r['ratio_to_one_alone']:5.2f}x one alone, "
+                    f"{r['speedup_over_one_after_another']:5.2f}x one after another; "
+                    f"losses within {r['largest_relative_loss_difference']:.1e} of alone"
+                )
     for name, p in profiles.items():
-        print(f"  N={max(args.trials)} {name}: {p['kernels_per_step']:.0f} kernels a step, the GPU busy "
-              f"{p['busy_us_per_step']:.0f} us of {p['wall_us_per_step']:.0f} us a step, "
-              f"concurrency {p['concurrency']:.2f}")
+        print(
+            f"  N={max(args.trials)} {name}: {p['kernels_per_step']:.0f} kernels a step, the GPU busy "
+            f"{p['busy_us_per_step']:.0f} us of {p['wall_us_per_step']:.0f} us a step, "
+            f"concurrency {p['concurrency']:.2f}"
+        )
     print(f"-> {args.out}")
 
 

@@ -14,8 +14,11 @@ from pipeline.stage import run_stage
 
 def main() -> None:
     tracking = load_params().mlflow
-    print(f"mlflow: experiment '{tracking.experiment_name}' at {tracking.tracking_uri}" if tracking.enabled
-          else "mlflow: off")
+    print(
+        f"mlflow: experiment '{tracking.experiment_name}' at {tracking.tracking_uri}"
+        if tracking.enabled
+        else "mlflow: off"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def cpu_flags() -> set[str] | None:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
-def has_native_bf16(device: torch.device, flags: set[str] | None = None,
-                    capability: tuple[int, int] | None = None) -> bool:
+def has_native_bf16(
+    device: torch.device, flags: set[str] | None = None, capability: tuple[int, int] | None = None
+) -> bool:
     """Whether `device` computes in bf16 natively: a GPU of `capability` (this one's if None), or a
     CPU with `flags` (this one's if None; a CPU whose flags cannot be read counts as without)."""
     if device.type == "cuda":
@@ -55,8 +56,9 @@ def has_native_bf16(device: torch.device, flags: set[str] | None = None,
 TRITON_CUDA_CAPABILITY = (7, 0)  # Volta and newer: the GPUs Triton writes kernels for
 
 
-def compiles_forward(asked: bool, device: torch.device, world_size: int, capability: tuple[int, int] | None = None,
-                     quiet: bool = False) -> bool:
+def compiles_forward(
+    asked: bool, device: torch.device, world_size: int, capability: tuple[int, int] | None = None, quiet: bool = False
+) -> bool:
     """Whether the training step's forward is compiled (`train.compile`): in one CUDA process whose
     GPU (of `capability`, this one's if None) Inductor can write Triton kernels for. On a CPU it
     measured no faster and costs half a minute; under DDP it would need DDP's own graph splitting.
@@ -66,8 +68,11 @@ def compiles_forward(asked: bool, device: torch.device, world_size: int, capabil
     capability = capability or torch.cuda.get_device_capability(device)
     if capability < TRITON_CUDA_CAPABILITY:
         if not quiet:
-            print(f"note: train.compile is true but this GPU (compute capability {capability[0]}.{capability[1]}) "
-                  "is older than Triton supports (7.0): the step runs uncompiled", file=sys.stderr)
+            print(
+                f"note: train.compile is true but this GPU (compute capability {capability[0]}.{capability[1]}) "
+                "is older than Triton supports (7.0): the step runs uncompiled",
+                file=sys.stderr,
+            )
         return False
     return True
 
@@ -79,18 +84,27 @@ def resolve_precision(spec: str, device: torch.device, native: bool | None = Non
     ranks under torchrun), before any training."""
     native = has_native_bf16(device) if native is None else native
     if spec != "fp32" and device.type == "cpu" and cpu_flags() is None and not quiet:
-        print("note: this OS does not tell which CPU features there are (Linux's /proc/cpuinfo), so the CPU "
-              "counts as without native bf16", file=sys.stderr)
+        print(
+            "note: this OS does not tell which CPU features there are (Linux's /proc/cpuinfo), so the CPU "
+            "counts as without native bf16",
+            file=sys.stderr,
+        )
     if spec == "auto":
         return "bf16" if native else "fp32"
     if spec == "bf16" and not native and not quiet:
         if device.type == "cuda":
-            print("note: train.precision is bf16 but this GPU (compute capability below 8.0) has no native bf16: "
-                  "it runs, likely slower than fp32; train.precision auto picks the faster one", file=sys.stderr)
+            print(
+                "note: train.precision is bf16 but this GPU (compute capability below 8.0) has no native bf16: "
+                "it runs, likely slower than fp32; train.precision auto picks the faster one",
+                file=sys.stderr,
+            )
         else:
-            print(f"note: train.precision is bf16 but this CPU (no AVX512_BF16 or AMX) has no native bf16: oneDNN "
-                  f"emulates it, and an epoch measured {EMULATED_BF16_SLOWDOWN:g}x slower than fp32 where it did "
-                  "(docs/performance.md); train.precision auto picks fp32", file=sys.stderr)
+            print(
+                f"note: train.precision is bf16 but this CPU (no AVX512_BF16 or AMX) has no native bf16: oneDNN "
+                f"emulates it, and an epoch measured {EMULATED_BF16_SLOWDOWN:g}x slower than fp32 where it did "
+                "(docs/performance.md); train.precision auto picks fp32",
+                file=sys.stderr,
+            )
     return spec
 
 

@@ -20,8 +20,9 @@ from pipeline.stage import run_stage
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    tracked = tracking.run_for_stage(tracking.connect(params.mlflow), params, "evaluate", device,
-                                     file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_stage(
+        tracking.connect(params.mlflow), params, "evaluate", device, file_sha256(MODEL_FILE)
+    )
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     test_images, test_labels = part_on("test", device)
     train_images, train_labels = part_on("train", device)

@@ -42,8 +42,14 @@ def decode_rows(device: torch.device) -> int:
 
 @torch.no_grad()
 def importance_weighted_log_likelihood(
-    model: VAE, x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, samples: int, kind: str,
-    rows: int = EVAL_BATCH_SIZE, advance: Callable[[int], None] | None = None,
+    model: VAE,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    log_var: torch.Tensor,
+    samples: int,
+    kind: str,
+    rows: int = EVAL_BATCH_SIZE,
+    advance: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) per image, z_k ~ q(z|x) = N(mean, exp(log_var)).
 
@@ -82,7 +88,9 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     sums = torch.zeros(3, device=test_images.device)
     recon_per_image, kl_per_dim, iw, means = [], [], [], []
     rows, latent_dim = decode_rows(test_images.device), model.config["latent_dim"]
-    with progress(len(test_images) * cfg.iw_samples, "evaluate: importance-weighted log-likelihood", "decodes") as advance:
+    with progress(
+        len(test_images) * cfg.iw_samples, "evaluate: importance-weighted log-likelihood", "decodes"
+    ) as advance:
         for batch in test_images.split(EVAL_BATCH_SIZE):
             x = to_input(batch, channels_last)
             reconstruction, mean, log_var = model(x, standard_normal((len(x), latent_dim), x.device))
@@ -102,7 +110,8 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     with progress(len(train_images), "evaluate: latent means of the training images", "images") as advance:
         train_z = latent_means(model, train_images, channels_last, advance)
     metrics["test_knn_accuracy"] = knn_accuracy(  # k is evaluate.knn_neighbours
-        train_z, train_labels, test_z, test_labels, cfg.knn_neighbours)
+        train_z, train_labels, test_z, test_labels, cfg.knn_neighbours
+    )
 
     errors = torch.cat(recon_per_image)
     for label in range(NUM_CLASSES):

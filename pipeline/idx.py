@@ -39,13 +39,16 @@ def read_idx(path: Path, ndim: int, named: Callable[[Path], object] = str) -> np
     data = path.read_bytes()
     shown = named(path)
     if len(data) < 4:
-        raise IdxError(f"{shown}: {len(data)} bytes is too short for an IDX header; the file is truncated, fetch it again")
+        raise IdxError(
+            f"{shown}: {len(data)} bytes is too short for an IDX header; the file is truncated, fetch it again"
+        )
     zero, dtype, dims = struct.unpack(">HBB", data[:4])
     expected_magic = (UBYTE << 8) | ndim
     if zero != 0 or dtype != UBYTE or dims != ndim:
         raise IdxError(
             f"{shown}: magic number 0x{int.from_bytes(data[:4], 'big'):08x} is not 0x{expected_magic:08x} "
-            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); is it the right file, or still gzip-compressed?"
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''}); "
+            "is it the right file, or still gzip-compressed?"
         )
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -68,15 +71,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(header + array.tobytes())
 
 
-def read_pair(images_path: Path, labels_path: Path,
-              named: Callable[[Path], object] = str) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(
+    images_path: Path, labels_path: Path, named: Callable[[Path], object] = str
+) -> tuple[np.ndarray, np.ndarray]:
     """Read an images/labels pair and check that they describe the same 28x28, 10-class dataset."""
     images = read_idx(images_path, 3, named)
     labels = read_idx(labels_path, 1, named)
     images_shown, labels_shown = named(Path(images_path)), named(Path(labels_path))
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise IdxError(f"{images_shown}: images are {images.shape[1]}x{images.shape[2]}, not the {IMAGE_SIZE}x{IMAGE_SIZE} "
-                       "of MNIST and Fashion-MNIST; this is not one of them")
+        raise IdxError(
+            f"{images_shown}: images are {images.shape[1]}x{images.shape[2]}, not the {IMAGE_SIZE}x{IMAGE_SIZE} "
+            "of MNIST and Fashion-MNIST; this is not one of them"
+        )
     if len(images) != len(labels):
         raise IdxError(
             f"{images_shown} holds {len(images)} images but {labels_shown} holds {len(labels)} labels; "
@@ -85,7 +91,9 @@ def read_pair(images_path: Path, labels_path: Path,
     if len(images) == 0:
         raise IdxError(f"{images_shown}: holds no images")
     if labels.max() >= NUM_CLASSES:
-        raise IdxError(f"{labels_shown}: label {labels.max()} is outside 0-{NUM_CLASSES - 1}; is it a label file of MNIST layout?")
+        raise IdxError(
+            f"{labels_shown}: label {labels.max()} is outside 0-{NUM_CLASSES - 1}; is it a label file of MNIST layout?"
+        )
     return images, labels
 
 

@@ -13,7 +13,6 @@ from pipeline.loss_names import LOSS_NAMES
 from pipeline.model import EVAL_BATCH_SIZE, VAE, to_input
 from pipeline.params import TrainParams
 
-
 # Batch means of per-image sums, so numbers do not depend on the batch size.
 LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES])
 
@@ -36,8 +35,12 @@ def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(
-    x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
-    beta: float = 1.0, kind: str = "mse",
+    x: torch.Tensor,
+    reconstruction: torch.Tensor,
+    mean: torch.Tensor,
+    log_var: torch.Tensor,
+    beta: float = 1.0,
+    kind: str = "mse",
 ) -> LossParts:
     """Reconstruction error summed over pixels plus beta x KL summed over latent dimensions. The
     pixel sum is one fused reduction here, the training step's hot path.
@@ -56,8 +59,14 @@ def loss_function(cfg: TrainParams):
 
 
 @torch.no_grad()
-def dataset_loss(model: VAE, images: torch.Tensor, channels_last: bool = False, loss=vae_loss,
-                 batch_size: int = EVAL_BATCH_SIZE, noise_generator: torch.Generator | None = None) -> torch.Tensor:
+def dataset_loss(
+    model: VAE,
+    images: torch.Tensor,
+    channels_last: bool = False,
+    loss=vae_loss,
+    batch_size: int = EVAL_BATCH_SIZE,
+    noise_generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you
     must). The reparameterisation noise comes from `noise_generator` (default: the device's own)."""
     model.eval()

@@ -26,10 +26,14 @@ class VAE(nn.Module):
         act = lambda: nn.LeakyReLU(leaky_relu, inplace=True)  # noqa: E731
         h = hidden_dim
         self.encoder = nn.Sequential(
-            nn.Conv2d(input_dim, h, 3, stride=1, padding=1), act(),
-            nn.Conv2d(h, h, 3, stride=2, padding=1), act(),
-            nn.Conv2d(h, h, 3, stride=2, padding=1), act(),
-            nn.Conv2d(h, h, 3, stride=1, padding=1), act(),
+            nn.Conv2d(input_dim, h, 3, stride=1, padding=1),
+            act(),
+            nn.Conv2d(h, h, 3, stride=2, padding=1),
+            act(),
+            nn.Conv2d(h, h, 3, stride=2, padding=1),
+            act(),
+            nn.Conv2d(h, h, 3, stride=1, padding=1),
+            act(),
             nn.Flatten(),
         )
         flat = h * _FEATURE_SIZE * _FEATURE_SIZE
@@ -38,9 +42,12 @@ class VAE(nn.Module):
         self.expand = nn.Linear(latent_dim, flat)
         self.decoder = nn.Sequential(
             nn.Unflatten(1, (h, _FEATURE_SIZE, _FEATURE_SIZE)),
-            nn.ConvTranspose2d(h, h, 3, stride=1, padding=1), act(),
-            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1), act(),
-            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1), act(),
+            nn.ConvTranspose2d(h, h, 3, stride=1, padding=1),
+            act(),
+            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1),
+            act(),
+            nn.ConvTranspose2d(h, h, 3, stride=2, padding=1, output_padding=1),
+            act(),
             nn.ConvTranspose2d(h, input_dim, 3, stride=1, padding=1),
             nn.Sigmoid(),
         )
@@ -52,8 +59,9 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.expand(z))
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruct x through a sample z ~ q(z|x) (the reparameterisation trick), from the given
         standard normal `noise` (batch x latent_dim) or from noise drawn on x's device."""
         mean, log_var = self.encode(x)
@@ -89,8 +97,9 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_means(model: VAE, images: torch.Tensor, channels_last: bool = False,
-                 advance: Callable[[int], None] | None = None) -> torch.Tensor:
+def latent_means(
+    model: VAE, images: torch.Tensor, channels_last: bool = False, advance: Callable[[int], None] | None = None
+) -> torch.Tensor:
     """Posterior means E[z|x] of uint8 `images`, in large batches; `advance(n)` hears of each batch."""
     means = []
     for batch in images.split(EVAL_BATCH_SIZE):

@@ -103,14 +103,29 @@ def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return rng
 
 
-def save_checkpoint(fingerprint: dict, model: VAE, optimizer: torch.optim.Optimizer,
-                    rng_by_rank: list[dict[str, torch.Tensor]], history: list[list[float]], run_id: str | None,
-                    path: Path = CHECKPOINT_FILE) -> None:
+def save_checkpoint(
+    fingerprint: dict,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    rng_by_rank: list[dict[str, torch.Tensor]],
+    history: list[list[float]],
+    run_id: str | None,
+    path: Path = CHECKPOINT_FILE,
+) -> None:
     """All a killed run needs to go on as if it had not stopped: weights, optimizer, every process's
     random states (`random_states` of each rank, in rank order), the epochs' history (`history.to_saved`)
     and the MLflow run. A sweep training trials together writes each trial's to a `path` of its own."""
-    save_torch({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_by_rank, "history": history, "run_id": run_id}, path)
+    save_torch(
+        {
+            "fingerprint": fingerprint,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_by_rank,
+            "history": history,
+            "run_id": run_id,
+        },
+        path,
+    )
 
 
 def load_checkpoint(fingerprint: dict, epochs: int) -> dict | None:
@@ -121,8 +136,11 @@ def load_checkpoint(fingerprint: dict, epochs: int) -> dict | None:
         return None
     checkpoint = load_torch(CHECKPOINT_FILE, "cpu")
     saved = checkpoint["fingerprint"]
-    if "device" in saved and saved["device"] != fingerprint["device"] \
-            and saved | {"device": fingerprint["device"]} == fingerprint:
+    if (
+        "device" in saved
+        and saved["device"] != fingerprint["device"]
+        and saved | {"device": fingerprint["device"]} == fingerprint
+    ):
         raise PipelineError(
             f"{CHECKPOINT_FILE} holds a run trained on {saved['device']} and this run is on {fingerprint['device']}: "
             f"resume it where {saved['device']} is used (train.device: {saved['device']}), "
@@ -157,8 +175,9 @@ def finish_checkpoint() -> None:
     CHECKPOINT_FILE.unlink()
 
 
-def restore_checkpoint(checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer,
-                       generator: torch.Generator, rank: int = 0) -> None:
+def restore_checkpoint(
+    checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer, generator: torch.Generator, rank: int = 0
+) -> None:
     """Put the weights, optimizer and this rank's random states back as `save_checkpoint` found them."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])

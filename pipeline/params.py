@@ -192,8 +192,10 @@ def _build(cls, raw: Any, prefix: str):
         if "check" in f.metadata and value is not None and not f.metadata["check"](value):
             raise ParamsError(f"{key}: {f.metadata['requirement']}, got {f.metadata['shown'](raw[name])}")
         if tp is int and abs(value) > LARGEST_INTEGER:  # after the field's own check, which bounds it below
-            raise ParamsError(f"{key}: must be at most {LARGEST_INTEGER:,} (2^63 - 1, the largest integer PyTorch "
-                              f"and NumPy take), got {value}")
+            raise ParamsError(
+                f"{key}: must be at most {LARGEST_INTEGER:,} (2^63 - 1, the largest integer PyTorch "
+                f"and NumPy take), got {value}"
+            )
         values[name] = float(value) if tp is float else value
     return cls(**values)
 

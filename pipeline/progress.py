@@ -34,23 +34,31 @@ class _Lines:
             return
         self.printed = now
         rate = self.done / max(now - self.started, 1e-9)
-        print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}), "
-              f"{rate:,.0f} {self.unit}/s, about {(self.total - self.done) / rate:.0f} s left", file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}), "
+            f"{rate:,.0f} {self.unit}/s, about {(self.total - self.done) / rate:.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         pass
 
 
 @contextlib.contextmanager
-def progress(total: int, desc: str, unit: str, leave: bool = True,
-             shown: bool = True) -> Iterator[Callable[[int], None] | None]:
+def progress(
+    total: int, desc: str, unit: str, leave: bool = True, shown: bool = True
+) -> Iterator[Callable[[int], None] | None]:
     """Yield `advance(n)`, to call as the work goes (None where nothing is `shown`). `leave=False`
     clears a finished bar, for loops that print their own summary line."""
     if not shown:
         yield None
         return
-    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=leave, dynamic_ncols=True) \
-        if sys.stderr.isatty() else _Lines(total, desc, unit)
+    bar = (
+        tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=leave, dynamic_ncols=True)
+        if sys.stderr.isatty()
+        else _Lines(total, desc, unit)
+    )
     try:
         yield bar.update
     finally:

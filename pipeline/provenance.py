@@ -39,7 +39,9 @@ PARENT_RUN_VARIABLE = "PIPELINE_PARENT_RUN_ID"
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
 DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
-SETUP = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock && pip install --no-deps -e ."
+SETUP = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock && pip install --no-deps -e ."
+)
 
 
 def yaml_value(value) -> str:
@@ -77,8 +79,11 @@ def source() -> Source:
     """Read from git. The working folder is the run's own (DVC's temporary copy for a queued
     experiment); the branch and remote are the user's repository's."""
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git_or_none("rev-parse", "HEAD")
-    changed = [path for path in (_git_or_none("diff", "--name-only", "HEAD") or "").splitlines()
-               if path not in DVC_WRITES and Path(path).name != ".gitignore"]
+    changed = [
+        path
+        for path in (_git_or_none("diff", "--name-only", "HEAD") or "").splitlines()
+        if path not in DVC_WRITES and Path(path).name != ".gitignore"
+    ]
     return Source(
         commit=commit,
         branch=_branch_of(commit),
@@ -91,17 +96,34 @@ def source() -> Source:
 def _branch_of(commit: str | None) -> str | None:
     """The branch whose tip is `commit`, the checked-out one first (`dvc exp run` detaches HEAD
     while it runs, so HEAD alone does not say)."""
-    tips = (_git_or_none("for-each-ref", "--points-at", commit or "HEAD", "--format=%(HEAD) %(refname:short)",
-                         "refs/heads", cwd=project_root()) or "").splitlines()
+    tips = (
+        _git_or_none(
+            "for-each-ref",
+            "--points-at",
+            commit or "HEAD",
+            "--format=%(HEAD) %(refname:short)",
+            "refs/heads",
+            cwd=project_root(),
+        )
+        or ""
+    ).splitlines()
     tips.sort(key=lambda tip: not tip.startswith("*"))  # "* main" is the checked-out branch
     return tips[0].lstrip("* ") if tips else None
 
 
 def source_tags(src: Source, stage: str) -> dict[str, str]:
     """MLflow's own tags for where a run comes from: the UI shows them as Source, Git commit, User."""
-    tags = {MLFLOW_SOURCE_NAME: str(project_root() / "pipeline" / f"{stage}.py"), MLFLOW_SOURCE_TYPE: "LOCAL",
-            MLFLOW_USER: getpass.getuser(), MLFLOW_GIT_DIRTY: str(src.dirty).lower()}
-    for tag, value in ((MLFLOW_GIT_COMMIT, src.commit), (MLFLOW_GIT_BRANCH, src.branch), (MLFLOW_GIT_REPO_URL, src.remote)):
+    tags = {
+        MLFLOW_SOURCE_NAME: str(project_root() / "pipeline" / f"{stage}.py"),
+        MLFLOW_SOURCE_TYPE: "LOCAL",
+        MLFLOW_USER: getpass.getuser(),
+        MLFLOW_GIT_DIRTY: str(src.dirty).lower(),
+    }
+    for tag, value in (
+        (MLFLOW_GIT_COMMIT, src.commit),
+        (MLFLOW_GIT_BRANCH, src.branch),
+        (MLFLOW_GIT_REPO_URL, src.remote),
+    ):
         if value:
             tags[tag] = value
     if src.uncommitted_code:
@@ -128,8 +150,9 @@ def overrides(run_params: dict[str, str], commit: str | None) -> dict[str, str] 
     committed = committed_params(commit)
     if committed is None:
         return None
-    return {key: value for key, value in run_params.items()
-            if not key.startswith("mlflow.") and committed.get(key) != value}
+    return {
+        key: value for key, value in run_params.items() if not key.startswith("mlflow.") and committed.get(key) != value
+    }
 
 
 def run_name(params: Params, src: Source) -> str | None:
@@ -140,17 +163,23 @@ def run_name(params: Params, src: Source) -> str | None:
     if src.commit is None:
         return None  # MLflow makes one up
     changed = overrides(flat_yaml(params), src.commit) or {}
-    name = " ".join([src.commit[:7] + ("-dirty" if src.uncommitted_code else "")]
-                    + [f"{key}={value}" for key, value in changed.items()])
+    name = " ".join(
+        [src.commit[:7] + ("-dirty" if src.uncommitted_code else "")]
+        + [f"{key}={value}" for key, value in changed.items()]
+    )
     return name if len(name) <= 120 else name[:119] + "…"
 
 
 def environment() -> str:
     """Every installed distribution and its exact version, as `pip freeze` writes them."""
-    installed = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()},
-                       key=str.lower)
-    return (f"# Python {platform.python_version()} on {platform.system()} {platform.machine()}\n"
-            + "\n".join(installed) + "\n")
+    installed = sorted(
+        {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}, key=str.lower
+    )
+    return (
+        f"# Python {platform.python_version()} on {platform.system()} {platform.machine()}\n"
+        + "\n".join(installed)
+        + "\n"
+    )
 
 
 def reproduce_commands(run: Run) -> list[str] | None:
@@ -161,8 +190,12 @@ def reproduce_commands(run: Run) -> list[str] | None:
         return None
     origin = tags.get(MLFLOW_GIT_REPO_URL) or str(project_root())
     settings = " ".join(f"-S {shlex.quote(f'{key}={value}')}" for key, value in changed.items())
-    return [f"git clone {shlex.quote(origin)} vae-pipeline && cd vae-pipeline", f"git checkout {commit}", SETUP,
-            f"dvc exp run {settings}".rstrip()]
+    return [
+        f"git clone {shlex.quote(origin)} vae-pipeline && cd vae-pipeline",
+        f"git checkout {commit}",
+        SETUP,
+        f"dvc exp run {settings}".rstrip(),
+    ]
 
 
 HEADLINE_METRICS = ("test_total", "test_reconstruction", "test_kl", "active_units")
@@ -173,9 +206,14 @@ def describe(run: Run) -> str:
     from the reference model, the test metrics and how to reproduce the run."""
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     reference = flat_yaml(Params())
-    differs = [f"`{key}` {value} (reference {reference[key]})" for key, value in params.items()
-               if key in reference and reference[key] != value
-               and not key.startswith("mlflow.") and key not in ("data.mirror", "train.device")]
+    differs = [
+        f"`{key}` {value} (reference {reference[key]})"
+        for key, value in params.items()
+        if key in reference
+        and reference[key] != value
+        and not key.startswith("mlflow.")
+        and key not in ("data.mirror", "train.device")
+    ]
     mirror = params.get("data.mirror", "null")
     origin = "torchvision's download" if mirror == "null" else mirror
     digests = ", ".join(f"{d.dataset.name} `{d.dataset.digest}`" for d in run.inputs.dataset_inputs)
@@ -187,31 +225,50 @@ def describe(run: Run) -> str:
         f"**{tags.get('mlflow.runName', run.info.run_id)}**: the reference VAE "
         + (f"as DVC experiment `{tags['dvc.exp_name']}` " if "dvc.exp_name" in tags else "")
         + (f"of commit `{commit[:7]}`" if commit else "outside a git repository")
-        + (f" on branch `{tags[MLFLOW_GIT_BRANCH]}`" if MLFLOW_GIT_BRANCH in tags else "") + ".",
+        + (f" on branch `{tags[MLFLOW_GIT_BRANCH]}`" if MLFLOW_GIT_BRANCH in tags else "")
+        + ".",
         "",
         f"- **Data**: {params.get('data.dataset')} from {origin}" + (f"; digests {digests}" if digests else ""),
         f"- **Device**: {tags.get('device.type', '?')} {device} (torch {tags.get('torch.version', '?')})",
-        *([f"- **Precision**: trained in {tags[PRECISION_TAG]}"
-           + (" (forward pass under autocast; weights, optimizer and loss fp32)" if tags[PRECISION_TAG] != "fp32"
-              else "") + "; evaluated in fp32"] if PRECISION_TAG in tags else []),
+        *(
+            [
+                f"- **Precision**: trained in {tags[PRECISION_TAG]}"
+                + (
+                    " (forward pass under autocast; weights, optimizer and loss fp32)"
+                    if tags[PRECISION_TAG] != "fp32"
+                    else ""
+                )
+                + "; evaluated in fp32"
+            ]
+            if PRECISION_TAG in tags
+            else []
+        ),
         "- **Differs from the reference model**: " + ("; ".join(differs) or "nothing"),
         "- **Test**: " + (test or "not evaluated yet"),
-        f"- **Model**: `models/model.pt` sha256 `{tags[MODEL_SHA256_TAG]}`" if MODEL_SHA256_TAG in tags
+        f"- **Model**: `models/model.pt` sha256 `{tags[MODEL_SHA256_TAG]}`"
+        if MODEL_SHA256_TAG in tags
         else "- **Model**: not written yet",
     ]
     experiment = f"#/experiments/{run.info.experiment_id}"
     if MODEL_ID_TAG in tags:
         lines.append(f"- **Logged model**: [{tags[MODEL_ID_TAG]}]({experiment}/models/{tags[MODEL_ID_TAG]})")
     if CONTINUED_RUN_TAG in tags:
-        lines.append(f"- **Continues**: [run {tags[CONTINUED_RUN_TAG]}]({experiment}/runs/{tags[CONTINUED_RUN_TAG]}), "
-                     "whose epochs it holds too; it trained the epochs after them")
+        lines.append(
+            f"- **Continues**: [run {tags[CONTINUED_RUN_TAG]}]({experiment}/runs/{tags[CONTINUED_RUN_TAG]}), "
+            "whose epochs it holds too; it trained the epochs after them"
+        )
     if TRAINING_RUN_TAG in tags:
-        lines.append(f"- **Trained by**: [run {tags[TRAINING_RUN_TAG]}]({experiment}/runs/{tags[TRAINING_RUN_TAG]}); "
-                     "this run reran only the later stages")
+        lines.append(
+            f"- **Trained by**: [run {tags[TRAINING_RUN_TAG]}]({experiment}/runs/{tags[TRAINING_RUN_TAG]}); "
+            "this run reran only the later stages"
+        )
     commands = reproduce_commands(run)
     if commands:
         lines += ["", "**Reproduce** in a fresh clone:", "", "```bash", *commands, "```"]
         if UNCOMMITTED_CODE_TAG in tags:
-            lines += ["", f"The run also had uncommitted changes to {tags[UNCOMMITTED_CODE_TAG]}, which these "
-                          "commands do not bring back."]
+            lines += [
+                "",
+                f"The run also had uncommitted changes to {tags[UNCOMMITTED_CODE_TAG]}, which these "
+                "commands do not bring back.",
+            ]
     return "\n".join(lines) + "\n"

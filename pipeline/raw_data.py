@@ -94,8 +94,9 @@ def _gunzip(archive: Path, target: Path, origin: str) -> None:
         with gzip.open(archive, "rb") as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise IdxError(f"{origin}: not a complete gzip file ({exc}); the mirror's copy is truncated or corrupt, "
-                       "fetch it again") from None
+        raise IdxError(
+            f"{origin}: not a complete gzip file ({exc}); the mirror's copy is truncated or corrupt, fetch it again"
+        ) from None
     archive.unlink()
 
 

@@ -33,6 +33,8 @@ def run_stage(main: Callable[[], None]) -> None:
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the stage's previous outputs are left as they were; `dvc repro` runs it again",
-              file=sys.stderr)
+        print(
+            "interrupted: the stage's previous outputs are left as they were; `dvc repro` runs it again",
+            file=sys.stderr,
+        )
         sys.exit(130)  # the shell's status for a process ended by Ctrl-C

@@ -39,10 +39,22 @@ class TrainStep:
     In bf16 `precision` the forward pass runs under autocast (convolutions and linear layers in
     bf16); the loss, the gradients' accumulation into fp32 weights and Adam stay fp32."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
-                 batch_size: int, channels_last: bool = False, loss=vae_loss, rank: int = 0, world_size: int = 1,
-                 cuda_graph: bool = False, precision: str = "fp32", compile: bool = False,
-                 noise_generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        *,
+        batch_size: int,
+        channels_last: bool = False,
+        loss=vae_loss,
+        rank: int = 0,
+        world_size: int = 1,
+        cuda_graph: bool = False,
+        precision: str = "fp32",
+        compile: bool = False,
+        noise_generator: torch.Generator | None = None,
+    ):
         device = images.device
         self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
         self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
@@ -65,14 +77,35 @@ class TrainStep:
         self.compiled_losses = torch.compile(self.losses) if compile else None
 
     @classmethod
-    def from_params(cls, cfg: TrainParams, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    images: torch.Tensor, *, precision: str, compile: bool, rank: int = 0, world_size: int = 1,
-                    noise_generator: torch.Generator | None = None) -> TrainStep:
+    def from_params(
+        cls,
+        cfg: TrainParams,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        *,
+        precision: str,
+        compile: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        noise_generator: torch.Generator | None = None,
+    ) -> TrainStep:
         """The step `train` params describe (batch size, memory format, loss, CUDA graph), with what
         the run resolved (precision, whether the forward compiles) and the process's place."""
-        return cls(model, optimizer, images, batch_size=cfg.batch_size, channels_last=cfg.channels_last,
-                   loss=loss_function(cfg), rank=rank, world_size=world_size, cuda_graph=cfg.cuda_graph,
-                   precision=precision, compile=compile, noise_generator=noise_generator)
+        return cls(
+            model,
+            optimizer,
+            images,
+            batch_size=cfg.batch_size,
+            channels_last=cfg.channels_last,
+            loss=loss_function(cfg),
+            rank=rank,
+            world_size=world_size,
+            cuda_graph=cfg.cuda_graph,
+            precision=precision,
+            compile=compile,
+            noise_generator=noise_generator,
+        )
 
     def start_epoch(self) -> None:
         self.sums.zero_()
@@ -109,8 +142,11 @@ class TrainStep:
         """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass."""
         x = to_input(images, self.channels_last)
         # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
-        with torch.autocast(x.device.type, self.autocast, cache_enabled=False) if self.autocast \
-                else contextlib.nullcontext():
+        with (
+            torch.autocast(x.device.type, self.autocast, cache_enabled=False)
+            if self.autocast
+            else contextlib.nullcontext()
+        ):
             output = self.model(x, noise)
         return self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
 
@@ -118,8 +154,13 @@ class TrainStep:
         """The step itself, as plain PyTorch (the forward compiled if asked)."""
         images = self.images[index[self.rank :: self.world_size]]
         # Drawn here, outside what is compiled, so a compiled and an eager step see the same noise.
-        noise = torch.randn(len(images), self.latent_dim, device=images.device, dtype=self.autocast or torch.float32,
-                            generator=self.noise_generator)
+        noise = torch.randn(
+            len(images),
+            self.latent_dim,
+            device=images.device,
+            dtype=self.autocast or torch.float32,
+            generator=self.noise_generator,
+        )
         parts = (losses or self.compiled_losses or self.losses)(images, noise)
         self.optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
@@ -148,12 +189,15 @@ def divergence(first_bad_step: int, epoch: int, learning_rate: float) -> str | N
     """Why the run stops, if the epoch had a step whose loss was not finite (None if it had not)."""
     if first_bad_step < 0:
         return None
-    return (f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step}; "
-            f"train.learning_rate {learning_rate} may be too high")
+    return (
+        f"loss became NaN or infinite at epoch {epoch}, step {first_bad_step}; "
+        f"train.learning_rate {learning_rate} may be too high"
+    )
 
 
-def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.device,
-                   fused: bool = True) -> torch.optim.Adam:
+def make_optimizer(
+    model: torch.nn.Module, learning_rate: float, device: torch.device, fused: bool = True
+) -> torch.optim.Adam:
     """The reference's Adam. On CUDA it keeps its step count on the GPU (`capturable`), so a CUDA
     graph can hold the update, and by default updates every weight in one fused kernel."""
     if device.type != "cuda":
@@ -161,8 +205,9 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, device: torch.d
     return torch.optim.Adam(model.parameters(), lr=learning_rate, capturable=True, fused=fused)
 
 
-def train_epoch(step: TrainStep, generator: torch.Generator, advance: Callable[[int], None] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def train_epoch(
+    step: TrainStep, generator: torch.Generator, advance: Callable[[int], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over the step's images in a seeded order. Returns the mean loss parts and the first
     step whose loss was not finite (-1 if none), both still on the device. `advance(n)` hears of
     each step's n images (for a progress bar).
@@ -200,8 +245,9 @@ def copy_of_default_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
-def train_together(steps: Sequence[TrainStep], generators: Sequence[torch.Generator]
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def train_together(
+    steps: Sequence[TrainStep], generators: Sequence[torch.Generator]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of each step (a trial: its own model, optimizer and noise generator), with
     `generators[i]` drawing step i's data order: what `train_epoch` returns for each, each the
     same bytes as alone. The trials' batches are interleaved; on CUDA each trial runs on a stream

@@ -16,4 +16,3 @@ def tile(images: torch.Tensor, cols: int, padding: int = 2) -> torch.Tensor:
         top, left = (i // cols) * (height + padding) + padding, (i % cols) * (width + padding) + padding
         grid[top : top + height, left : left + width] = image
     return grid
-

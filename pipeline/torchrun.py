@@ -44,11 +44,15 @@ def check_processes(device_spec: str, num_processes: int) -> None:
     if num_processes < 2:
         return
     if device_spec.startswith("cuda:"):
-        raise PipelineError(f"train.device is '{device_spec}', one GPU, but train.num_processes is {num_processes}: "
-                            "each process needs a GPU of its own; set train.device to cuda (process i on GPU i)")
+        raise PipelineError(
+            f"train.device is '{device_spec}', one GPU, but train.num_processes is {num_processes}: "
+            "each process needs a GPU of its own; set train.device to cuda (process i on GPU i)"
+        )
     if resolve_device(device_spec).type == "cuda" and num_processes > torch.cuda.device_count():
-        raise PipelineError(f"train.num_processes is {num_processes} but PyTorch sees {torch.cuda.device_count()} "
-                            f"GPU(s) (CUDA_VISIBLE_DEVICES may hide some); set it to {torch.cuda.device_count()} or fewer")
+        raise PipelineError(
+            f"train.num_processes is {num_processes} but PyTorch sees {torch.cuda.device_count()} "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES may hide some); set it to {torch.cuda.device_count()} or fewer"
+        )
 
 
 def gather_to_writer(value, ranks: Ranks) -> list | None:
@@ -77,7 +81,8 @@ def relaunch_under_torchrun(module: str, num_processes: int) -> None:
     import torch.distributed.run
 
     args = torch.distributed.run.get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={num_processes}", "-m", module])
+        ["--standalone", f"--nproc-per-node={num_processes}", "-m", module]
+    )
     # torchrun logs each failed rank as an error of its own; the failure is reported below instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="pipeline-rank-errors.") as errors:

@@ -59,12 +59,24 @@ def train(params: Params) -> None:
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
     compiles = compiles_forward(cfg.compile, device, ranks.world_size, quiet=not ranks.writer)
-    step = TrainStep.from_params(cfg, state.step_model, state.optimizer, data.train, precision=precision,
-                                 compile=compiles, rank=ranks.rank, world_size=ranks.world_size)
-    continues_run_id = tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE)) \
-        if state.continued and experiment_id is not None and MODEL_FILE.exists() else None
-    tracked = tracking.training_run(experiment_id, state.run_id, params, device, precision, data._asdict(),
-                                    continues_run_id)
+    step = TrainStep.from_params(
+        cfg,
+        state.step_model,
+        state.optimizer,
+        data.train,
+        precision=precision,
+        compile=compiles,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
+    continues_run_id = (
+        tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE))
+        if state.continued and experiment_id is not None and MODEL_FILE.exists()
+        else None
+    )
+    tracked = tracking.training_run(
+        experiment_id, state.run_id, params, device, precision, data._asdict(), continues_run_id
+    )
     tracked.log_history(state.history)
     status = "FAILED"
     try:
@@ -75,8 +87,14 @@ def train(params: Params) -> None:
                 rng_by_rank = torchrun.gather_to_writer(model_files.random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
-                    model_files.save_checkpoint(fingerprint, state.model, state.optimizer, rng_by_rank,
-                                                history.to_saved(state.history), tracked.run_id)
+                    model_files.save_checkpoint(
+                        fingerprint,
+                        state.model,
+                        state.optimizer,
+                        rng_by_rank,
+                        history.to_saved(state.history),
+                        tracked.run_id,
+                    )
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
                 finish(state, tracked, data.validation)
@@ -140,8 +158,11 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     model, optimizer, generator = seeded_start(params, device)
     step_model = model
     if ranks.world_size > 1:
-        print(f"rank {ranks.rank} of {ranks.world_size} on {device}: "
-              + ("training and writing every output" if ranks.writer else "training only"), flush=True)
+        print(
+            f"rank {ranks.rank} of {ranks.world_size} on {device}: "
+            + ("training and writing every output" if ranks.writer else "training only"),
+            flush=True,
+        )
         torch.manual_seed(params.seed + ranks.rank)  # each rank its own reparameterisation noise
         step_model = torch.nn.parallel.DistributedDataParallel(model)
     state = Training(model, step_model, optimizer, generator, [], None)
@@ -168,26 +189,33 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     return state
 
 
-def run_epoch(epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams,
-              ranks: Ranks) -> EpochLosses | None:
+def run_epoch(
+    epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams, ranks: Ranks
+) -> EpochLosses | None:
     """Train one epoch and stop if the loss diverged; then, on rank 0, validate. Returns the epoch's
     row of history (None on the other ranks)."""
     with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
         train_parts, first_bad_step = train_epoch(step, state.generator, advance)
     if why := divergence(first_bad_step.item(), epoch, cfg.learning_rate):
-        raise DivergedError(why + (f". The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}"
-                                   if epoch > 1 else ""))
+        raise DivergedError(
+            why + (f". The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
+        )
     if not ranks.writer:
         return None
     return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
 
 
-def report_epoch(tracked: tracking.TrackedRun, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor,
-                 epochs: int) -> None:
+def report_epoch(
+    tracked: tracking.TrackedRun, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor, epochs: int
+) -> None:
     """The epoch to MLflow (`TrackedRun.log_epoch`) and one line to the terminal."""
     tracked.log_epoch(row, seconds, model, validation)
-    print(f"epoch {row.epoch}/{epochs}  " + "  ".join(f"{k} {v:.3f}" for k, v in row.losses.items())
-          + f"  ({seconds:.1f} s)", flush=True)
+    print(
+        f"epoch {row.epoch}/{epochs}  "
+        + "  ".join(f"{k} {v:.3f}" for k, v in row.losses.items())
+        + f"  ({seconds:.1f} s)",
+        flush=True,
+    )
 
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:

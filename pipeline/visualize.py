@@ -107,7 +107,9 @@ def plot_loss_curves(history_file: Path):
     axes = fig.subplots(1, len(loss_names))
     for ax, name in zip(axes, loss_names):
         for split in ("train", "val"):
-            ax.plot(epochs, [float(r[f"{split}_{name}"]) for r in rows], marker="." if len(rows) < 30 else None, label=split)
+            ax.plot(
+                epochs, [float(r[f"{split}_{name}"]) for r in rows], marker="." if len(rows) < 30 else None, label=split
+            )
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.legend()
@@ -115,15 +117,22 @@ def plot_loss_curves(history_file: Path):
     return fig
 
 
-def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams,
-            channels_last: bool) -> Iterator[tuple[str, Figure]]:
+def figures(
+    model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams, channels_last: bool
+) -> Iterator[tuple[str, Figure]]:
     """Each figure with its file name, drawn one at a time."""
     with torch.no_grad():
         originals = to_input(images[: cfg.num_images], channels_last)
         reconstructions = model.reconstruct(originals)
         samples = model.decode(standard_normal((cfg.num_samples, model.config["latent_dim"]), images.device))
-    yield "reconstructions.png", image_grid(torch.cat([originals, reconstructions]), cfg.num_images,
-                                            "Test images (top) and their reconstructions (bottom)")
+    yield (
+        "reconstructions.png",
+        image_grid(
+            torch.cat([originals, reconstructions]),
+            cfg.num_images,
+            "Test images (top) and their reconstructions (bottom)",
+        ),
+    )
     cols = max(1, round(cfg.num_samples**0.5))
     yield "prior_samples.png", image_grid(samples, cols, "Samples from the prior")
 
@@ -134,16 +143,19 @@ def figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: Visuali
     yield "manifold.png", image_grid(grid, cfg.manifold_size, "Decoded latent manifold")
     pairs = to_input(images[: 2 * INTERPOLATED_PAIRS], channels_last)
     lines = interpolation(model, pairs[0::2], pairs[1::2], cfg.interpolation_steps)
-    yield "interpolation.png", image_grid(lines, cfg.interpolation_steps,
-                                          "Interpolation between test images in latent space")
+    yield (
+        "interpolation.png",
+        image_grid(lines, cfg.interpolation_steps, "Interpolation between test images in latent space"),
+    )
     yield "loss_curves.png", plot_loss_curves(TRAIN_HISTORY)
 
 
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    tracked = tracking.run_for_stage(tracking.connect(params.mlflow), params, "visualize", device,
-                                     file_sha256(MODEL_FILE))
+    tracked = tracking.run_for_stage(
+        tracking.connect(params.mlflow), params, "visualize", device, file_sha256(MODEL_FILE)
+    )
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)  # the prior samples, drawn on the CPU

@@ -36,8 +36,9 @@ def mirror(tmp_path) -> Path:
 def reproduced(tmp_path_factory) -> Path:
     """One project reproduced end to end with real `dvc repro`; tests only read it (in any order)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    project = make_project(tmp / "project", write_mirror(tmp / "mirror"),
-                           **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"})
+    project = make_project(
+        tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"}
+    )
     result = run(["dvc", "repro"], project, env=project_env() | SYSTEM_METRICS_OFTEN)
     assert stages_run(result.stdout) == ["check", "download", "split", "train", "evaluate", "visualize"]
     return project
@@ -59,8 +60,9 @@ def partial_experiments(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     run as a user runs them; with a snapshot of every run after each experiment (run name -> its
     snapshots, oldest first)."""
     tmp = tmp_path_factory.mktemp("partial")
-    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS,
-                                                                             "mlflow.registered_model": "vae"})
+    project = make_project(
+        tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": EPOCHS, "mlflow.registered_model": "vae"}
+    )
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
     snapshots: dict[str, list[dict]] = {}
     for name, setting in [("first", None), *RERUNS.items()]:
@@ -112,9 +114,17 @@ def started():
     def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
         # Ctrl-C's SIGINT as a terminal's foreground job gets it: not ignored, also where pytest itself
         # ignores it (a shell started it in the background: `pytest &` ignores SIGINT, and so would its children).
-        proc = subprocess.Popen(args, cwd=cwd, env=kwargs.pop("env", project_env()), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=kwargs.pop("env", project_env()),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            **kwargs,
+        )
         processes.append(proc)
         return proc
 
@@ -126,10 +136,16 @@ def started():
 
 # The fixtures that build something many tests read, and the xdist group their tests run in: with
 # `--dist loadgroup` (pyproject.toml) the tests of one build run on one worker, which builds it once.
-SHARED_BUILDS = {"reproduced": "session-projects", "experiments": "session-projects",
-                 "partial_experiments": "session-projects", "uninterrupted": "uninterrupted",
-                 "reproduced_once": "reproduced-once", "team_server": "team-server", "bundle": "bundle",
-                 "swept_together": "swept-together"}
+SHARED_BUILDS = {
+    "reproduced": "session-projects",
+    "experiments": "session-projects",
+    "partial_experiments": "session-projects",
+    "uninterrupted": "uninterrupted",
+    "reproduced_once": "reproduced-once",
+    "team_server": "team-server",
+    "bundle": "bundle",
+    "swept_together": "swept-together",
+}
 # Where each xdist worker leaves the processes it found still running, for the session's verdict.
 LEFTOVERS_VARIABLE = "VAE_PIPELINE_TEST_LEFTOVERS"
 

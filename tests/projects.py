@@ -18,8 +18,15 @@ from pipeline.params import Params
 ROOT = Path(__file__).resolve().parent.parent
 # The project as a user clones it, but for params.yaml: tests write theirs from the code's defaults,
 # so a user's edits (another dataset, a team tracking server) never reach a test.
-PROJECT_FILES = ["pipeline", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
-                 "mlruns/.gitignore"]
+PROJECT_FILES = [
+    "pipeline",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+    "mlruns/.gitignore",
+]
 
 
 def project_env() -> dict[str, str]:
@@ -34,12 +41,18 @@ def project_env() -> dict[str, str]:
 
 
 # Who test commits are by, whatever the machine's git config (DVC's experiment commits too).
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@localhost",
+}
 
 
 def run(args: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=kwargs.pop("env", project_env()), capture_output=True, text=True, **kwargs)
+    result = subprocess.run(
+        args, cwd=cwd, env=kwargs.pop("env", project_env()), capture_output=True, text=True, **kwargs
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -72,9 +85,19 @@ def make_project(dest: Path, mirror: Path, **changes) -> Path:
     # On the CPU, whatever the machine: the suite compares exact bytes, which CUDA gives only in
     # deterministic mode; tests/test_cuda.py runs the pipeline on the GPU.
     # Fewer importance samples: on 60 test images, K=100 is most of evaluate's seconds on a CPU.
-    edit_params(dest, **{"data.mirror": str(mirror), "train.device": "cpu", "train.epochs": 1, "train.batch_size": 32,
-                         "evaluate.iw_samples": 10, "visualize.num_samples": 16, "visualize.manifold_size": 5,
-                         **changes})
+    edit_params(
+        dest,
+        **{
+            "data.mirror": str(mirror),
+            "train.device": "cpu",
+            "train.epochs": 1,
+            "train.batch_size": 32,
+            "evaluate.iw_samples": 10,
+            "visualize.num_samples": 16,
+            "visualize.manifold_size": 5,
+            **changes,
+        },
+    )
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "project"], dest, env=project_env() | GIT_IDENTITY)

@@ -53,7 +53,9 @@ class HeldDownloads:
                     self.wfile.write(b"\0")
                     self.wfile.flush()
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+        )
         self.server.handle_error = lambda *_: None  # a held client that gave up has closed its socket
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -85,9 +87,25 @@ def serve_mlflow(store: str, artifacts: Path, port: int | None = None):
     artifacts.mkdir(parents=True, exist_ok=True)
     log = artifacts.parent / f"mlflow-server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", store, "--artifacts-destination", str(artifacts)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            store,
+            "--artifacts-destination",
+            str(artifacts),
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as docs/scaling.md's team server
     )
     try:
@@ -117,9 +135,12 @@ def snapshot(client: mlflow.MlflowClient, run_id: str) -> dict:
     mlrun = client.get_run(run_id)
     return {
         "info": (mlrun.info.run_name, mlrun.info.status, mlrun.info.start_time, mlrun.info.end_time),
-        "params": mlrun.data.params, "tags": mlrun.data.tags,
-        "metrics": {key: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
-                    for key in mlrun.data.metrics},
+        "params": mlrun.data.params,
+        "tags": mlrun.data.tags,
+        "metrics": {
+            key: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+            for key in mlrun.data.metrics
+        },
         "artifacts": artifact_sizes(client, run_id),
     }
 
@@ -127,5 +148,7 @@ def snapshot(client: mlflow.MlflowClient, run_id: str) -> dict:
 def artifact_sizes(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[tuple[str, int]]:
     found = []
     for artifact in client.list_artifacts(run_id, path):
-        found += artifact_sizes(client, run_id, artifact.path) if artifact.is_dir else [(artifact.path, artifact.file_size)]
+        found += (
+            artifact_sizes(client, run_id, artifact.path) if artifact.is_dir else [(artifact.path, artifact.file_size)]
+        )
     return found

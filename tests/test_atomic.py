@@ -27,8 +27,24 @@ def traced(code: str, *strace_options: str) -> tuple[subprocess.CompletedProcess
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"strace-{os.getpid()}-{abs(hash(code))}.log"
     env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc renames in the trace
     try:
-        result = subprocess.run([STRACE, "-f", "-y", "-o", str(log), "-e", "trace=fsync,rename,renameat,renameat2",
-                                 *strace_options, sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                STRACE,
+                "-f",
+                "-y",
+                "-o",
+                str(log),
+                "-e",
+                "trace=fsync,rename,renameat,renameat2",
+                *strace_options,
+                sys.executable,
+                "-c",
+                code,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         calls = [line for line in log.read_text().splitlines() if re.search(r"\b(fsync|rename\w*)\(", line)]
     finally:
         log.unlink(missing_ok=True)
@@ -37,11 +53,13 @@ def traced(code: str, *strace_options: str) -> tuple[subprocess.CompletedProcess
 
 def write_folder(target: Path, content: str) -> str:
     """Code that writes a folder of two files, one in a subfolder, to `target` with atomic_dir."""
-    return (f"from pathlib import Path\nfrom pipeline import atomic\n"
-            f"with atomic.atomic_dir(Path({str(target)!r})) as staging:\n"
-            f"    (staging / 'sub').mkdir()\n"
-            f"    (staging / 'a.npy').write_text({content!r})\n"
-            f"    (staging / 'sub' / 'b.npy').write_text({content!r})\n")
+    return (
+        f"from pathlib import Path\nfrom pipeline import atomic\n"
+        f"with atomic.atomic_dir(Path({str(target)!r})) as staging:\n"
+        f"    (staging / 'sub').mkdir()\n"
+        f"    (staging / 'a.npy').write_text({content!r})\n"
+        f"    (staging / 'sub' / 'b.npy').write_text({content!r})\n"
+    )
 
 
 def position(calls: list[str], pattern: str) -> int:
@@ -52,8 +70,9 @@ def position(calls: list[str], pattern: str) -> int:
 
 def test_a_file_is_fsynced_before_its_rename_and_its_folder_after(tmp_path):
     target = tmp_path / "metrics" / "train.json"
-    result, calls = traced(f"from pathlib import Path; from pipeline import atomic; "
-                           f"atomic.write_text(Path({str(target)!r}), '{{}}')")
+    result, calls = traced(
+        f"from pathlib import Path; from pipeline import atomic; atomic.write_text(Path({str(target)!r}), '{{}}')"
+    )
     assert result.returncode == 0, result.stderr
     data = position(calls, rf"fsync\(\d+<{re.escape(str(target.parent))}/\.train\.json\.\w+\.tmp>\)")
     rename = position(calls, rf"rename\w*\(.*\.train\.json\.\w+\.tmp\", .*{re.escape(str(target))}\"")
@@ -70,8 +89,13 @@ def test_a_folder_is_fsynced_file_by_file_before_it_replaces_the_previous_one(tm
     staging = rf"{re.escape(str(target.parent))}/\.split\.\w+\.tmp"
     files = [position(calls, rf"fsync\(\d+<{staging}/{name}>\)") for name in ("a.npy", "sub/b.npy")]
     staged = position(calls, rf"fsync\(\d+<{staging}>\)")
-    retire, swap = (position(calls, rf"rename\w*\({pattern}") for pattern in (
-        rf".*{re.escape(str(target))}\", .*\.split\.previous\"", rf".*\.split\.\w+\.tmp\", .*{re.escape(str(target))}\""))
+    retire, swap = (
+        position(calls, rf"rename\w*\({pattern}")
+        for pattern in (
+            rf".*{re.escape(str(target))}\", .*\.split\.previous\"",
+            rf".*\.split\.\w+\.tmp\", .*{re.escape(str(target))}\"",
+        )
+    )
     published = position(calls, rf"fsync\(\d+<{re.escape(str(target.parent))}>\)")
     assert max(files) < staged < retire < swap < published
     assert (target / "sub" / "b.npy").read_text() == "new"

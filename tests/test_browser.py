@@ -35,8 +35,13 @@ def server(experiments, tmp_path_factory):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--window-size=1600,1100"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--window-size=1600,1100",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     yield driver
@@ -64,7 +69,8 @@ def screenshot(browser, name: str) -> None:
 
 
 def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_description_and_results(
-        server, browser, experiments):
+    server, browser, experiments
+):
     url, store, _ = server
     client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("vae-pipeline")
@@ -79,8 +85,16 @@ def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_descript
     first = runs[0]
     commit = first.data.tags["mlflow.source.git.commit"]
     branch = first.data.tags["mlflow.source.git.branch"]
-    text = open_and_wait(browser, f"{base}/runs/{first.info.run_id}", first.info.run_name, "Description",
-                         "train_total", "val_total", "test_total", "test_knn_accuracy")
+    text = open_and_wait(
+        browser,
+        f"{base}/runs/{first.info.run_id}",
+        first.info.run_name,
+        "Description",
+        "train_total",
+        "val_total",
+        "test_total",
+        "test_knn_accuracy",
+    )
     assert f"Created by\n{getpass.getuser()}\n" in text, "the user, from mlflow.user"
     assert f"Source\ntrain.py\n{branch}\n{commit[:7]}\n" in text, "the source, its branch and commit"
     browser.find_element(By.XPATH, "//*[normalize-space(text())='Show more']").click()  # the whole description
@@ -90,17 +104,26 @@ def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_descript
         assert repr(first.data.metrics[name]) in text, f"{name} = {first.data.metrics[name]!r} not shown"
     screenshot(browser, "mlflow-run.png")
 
-    open_and_wait(browser, f"{base}/runs/{first.info.run_id}/artifacts/figures/reconstructions.png",
-                  "figures", "manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png")
-    WebDriverWait(browser, 60).until(lambda b: any(
-        img.get_attribute("src").startswith("blob:") and img.get_property("naturalWidth") > 100
-        for img in b.find_elements(By.TAG_NAME, "img")))
+    open_and_wait(
+        browser,
+        f"{base}/runs/{first.info.run_id}/artifacts/figures/reconstructions.png",
+        "figures",
+        "manifold.png",
+        "latent_space.png",
+        "loss_curves.png",
+        "reconstructions.png",
+    )
+    WebDriverWait(browser, 60).until(
+        lambda b: any(
+            img.get_attribute("src").startswith("blob:") and img.get_property("naturalWidth") > 100
+            for img in b.find_elements(By.TAG_NAME, "img")
+        )
+    )
     screenshot(browser, "mlflow-artifact.png")
     assert (REPORTS / "mlflow-artifact.png").stat().st_size > 10_000
 
 
-def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_experiments, browser,
-                                                                        tmp_path_factory):
+def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_experiments, browser, tmp_path_factory):
     project, _ = partial_experiments
     client, runs = runs_of(project)
     by_name = {r.info.run_name: r for r in runs}
@@ -129,8 +152,11 @@ def vega(tmp_path_factory) -> Path:
     if npm is None:
         pytest.skip("needs npm (Debian: apt install npm)")
     folder = tmp_path_factory.mktemp("vega")
-    installed = run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder), "vega@5", "vega-lite@5",
-                     "vega-embed@6"], folder, check=False)
+    installed = run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder), "vega@5", "vega-lite@5", "vega-embed@6"],
+        folder,
+        check=False,
+    )
     if installed.returncode != 0:
         pytest.skip(f"npm could not install Vega (no package registry?): {installed.stderr.strip()[-300:]}")
     return folder / "node_modules"
@@ -146,8 +172,10 @@ FIGURES = ("reconstructions", "prior_samples", "latent_space", "manifold", "inte
 
 def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once(experiments, vega, browser, tmp_path):
     names = run(["dvc", "exp", "list", "--name-only"], experiments).stdout.split()
-    scripts = "".join(f'<script src="{(vega / lib / "build" / f"{lib}.min.js").as_uri()}"></script>'
-                      for lib in ("vega", "vega-lite", "vega-embed"))
+    scripts = "".join(
+        f'<script src="{(vega / lib / "build" / f"{lib}.min.js").as_uri()}"></script>'
+        for lib in ("vega", "vega-lite", "vega-embed")
+    )
     # DVC's page as it is, but for the libraries' source and SVG instead of canvas, so the axes and
     # legends are text the test can read.
     as_svg = "<script>const embed = vegaEmbed; vegaEmbed = (el, spec) => embed(el, spec, {renderer: 'svg'});</script>"
@@ -169,5 +197,6 @@ def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once(expe
         assert len(sections) == 1, f"figures/{figure}.png shown {len(sections)} times"
         images = sections[0].find_elements(By.TAG_NAME, "img")
         assert [img.get_attribute("src").rsplit("/", 1)[1] for img in images] == [
-            f"{name}_figures_{figure}.png" for name in names], "one image per experiment"
+            f"{name}_figures_{figure}.png" for name in names
+        ], "one image per experiment"
         assert all(img.get_property("naturalWidth") > 0 for img in images), f"figures/{figure}.png did not load"

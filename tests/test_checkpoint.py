@@ -25,20 +25,21 @@ FINGERPRINT = {"seed": 42, "model": {}, "train": {"precision": "fp32"}, "device"
 def test_a_checkpoint_trained_on_cuda_is_refused_on_the_cpu_and_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = VAE()
-    save_checkpoint(FINGERPRINT, model, torch.optim.Adam(model.parameters()), [random_states(torch.Generator())],
-                    HISTORY, None)
+    save_checkpoint(
+        FINGERPRINT, model, torch.optim.Adam(model.parameters()), [random_states(torch.Generator())], HISTORY, None
+    )
     saved = CHECKPOINT_FILE.read_bytes()
     with pytest.raises(PipelineError) as refused:
         load_checkpoint(FINGERPRINT | {"device": "cpu"}, epochs=3)
     assert str(refused.value) == (
         "models/checkpoint.pt holds a run trained on cuda and this run is on cpu: resume it where cuda is used "
-        "(train.device: cuda), or delete models/checkpoint.pt to train from scratch here")
+        "(train.device: cuda), or delete models/checkpoint.pt to train from scratch here"
+    )
     assert CHECKPOINT_FILE.read_bytes() == saved
 
     assert load_checkpoint(FINGERPRINT, epochs=3)["history"] == HISTORY, "on its own device kind it resumes"
     assert load_checkpoint(FINGERPRINT | {"device": "cpu", "seed": 1}, epochs=3) is None, "other params: discarded"
     assert not CHECKPOINT_FILE.exists()
-
 
 
 def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without(tmp_path, monkeypatch):
@@ -56,12 +57,20 @@ def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without
     save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(resumed), None)
     assert CHECKPOINT_FILE.read_bytes() == uninterrupted
 
+
 def test_one_gpu_for_several_processes_is_refused_before_any_starts(tmp_path):
     params = {"train": {"device": "cuda:1", "num_processes": 2}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
-    assert result.stderr == ("error: train.device is 'cuda:1', one GPU, but train.num_processes is 2: each process "
-                             "needs a GPU of its own; set train.device to cuda (process i on GPU i)\n")
+    assert result.stderr == (
+        "error: train.device is 'cuda:1', one GPU, but train.num_processes is 2: each process "
+        "needs a GPU of its own; set train.device to cuda (process i on GPU i)\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -7,8 +7,8 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,21 +38,34 @@ def test_the_report_of_a_learning_rate_change_shows_its_params_metrics_images_an
     check = run([".ci/reproducibility-check", str(mirror), "mnist"], project, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     (tmp_path / "reproducibility.log").write_text(check.stdout + check.stderr)
-    run([sys.executable, str(ROOT / "scripts/ci-report"), "--base", "HEAD~1", "--reproducibility",
-         str(tmp_path / "reproducibility.log"), "--out", str(tmp_path / "report")], project)
+    run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/ci-report"),
+            "--base",
+            "HEAD~1",
+            "--reproducibility",
+            str(tmp_path / "reproducibility.log"),
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        project,
+    )
 
     report = (tmp_path / "report" / "report.md").read_text()
     params, metrics = report.split("## Params")[1].split("## Metrics")
     assert re.search(r"^\| params\.yaml +\| train\.learning_rate +\| 0\.0005 +\| 0\.001 +\|$", params, re.M), params
     assert len(re.findall(r"^\| params\.yaml", params, re.M)) == 1, "only the learning rate changed"
     for name in ("val_total", "test_total", "test_knn_accuracy"):
-        assert re.search(rf"^\| metrics/(train|test)\.json +\| {name} +\| [\d.-]+ +\| [\d.-]+ +\| [\d.-]+ +\|$",
-                         metrics, re.M), f"{name} not compared:\n{metrics}"
+        assert re.search(
+            rf"^\| metrics/(train|test)\.json +\| {name} +\| [\d.-]+ +\| [\d.-]+ +\| [\d.-]+ +\|$", metrics, re.M
+        ), f"{name} not compared:\n{metrics}"
     for image in ("loss_curves.png", "reconstructions.png"):
         assert f"](./{image})" in report
         assert (tmp_path / "report" / image).stat().st_size > 5_000, image
-    assert (tmp_path / "report" / "reconstructions.png").read_bytes() == \
-        (project / "figures/reconstructions.png").read_bytes()
+    assert (tmp_path / "report" / "reconstructions.png").read_bytes() == (
+        project / "figures/reconstructions.png"
+    ).read_bytes()
     assert "- compared on: cpu (" in report
     assert "- reproducible: every output hash in dvc.lock is identical across the two runs" in report
 
@@ -61,8 +74,9 @@ def test_the_report_refuses_a_base_that_is_not_here(tmp_path, mirror):
     project = make_project(tmp_path / "project", mirror)
     result = run([sys.executable, str(ROOT / "scripts/ci-report"), "--base", "origin/main"], project, check=False)
     assert result.returncode == 1
-    assert result.stderr == ("error: --base origin/main is not a commit here; fetch it first "
-                             "(git fetch origin origin/main)\n")
+    assert result.stderr == (
+        "error: --base origin/main is not a commit here; fetch it first (git fetch origin origin/main)\n"
+    )
     assert not (project / "report").exists()
 
 
@@ -80,10 +94,14 @@ def readme_commands() -> tuple[str, dict[str, str]]:
     section = (ROOT / "README.md").read_text().split("\n## The two commands\n", 1)[1].split("\n## ", 1)[0]
     blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)]
     set_up = blocks[0].splitlines()[0].removesuffix(" && dvc repro")
-    tests = [line.split(" #")[0].strip().removeprefix(". .venv/bin/activate && ")
-             for line in next(block for block in blocks if "pytest" in block).splitlines()]
-    return set_up, {"quick": next(line for line in tests if "not slow" in line),
-                    "full": next(line for line in tests if "not slow" not in line)}
+    tests = [
+        line.split(" #")[0].strip().removeprefix(". .venv/bin/activate && ")
+        for line in next(block for block in blocks if "pytest" in block).splitlines()
+    ]
+    return set_up, {
+        "quick": next(line for line in tests if "not slow" in line),
+        "full": next(line for line in tests if "not slow" not in line),
+    }
 
 
 def test_pull_requests_get_the_quick_tier_and_the_full_suite_runs_nightly_and_on_demand():
@@ -98,10 +116,14 @@ def test_pull_requests_get_the_quick_tier_and_the_full_suite_runs_nightly_and_on
         assert step in QUICK.read_text(), step
     for step in (set_up, tests["full"], ".ci/system-packages", ".ci/reproducibility-check"):
         assert step in FULL.read_text(), step
-    runs = {path.name: [line for line in path.read_text().splitlines() if "pytest" in line and "run:" in line]
-            for path in (QUICK, FULL)}
+    runs = {
+        path.name: [line for line in path.read_text().splitlines() if "pytest" in line and "run:" in line]
+        for path in (QUICK, FULL)
+    }
     assert runs["pull-request.yml"] and all(tests["quick"] in line for line in runs["pull-request.yml"]), runs
-    assert runs["full-suite.yml"] and not any("-m " in line.split("pytest", 1)[1] for line in runs["full-suite.yml"]), runs
+    assert runs["full-suite.yml"] and not any("-m " in line.split("pytest", 1)[1] for line in runs["full-suite.yml"]), (
+        runs
+    )
 
 
 def path_without(folder: Path, *hidden: str) -> str:
@@ -123,16 +145,19 @@ def debian_package(program: str) -> str | None:
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None or os.geteuid() != 0, reason="needs apt-get, as root")
-@pytest.mark.skipif(debian_package("node") is None or debian_package("node") != debian_package("npm"),
-                    reason="needs Node.js whose Debian package holds its own npm, as this image's does")
+@pytest.mark.skipif(
+    debian_package("node") is None or debian_package("node") != debian_package("npm"),
+    reason="needs Node.js whose Debian package holds its own npm, as this image's does",
+)
 def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_debians_npm():
     """A fresh machine of this image: Node.js with its own npm, no Chromium. Debian's npm package
     conflicts with that Node.js, and asking for it made apt refuse the whole line."""
     with tempfile.TemporaryDirectory(prefix="path-without-chromium.") as folder:
         os.chmod(folder, 0o755)  # not in pytest's tmp_path, which only its owner may enter
         env = dict(os.environ, PATH=path_without(Path(folder), "chromium", "chromedriver"))
-        result = subprocess.run([str(ROOT / ".ci/system-packages"), "--simulate"], env=env, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [str(ROOT / ".ci/system-packages"), "--simulate"], env=env, capture_output=True, text=True, timeout=600
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     asked = re.search(r"^system packages: installing (.*)$", result.stdout, re.M).group(1).split()
     assert {"chromium", "chromium-driver"} <= set(asked), asked
@@ -140,6 +165,7 @@ def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_deb
     # apt would install each package asked for (or has it already, where the test ran before),
     # and neither touches Node.js nor brings Debian's npm
     for package in asked:
-        assert re.search(rf"^(Inst {package} |{package} is already the newest version)", result.stdout, re.M), \
+        assert re.search(rf"^(Inst {package} |{package} is already the newest version)", result.stdout, re.M), (
             result.stdout
+        )
     assert not re.search(r"^(Inst|Remv) (npm|nodejs) ", result.stdout, re.M), result.stdout

@@ -89,8 +89,7 @@ def test_training_killed_mid_run_resumes_to_the_same_model(on_device, device_mir
     assert (project / "metrics/history.csv").read_text() == (on_device / "metrics/history.csv").read_text()
 
 
-def test_auto_precision_trains_in_bf16_where_the_device_has_it_and_twice_gives_the_same_model(device_mirror,
-                                                                                            tmp_path):
+def test_auto_precision_trains_in_bf16_where_the_device_has_it_and_twice_gives_the_same_model(device_mirror, tmp_path):
     settings = SETTINGS | {"train.precision": "auto", "train.epochs": 2}
     first = make_project(tmp_path / "first", device_mirror, **settings)
     run(["dvc", "repro", "train"], first)
@@ -128,9 +127,19 @@ def test_evaluate_and_visualize_on_the_cpu_agree_with_the_device(on_device, tmp_
 def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path):
     gpus = torch.cuda.device_count()
     (tmp_path / "params.yaml").write_text(f"train: {{device: cuda, num_processes: {gpus + 1}}}\n")
-    result = run([sys.executable, "-m", "pipeline.train"], tmp_path, check=False,
-                 env=project_env() | {"PYTHONPATH": os.pathsep.join(  # the packages' path kept: a GPU node's bundle
-                     [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])})
+    result = run(
+        [sys.executable, "-m", "pipeline.train"],
+        tmp_path,
+        check=False,
+        env=project_env()
+        | {
+            "PYTHONPATH": os.pathsep.join(  # the packages' path kept: a GPU node's bundle
+                [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+            )
+        },
+    )
     assert result.returncode == 2
-    assert result.stderr == (f"error: train.num_processes is {gpus + 1} but PyTorch sees {gpus} GPU(s) "
-                             f"(CUDA_VISIBLE_DEVICES may hide some); set it to {gpus} or fewer\n")
+    assert result.stderr == (
+        f"error: train.num_processes is {gpus + 1} but PyTorch sees {gpus} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES may hide some); set it to {gpus} or fewer\n"
+    )

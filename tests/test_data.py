@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torchvision
 
-from pipeline.data_parts import load_part
-from pipeline.raw_data import DownloadError, download
+from pipeline.data_parts import load_part, split
 from pipeline.idx import FILES, IdxError, read_idx, read_pair, write_idx
-from pipeline.data_parts import split
+from pipeline.raw_data import DownloadError, download
 from tests.synthetic import write_mirror
 
 
@@ -99,7 +98,9 @@ def test_official_path_runs_torchvision_download_and_checks_md5(tmp_path, http_s
 
     bad = [(name, "0" * 32 if "t10k-images" in name else digest) for name, digest in _LocalMNIST.resources]
     monkeypatch.setattr(_LocalMNIST, "resources", bad)
-    with pytest.raises(DownloadError, match="(?s)torchvision could not download _LocalMNIST.*t10k-images.*corrupted.*data.mirror"):
+    with pytest.raises(
+        DownloadError, match="(?s)torchvision could not download _LocalMNIST.*t10k-images.*corrupted.*data.mirror"
+    ):
         download("mnist", None, tmp_path / "raw2")
     assert not (tmp_path / "raw2").exists()
 

@@ -75,8 +75,9 @@ def test_the_descriptions_commands_reproduce_the_model_in_a_fresh_clone(experime
     [block] = re.findall(r"```bash\n(.*?)```", note, re.S)
     commands = [line for line in block.splitlines() if not line.startswith("python3 -m venv")]
     assert len(commands) == 3, block
-    result = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=project_env(),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-ec", "\n".join(commands)], cwd=tmp_path, env=project_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     model = (tmp_path / "vae-pipeline" / "models" / "model.pt").read_bytes()
     assert hashlib.sha256(model).hexdigest() == mlrun.data.tags["model.sha256"]

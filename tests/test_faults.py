@@ -78,6 +78,7 @@ def finish(proc: subprocess.Popen, seen: str, timeout: float = 300) -> tuple[int
 
 # --- the download stage: a bad mirror -------------------------------------------------------------
 
+
 def mirror_file(mirror: Path, role: str) -> Path:
     return mirror / (FILES[role] + ".gz")
 
@@ -127,8 +128,11 @@ BAD_MIRRORS = [
     (truncated_gzip, r"MIRROR/train-images-idx3-ubyte.gz: not a complete gzip file .* fetch it again"),
     (a_truncated_idx_file, r"MIRROR/train-images-idx3-ubyte.gz: header promises shape \(240, 28, 28\) .* truncated"),
     (wrong_magic_number, r"MIRROR/train-labels-idx1-ubyte.gz: magic number 0x00000803 is not 0x00000801"),
-    (counts_that_disagree, r"MIRROR/train-images-idx3-ubyte.gz holds 240 images but MIRROR/train-labels-idx1-ubyte.gz "
-                           r"holds 239 labels"),
+    (
+        counts_that_disagree,
+        r"MIRROR/train-images-idx3-ubyte.gz holds 240 images but MIRROR/train-labels-idx1-ubyte.gz "
+        r"holds 239 labels",
+    ),
     (labels_outside_0_to_9, r"MIRROR/t10k-labels-idx1-ubyte.gz: label 10 is outside 0-9"),
     (a_missing_file, r"has neither t10k-labels-idx1-ubyte.gz nor t10k-labels-idx1-ubyte; add the file"),
     (an_unreachable_url, r"cannot reach http://127.0.0.1:\d+/train-images-idx3-ubyte.gz: .*check data.mirror"),
@@ -159,20 +163,32 @@ def test_a_failed_checksum_in_torchvisions_download_keeps_the_previous_data(fini
     before = outputs_of(finished)
     result = run(["dvc", "repro"], finished, check=False, env=env)
     assert result.returncode != 0
-    assert re.search(r"(?s)error: torchvision could not download MNIST: .*train-images-idx3-ubyte.gz.*corrupted"
-                     r".*Point data.mirror", result.stderr), result.stderr
+    assert re.search(
+        r"(?s)error: torchvision could not download MNIST: .*train-images-idx3-ubyte.gz.*corrupted"
+        r".*Point data.mirror",
+        result.stderr,
+    ), result.stderr
     assert_kept(finished, before)
 
 
 # --- parameters -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, stage, message", [
-    ({"train.learning_rat": 0.001}, "train", "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?"),
-    ({"train.batch_size": "big"}, "train", "train.batch_size: expected an integer, got 'big'"),
-    ({"data.val_fraction": 1.5}, "split", "data.val_fraction: must be strictly between 0 and 1, got 1.5"),
-    ({"train.batch_size": 512}, "train", "train.batch_size 512 is larger than the 192 training images; lower it"),
-    ({"seed": 2**70}, "train", "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1"),
-], ids=["misspelt key", "wrong type", "out of range", "batch larger than the data", "integer beyond int64"])
+
+@pytest.mark.parametrize(
+    "changes, stage, message",
+    [
+        (
+            {"train.learning_rat": 0.001},
+            "train",
+            "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?",
+        ),
+        ({"train.batch_size": "big"}, "train", "train.batch_size: expected an integer, got 'big'"),
+        ({"data.val_fraction": 1.5}, "split", "data.val_fraction: must be strictly between 0 and 1, got 1.5"),
+        ({"train.batch_size": 512}, "train", "train.batch_size 512 is larger than the 192 training images; lower it"),
+        ({"seed": 2**70}, "train", "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1"),
+    ],
+    ids=["misspelt key", "wrong type", "out of range", "batch larger than the data", "integer beyond int64"],
+)
 def test_a_params_mistake_stops_its_stage_before_any_work_and_keeps_everything(finished, changes, stage, message):
     edit_params(finished, **changes)
     before = outputs_of(finished)
@@ -186,9 +202,11 @@ def test_a_params_mistake_stops_its_stage_before_any_work_and_keeps_everything(f
 
 # --- training -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_path, bigger_mirror, uninterrupted,
-                                                                           started, sig):
+def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(
+    tmp_path, bigger_mirror, uninterrupted, started, sig
+):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     proc = started(["dvc", "repro", "train"], project)
     read_until(proc, epoch_ended(2))  # from here on, in epoch 3
@@ -211,15 +229,16 @@ def test_killed_training_resumes_to_bit_identical_weights_in_the_same_run(tmp_pa
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
 
 
-
 def train_outputs(project: Path) -> dict[str, str]:
     """The hash of each output of the train stage, as dvc.lock records it."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
 
+
 @pytest.mark.parametrize("shell", ["bash", "dash"])
-def test_training_whose_dvc_is_killed_stops_as_ctrl_c_stops_it_and_the_next_repro_resumes(tmp_path, bigger_mirror,
-                                                                                         uninterrupted, started, shell):
+def test_training_whose_dvc_is_killed_stops_as_ctrl_c_stops_it_and_the_next_repro_resumes(
+    tmp_path, bigger_mirror, uninterrupted, started, shell
+):
     """`kill -9` of DVC alone, not its group: the stage left running would write outputs DVC never
     records, outside its lock, beside the next `dvc repro` in the workspace. DVC runs the command in
     $SHELL (/bin/sh where unset): bash execs it, dash stays between DVC and the stage."""
@@ -258,16 +277,18 @@ def test_more_epochs_continue_a_finished_run_to_the_bytes_of_the_longer_run(tmp_
     [continued] = [r for r in runs if r.info.run_id != first.info.run_id]
     assert continued.data.tags["continued_from_run_id"] == first.info.run_id
     assert sorted(m.step for m in client.get_metric_history(continued.info.run_id, "val_total")) == [1, 2, 3, 4]
-    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "val_total")) == [1, 2], \
+    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "val_total")) == [1, 2], (
         "the finished run is not rewritten"
+    )
 
     result = run(["dvc", "exp", "run", "-S", "train.epochs=1", "train"], project)
     assert f"training from scratch: models/state.pt holds {EPOCHS} epochs, and train.epochs is 1" in result.stdout
     assert re.findall(r"^epoch (\d+)/\d+  train_", result.stdout, re.M) == ["1"]
 
 
-def test_bf16_training_through_dvc_tracks_fp32_and_a_killed_run_resumes_to_the_same_bytes(tmp_path, bigger_mirror,
-                                                                                          uninterrupted, started):
+def test_bf16_training_through_dvc_tracks_fp32_and_a_killed_run_resumes_to_the_same_bytes(
+    tmp_path, bigger_mirror, uninterrupted, started
+):
     """`dvc exp run -S train.precision=bf16` against the fp32 `uninterrupted` run of the same data;
     then a bf16 run killed in epoch 3 and resumed gives the exp's bytes (so do two bf16 runs)."""
     exp = make_project(tmp_path / "exp", bigger_mirror, **{"train.epochs": EPOCHS})
@@ -332,8 +353,9 @@ def test_divergence_names_epoch_step_and_learning_rate_and_keeps_the_previous_mo
     before = outputs_of(finished)
     result = run(["dvc", "repro"], finished, check=False)
     assert result.returncode != 0
-    assert re.search(r"error: loss became NaN or infinite at epoch 1, step \d+; train.learning_rate 1000000.0",
-                     result.stderr), result.stderr
+    assert re.search(
+        r"error: loss became NaN or infinite at epoch 1, step \d+; train.learning_rate 1000000.0", result.stderr
+    ), result.stderr
     assert stages_run(result.stdout) == ["check", "train"]  # check: mlflow.enabled changed
     assert_kept(finished, before)
     _, runs = runs_of(finished)
@@ -359,8 +381,10 @@ def test_a_full_disk_names_the_file_keeps_the_checkpoint_and_the_next_repro_resu
     result = run(["dvc", "repro", "train"], project, check=False, preexec_fn=file_size_limit(2 * 2**20))
     assert result.returncode != 0
     assert "resuming from epoch 2 of 4" in result.stdout
-    assert "error: cannot write models/checkpoint.pt: File too large; any previous models/checkpoint.pt is left as" \
-           in result.stderr, result.stderr
+    assert (
+        "error: cannot write models/checkpoint.pt: File too large; any previous models/checkpoint.pt is left as"
+        in result.stderr
+    ), result.stderr
     assert checkpoint.read_bytes() == saved
     assert list((project / "models").iterdir()) == [checkpoint], "no temp file left beside it"
 
@@ -377,6 +401,7 @@ def test_a_full_disk_names_the_file_keeps_the_checkpoint_and_the_next_repro_resu
 
 
 # --- evaluate and visualize -------------------------------------------------------------------------
+
 
 def test_a_crashed_evaluate_leaves_the_previous_metrics(finished, started):
     edit_params(finished, **{"evaluate.iw_samples": 5000})
@@ -440,6 +465,7 @@ def test_a_crafted_pickle_in_place_of_the_model_is_refused(finished):
 
 # --- tracking ---------------------------------------------------------------------------------------
 
+
 def test_unreachable_tracking_server_fails_fast_naming_it(finished):
     uri = f"http://127.0.0.1:{free_port()}"
     edit_params(finished, **{"mlflow.enabled": True, "mlflow.tracking_uri": uri, "train.learning_rate": 0.001})
@@ -464,8 +490,11 @@ def test_a_damaged_local_store_is_named_with_how_to_recover_and_left_as_it_was(f
     before = outputs_of(finished)
     result = run(["dvc", "repro"], finished, check=False)
     assert result.returncode != 0
-    assert re.search(r"error: the MLflow store mlruns/mlflow.db is damaged \(database disk image is malformed\), .*"
-                     r"Move it aside \(`mv mlruns/mlflow.db mlruns/mlflow.db.damaged`\)", result.stderr), result.stderr
+    assert re.search(
+        r"error: the MLflow store mlruns/mlflow.db is damaged \(database disk image is malformed\), .*"
+        r"Move it aside \(`mv mlruns/mlflow.db mlruns/mlflow.db.damaged`\)",
+        result.stderr,
+    ), result.stderr
     assert "Start the server" not in result.stderr
     assert_kept(finished, before)
     assert store.read_bytes() == damaged, "the damaged store is left for the user to recover"
@@ -485,8 +514,9 @@ def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror,
     # The stage's end waits this long for the store to come back; this one never does. A login in
     # the environment (this server takes any) is never logged.
     login = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret"}
-    proc = started(["dvc", "repro", "train"], project,
-                   env=project_env() | login | {"PIPELINE_TRACKING_RETRY_SECONDS": "1"})
+    proc = started(
+        ["dvc", "repro", "train"], project, env=project_env() | login | {"PIPELINE_TRACKING_RETRY_SECONDS": "1"}
+    )
     seen = read_until(proc, epoch_ended(2))
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()
@@ -502,13 +532,15 @@ def test_server_dying_mid_run_still_writes_every_output(tmp_path, bigger_mirror,
     steps = sorted(m.step for m in client.get_metric_history(logged.info.run_id, "train_total"))
     assert steps[:2] == [1, 2] and steps == list(range(1, len(steps) + 1)), "what was logged is intact"
     assert logged.data.params["mlflow.tracking_uri"] == url
-    assert "s3cret" not in Path(store[len("sqlite:///"):]).read_bytes().decode("latin-1")
+    assert "s3cret" not in Path(store[len("sqlite:///") :]).read_bytes().decode("latin-1")
 
 
 # --- DVC itself -------------------------------------------------------------------------------------
 
-def test_a_second_repro_in_the_same_workspace_is_refused_and_the_first_finishes_intact(tmp_path, bigger_mirror,
-                                                                                        uninterrupted, started):
+
+def test_a_second_repro_in_the_same_workspace_is_refused_and_the_first_finishes_intact(
+    tmp_path, bigger_mirror, uninterrupted, started
+):
     project = make_project(tmp_path / "p", bigger_mirror, **{"train.epochs": EPOCHS})
     first = started(["dvc", "repro", "train"], project)
     seen = read_until(first, epoch_ended(1))
@@ -549,9 +581,12 @@ def test_queued_experiments_run_in_parallel_into_the_projects_own_store(project)
         assert {"test_total", "val_total"} <= set(mlrun.data.metrics), "every stage logged into the one run"
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_total")] == [1], "nothing lost"
         assert len(client.list_artifacts(mlrun.info.run_id, "figures")) == 6
-        [model] = client.search_logged_models([mlrun.info.experiment_id],
-                                              filter_string=f"source_run_id = '{mlrun.info.run_id}'")
-        assert mlrun.data.tags["model_id"] == model.model_id and "Test**: test_total" in mlrun.data.tags[
-            "mlflow.note.content"]
+        [model] = client.search_logged_models(
+            [mlrun.info.experiment_id], filter_string=f"source_run_id = '{mlrun.info.run_id}'"
+        )
+        assert (
+            mlrun.data.tags["model_id"] == model.model_id
+            and "Test**: test_total" in mlrun.data.tags["mlflow.note.content"]
+        )
     leftovers = list((project / ".dvc/tmp").rglob("mlflow.db")) if (project / ".dvc/tmp").exists() else []
     assert leftovers == [], "no second store inside DVC's temporary copies"

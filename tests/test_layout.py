@@ -56,7 +56,6 @@ def test_each_stage_depends_on_exactly_the_shared_code_that_shapes_its_outputs()
         assert code_deps == {name} | shaping, f"dvc.yaml stage {name}: deps {sorted(code_deps)}"
 
 
-
 def top_level_names(path: Path) -> set[str]:
     """The classes, functions and constants `path` defines at its top level."""
     names = set()
@@ -84,8 +83,10 @@ def test_benchmarks_and_tests_take_the_training_step_from_its_own_module():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in STAGES:
                 wrong = {alias.name for alias in node.names} & step_names
-                assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)} from {node.module}: " \
-                                  "import it from pipeline.step"
+                assert not wrong, (
+                    f"{path.relative_to(ROOT)} imports {sorted(wrong)} from {node.module}: import it from pipeline.step"
+                )
+
 
 # Standard modules that exist on Unix alone (fcntl, resource, ...) or on Linux alone.
 NOT_ON_WINDOWS = {"fcntl", "termios", "tty", "pty", "resource", "pwd", "grp", "syslog", "posix", "crypt"}
@@ -108,5 +109,7 @@ def module_level_imports(path: Path) -> set[str]:
 def test_no_module_imports_a_unix_only_module_when_it_is_imported():
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
         unix_only = module_level_imports(path) & NOT_ON_WINDOWS
-        assert not unix_only, f"{path.relative_to(ROOT)} imports {sorted(unix_only)}: import it where it is used, " \
-                              "behind a check of the OS"
+        assert not unix_only, (
+            f"{path.relative_to(ROOT)} imports {sorted(unix_only)}: import it where it is used, "
+            "behind a check of the OS"
+        )

@@ -32,8 +32,22 @@ def resolve(target: str, python: str) -> subprocess.CompletedProcess:
     """uv's resolution of the lock for `target` and `python`, from wheels alone, markers evaluated
     for the target (pip's --platform does not evaluate them)."""
     platform, env = TARGETS[target]
-    args = [uv.find_uv_bin(), "pip", "compile", str(ROOT / "requirements.lock"), "--python-platform", platform,
-            "--python-version", python, "--only-binary", ":all:", "--no-header", "--no-annotate", "--color", "never"]
+    args = [
+        uv.find_uv_bin(),
+        "pip",
+        "compile",
+        str(ROOT / "requirements.lock"),
+        "--python-platform",
+        platform,
+        "--python-version",
+        python,
+        "--only-binary",
+        ":all:",
+        "--no-header",
+        "--no-annotate",
+        "--color",
+        "never",
+    ]
     for package in SOURCE_ONLY:
         args += ["--no-binary", package]
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ | env)
@@ -46,7 +60,9 @@ def test_the_lock_resolves_from_wheels_for_every_platform(target, python):
     result = resolve(target, python)
     if result.returncode != 0:
         without = re.findall(r"Because (\S+?)==\S+ has no (?:usable )?wheels", result.stderr)
-        pytest.fail(f"{target}, Python {python}: no wheel of {', '.join(sorted(set(without))) or 'a package'}:\n"
-                    f"{result.stderr[-2000:]}")
+        pytest.fail(
+            f"{target}, Python {python}: no wheel of {', '.join(sorted(set(without))) or 'a package'}:\n"
+            f"{result.stderr[-2000:]}"
+        )
     missing = pinned(result.stdout) - pinned((ROOT / "requirements.lock").read_text())
     assert not missing, f"{target}, Python {python} needs packages the lock does not pin: {sorted(missing)}"

@@ -156,5 +156,6 @@ def test_batched_importance_weighted_estimate_matches_the_plain_per_sample_one(k
     model.to(memory_format=torch.channels_last)  # the layout evaluate runs in
     torch.manual_seed(1)
     x_last = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(importance_weighted_log_likelihood(model, x_last, *posterior, 10, kind, rows=64),
-                               plain, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        importance_weighted_log_likelihood(model, x_last, *posterior, 10, kind, rows=64), plain, rtol=1e-5, atol=1e-3
+    )

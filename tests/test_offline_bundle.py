@@ -35,8 +35,10 @@ def script_module(path: Path):
 def distribution(folder: Path, name: str, version: str, *requires: str) -> None:
     info = folder / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                                   + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    )
 
 
 def test_a_bundled_package_shadows_the_nodes_older_one(tmp_path, monkeypatch):
@@ -61,7 +63,9 @@ def test_what_is_left_out_follows_the_lock():
     reasons = script.left_out(lock, include=set())
     assert {"torch", "torchvision", "triton", "nvidia-cublas"} <= reasons.keys()
     assert reasons["sympy"] == "required by PyTorch, so on the node with it"
-    assert reasons["selenium"] == reasons["flask-wtf"] == "only this repository's browser, team-server and workflow tests"
+    assert (
+        reasons["selenium"] == reasons["flask-wtf"] == "only this repository's browser, team-server and workflow tests"
+    )
     assert reasons["wtforms"] == "needed only by flask-wtf"
     assert reasons["ray"] == "only sweeps on a Ray cluster (the `sweep` extra)"
     assert reasons["msgpack"] == "needed only by ray"
@@ -86,12 +90,29 @@ def test_every_requirement_of_a_python_3_12_bundle_resolves_offline(tmp_path):
     build(tmp_path / "bundle", "--python", "3.12")
     manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert manifest["wheels_bytes"] <= 40 * 2**20, f"{manifest['wheels_bytes'] / 2**20:.1f} MiB of wheels"
-    assert list((tmp_path / "bundle" / "wheels").glob("antlr4_python3_runtime-*-py3-none-any.whl")), \
+    assert list((tmp_path / "bundle" / "wheels").glob("antlr4_python3_runtime-*-py3-none-any.whl")), (
         "the sdist-only package was built into a wheel"
-    run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:",
-         "--target", str(tmp_path / "target"), "--find-links", str(tmp_path / "bundle" / "wheels"),
-         "-r", str(tmp_path / "bundle" / "requirements.txt"), *script_module(SCRIPT).pip_target_options("3.12", "2.28")],
-        tmp_path)
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--target",
+            str(tmp_path / "target"),
+            "--find-links",
+            str(tmp_path / "bundle" / "wheels"),
+            "-r",
+            str(tmp_path / "bundle" / "requirements.txt"),
+            *script_module(SCRIPT).pip_target_options("3.12", "2.28"),
+        ],
+        tmp_path,
+    )
 
 
 @pytest.mark.slow
@@ -100,8 +121,18 @@ def test_a_target_without_a_wheel_is_refused_by_name(tmp_path):
     version = script_module(SCRIPT).read_lock(ROOT / "requirements.lock")["psycopg-binary"][0]
     lock = tmp_path / "lock.txt"
     lock.write_text(f"psycopg-binary=={version}\n    # via vae-pipeline (pyproject.toml)\n")
-    result = build(tmp_path / "bundle", "--python", "3.12", "--glibc", "2.12", "--lock", str(lock),
-                   "--include", "psycopg-binary", check=False)
+    result = build(
+        tmp_path / "bundle",
+        "--python",
+        "3.12",
+        "--glibc",
+        "2.12",
+        "--lock",
+        str(lock),
+        "--include",
+        "psycopg-binary",
+        check=False,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"error: cannot build a bundle for Python 3.12:\n  psycopg-binary=={version}: no wheel" in result.stderr
     assert not (tmp_path / "bundle").exists()
@@ -116,9 +147,14 @@ def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
     pinned = (bundle / "requirements.txt").read_text().split()
     assert len(pinned) == len(list((bundle / "wheels").glob("*.whl"))), "requirements.txt names exactly the wheels"
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(bundle / "gpu-check"), str(bundle), "--epochs", "1"],
-                          cwd=tmp_path, env=os.environ | {"GPU_CHECK_RESULTS": str(results)},
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(bundle / "gpu-check"), str(bundle), "--epochs", "1"],
+        cwd=tmp_path,
+        env=os.environ | {"GPU_CHECK_RESULTS": str(results)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[0].startswith("gpu-check on REHEARSAL ON THE CPU"), lines[0]
@@ -126,8 +162,9 @@ def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
     report = json.loads((results / "gpu-check.json").read_text())
     assert report["rehearsal"] is True and report["device"] == "cpu (rehearsal)"
     assert [(c["check"], c["verdict"]) for c in report["checks"]] == [
-        (name, "PASS") for name in ("torch-version", "install", "cuda-tests", "deterministic-repro", "benchmark",
-                                    "together")]
+        (name, "PASS")
+        for name in ("torch-version", "install", "cuda-tests", "deterministic-repro", "benchmark", "together")
+    ]
     assert json.loads((results / "benchmark.json").read_text())["device"] != "cuda"
     assert set(json.loads((results / "together.json").read_text())["seconds_per_epoch"]) == {"2"}
 
@@ -135,12 +172,20 @@ def test_gpu_check_rehearses_every_check_on_the_cpu(bundle, tmp_path):
 @pytest.mark.slow
 def test_gpu_check_on_a_bundle_without_data_skips_what_needs_it_in_one_line_each(bundle, tmp_path):
     no_data = shutil.copytree(bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns("data"))
-    proc = subprocess.run([sys.executable, str(no_data / "gpu-check"), str(no_data), "--only", "benchmark", "together"],
-                          cwd=tmp_path, env=os.environ | {"GPU_CHECK_RESULTS": str(tmp_path / "results")},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(no_data / "gpu-check"), str(no_data), "--only", "benchmark", "together"],
+        cwd=tmp_path,
+        env=os.environ | {"GPU_CHECK_RESULTS": str(tmp_path / "results")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     for check in ("benchmark", "together"):
-        assert re.search(rf"^SKIPPED {check} +the bundle has no data/: make it with scripts/offline-bundle --data DIR",
-                         proc.stdout, re.M), proc.stdout
+        assert re.search(
+            rf"^SKIPPED {check} +the bundle has no data/: make it with scripts/offline-bundle --data DIR",
+            proc.stdout,
+            re.M,
+        ), proc.stdout
     assert re.search(r"^PASS +install ", proc.stdout, re.M), proc.stdout

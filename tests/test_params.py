@@ -67,11 +67,19 @@ def test_flat_names_match_dvc_param_keys():
         ("train.device", "gpu", "train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("train.channels_last", "yes", "train.channels_last: expected true or false, got 'yes'"),
         ("seed", -1, "seed: must be 0 or more, got -1"),
-        ("seed", 2**70, "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest integer PyTorch and "
-                        "NumPy take), got 1180591620717411303424"),
-        ("train.epochs", 2**63, "train.epochs: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest "
-                                "integer PyTorch and NumPy take), got 9223372036854775808"),
-        ("train.epochs", -2**64, "train.epochs: must be greater than 0, got -18446744073709551616"),
+        (
+            "seed",
+            2**70,
+            "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest integer PyTorch and "
+            "NumPy take), got 1180591620717411303424",
+        ),
+        (
+            "train.epochs",
+            2**63,
+            "train.epochs: must be at most 9,223,372,036,854,775,807 (2^63 - 1, the largest "
+            "integer PyTorch and NumPy take), got 9223372036854775808",
+        ),
+        ("train.epochs", -(2**64), "train.epochs: must be greater than 0, got -18446744073709551616"),
         ("train.learning_rate", float("inf"), "train.learning_rate: must be a finite number, got inf"),
         ("train.beta", float("nan"), "train.beta: must be a finite number, got nan"),
         ("model", [1, 2], "model: expected a mapping of keys, got [1, 2]"),
@@ -83,9 +91,14 @@ def test_bad_values_are_refused_naming_the_key(dotted, value, message):
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("uri, shown", [("https://alice:s3cret@mlflow.internal:5443", "https://***@mlflow.internal:5443"),
-                                        ("http://alice@localhost:5000/", "http://***@localhost:5000/"),
-                                        ("https://:token@host", "https://***@host")])
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("https://alice:s3cret@mlflow.internal:5443", "https://***@mlflow.internal:5443"),
+        ("http://alice@localhost:5000/", "http://***@localhost:5000/"),
+        ("https://:token@host", "https://***@host"),
+    ],
+)
 def test_a_tracking_uri_with_a_login_is_refused_without_echoing_it(uri, shown):
     with pytest.raises(ParamsError) as error:
         parse_params(with_change("mlflow.tracking_uri", uri))
@@ -95,8 +108,9 @@ def test_a_tracking_uri_with_a_login_is_refused_without_echoing_it(uri, shown):
     assert "s3cret" not in str(error.value) and "token" not in str(error.value).split("got")[-1]
 
 
-@pytest.mark.parametrize("uri", ["sqlite:///mlruns/mlflow.db", "https://mlflow.internal:5443", "file:///srv/mlruns",
-                                 "mlruns", "databricks"])
+@pytest.mark.parametrize(
+    "uri", ["sqlite:///mlruns/mlflow.db", "https://mlflow.internal:5443", "file:///srv/mlruns", "mlruns", "databricks"]
+)
 def test_a_tracking_uri_without_a_login_is_taken(uri):
     assert parse_params(with_change("mlflow.tracking_uri", uri)).mlflow.tracking_uri == uri
 
@@ -126,8 +140,13 @@ def test_missing_keys_take_the_reference_defaults():
 @pytest.mark.parametrize("stage", ["check", "download", "split", "train", "evaluate", "visualize"])
 def test_every_stage_stops_on_bad_params_before_any_work(tmp_path, stage):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("train.learning_rate", -1)))
-    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: train.learning_rate: must be greater than 0, got -1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing created

@@ -30,18 +30,30 @@ def only_run(project):
 def test_every_output_is_written(reproduced):
     p = reproduced
     assert sorted(f.name for f in (p / "data/raw").iterdir()) == [
-        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
     assert sorted(f.name for f in (p / "data/split").iterdir()) == [
-        f"{part}_{kind}.npy" for part in ("test", "train", "val") for kind in ("images", "labels")]
+        f"{part}_{kind}.npy" for part in ("test", "train", "val") for kind in ("images", "labels")
+    ]
     assert (p / "models/model.pt").stat().st_size > 100_000
 
     train = json.loads((p / "metrics/train.json").read_text())
     assert train["epochs"] == EPOCHS
     assert set(train) >= {f"{s}_{n}" for s in ("train", "val") for n in ("reconstruction", "kl", "total")}
     test = json.loads((p / "metrics/test.json").read_text())
-    assert set(test) == {"test_reconstruction", "test_kl", "test_total", "test_log_likelihood", "test_kl_dim0",
-                         "test_kl_dim1", "active_units", "test_knn_accuracy"} | {
-                            f"test_reconstruction_class{c}" for c in range(10)}
+    assert set(test) == {
+        "test_reconstruction",
+        "test_kl",
+        "test_total",
+        "test_log_likelihood",
+        "test_kl_dim0",
+        "test_kl_dim1",
+        "active_units",
+        "test_knn_accuracy",
+    } | {f"test_reconstruction_class{c}" for c in range(10)}
     assert test["test_total"] == pytest.approx(test["test_reconstruction"] + test["test_kl"], abs=1e-5)
     assert test["test_kl"] == pytest.approx(test["test_kl_dim0"] + test["test_kl_dim1"], abs=1e-4)
     assert test["active_units"] in (0, 1, 2) and 0 <= test["test_knn_accuracy"] <= 1
@@ -55,8 +67,14 @@ def test_every_output_is_written(reproduced):
 
     figures = sorted(f.name for f in (p / "figures").iterdir())
     assert len(figures) == FIGURE_COUNT, "the count its progress bar shows"
-    assert figures == ["interpolation.png", "latent_space.png", "loss_curves.png", "manifold.png", "prior_samples.png",
-                       "reconstructions.png"]
+    assert figures == [
+        "interpolation.png",
+        "latent_space.png",
+        "loss_curves.png",
+        "manifold.png",
+        "prior_samples.png",
+        "reconstructions.png",
+    ]
     assert all((p / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
 
@@ -75,7 +93,9 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert tags["mlflow.source.git.commit"] == head
     assert mlrun.info.run_name == head[:7], "under dvc repro, a run of the committed params is named by its commit"
     assert tags["device.type"] == "cpu" and tags["torch.version"] and tags["cpu.threads"]
-    assert tags["model.sha256"] == __import__("hashlib").sha256((reproduced / "models/model.pt").read_bytes()).hexdigest()
+    assert (
+        tags["model.sha256"] == __import__("hashlib").sha256((reproduced / "models/model.pt").read_bytes()).hexdigest()
+    )
 
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     [model_out] = [out for out in lock["stages"]["train"]["outs"] if out["path"] == "models/model.pt"]
@@ -90,8 +110,10 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
         assert any(f"reconstructions+step+{epoch}+" in path and path.endswith(".png") for path in images), images
 
     artifacts = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id, "figures"))
-    assert artifacts == [f"figures/{n}.png" for n in
-                         ("interpolation", "latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")]
+    assert artifacts == [
+        f"figures/{n}.png"
+        for n in ("interpolation", "latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")
+    ]
     assert mlrun.info.artifact_uri.startswith(f"file://{reproduced}/mlruns/artifacts/")
 
 
@@ -137,11 +159,15 @@ def test_a_param_edit_reruns_exactly_the_stages_that_depend_on_it(edited):
     edit_params(edited, **{"train.learning_rate": 0.001})
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["train", "evaluate", "visualize"]
     client = client_for(edited)
-    [newest] = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id],
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+    [newest] = client.search_runs(
+        [client.get_experiment_by_name("vae-pipeline").experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     head = run(["git", "rev-parse", "--short=7", "HEAD"], edited).stdout.strip()
-    assert newest.info.run_name == f"{head} train.learning_rate=0.001 visualize.num_images=6", \
+    assert newest.info.run_name == f"{head} train.learning_rate=0.001 visualize.num_images=6", (
         "named by the commit and the params that differ from its params.yaml"
+    )
     edit_params(edited, **{"data.val_fraction": 0.25})
     assert stages_run(run(["dvc", "repro"], edited).stdout) == ["split", "train", "evaluate", "visualize"]
     split_before = {f.name: f.read_bytes() for f in (edited / "data/split").iterdir()}

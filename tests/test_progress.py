@@ -39,8 +39,9 @@ def read_terminal(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int,
     a new pseudo-terminal has none, and nothing can be drawn in that)."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, start_new_session=True
+    )
     os.close(terminal)
     chunks = []
     while True:
@@ -57,18 +58,26 @@ def read_terminal(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int,
 
 @pytest.mark.slow
 def test_dvc_repro_shows_a_live_bar_on_a_terminal_and_plain_lines_in_a_log(tmp_path, mirror):
-    project = make_project(tmp_path / "p", mirror, **{"train.epochs": 2, "evaluate.iw_samples": 300,
-                                                      "mlflow.enabled": False})
+    project = make_project(
+        tmp_path / "p", mirror, **{"train.epochs": 2, "evaluate.iw_samples": 300, "mlflow.enabled": False}
+    )
     status, screen = read_terminal(["dvc", "repro", "evaluate"], project, project_env())
     assert status == 0, screen
     assert re.search(r"epoch 1/2: +\d+%\|", screen), "a bar for each epoch"
     assert re.search(r"evaluate: importance-weighted log-likelihood: +\d+%\|.*decodes/s", screen), screen[-2000:]
     assert "\r" in screen, "the bar is redrawn in place"
 
-    logged = run(["dvc", "repro", "--force", "--single-item", "evaluate"], project,
-                 env=project_env() | {"PIPELINE_PROGRESS_SECONDS": "0.2"})
+    logged = run(
+        ["dvc", "repro", "--force", "--single-item", "evaluate"],
+        project,
+        env=project_env() | {"PIPELINE_PROGRESS_SECONDS": "0.2"},
+    )
     assert stages_run(logged.stdout) == ["evaluate"]
-    lines = re.findall(r"^evaluate: importance-weighted log-likelihood: [\d,]+/18,000 decodes \(\d+%\), "
-                       r"[\d,]+ decodes/s, about \d+ s left$", logged.stderr, re.M)
+    lines = re.findall(
+        r"^evaluate: importance-weighted log-likelihood: [\d,]+/18,000 decodes \(\d+%\), "
+        r"[\d,]+ decodes/s, about \d+ s left$",
+        logged.stderr,
+        re.M,
+    )
     assert lines, logged.stderr
     assert "\r" not in logged.stdout + logged.stderr, "a log gets whole lines, no carriage returns"

@@ -16,9 +16,15 @@ COMMITTED_PARAMS = "seed: 42\ntrain:\n  learning_rate: 0.0005\n  old_name: 3\n"
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
     """A committed project: params, code, and the files DVC writes."""
-    for path, text in {"params.yaml": COMMITTED_PARAMS, "pipeline/train.py": "# code\n", "dvc.lock": "schema: '2.0'\n",
-                       "metrics/train.json": "{}\n", "metrics/test.json": "{}\n", "metrics/history.csv": "epoch\n",
-                       "data/.gitignore": "/raw\n"}.items():
+    for path, text in {
+        "params.yaml": COMMITTED_PARAMS,
+        "pipeline/train.py": "# code\n",
+        "dvc.lock": "schema: '2.0'\n",
+        "metrics/train.json": "{}\n",
+        "metrics/test.json": "{}\n",
+        "metrics/history.csv": "epoch\n",
+        "data/.gitignore": "/raw\n",
+    }.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
     run(["git", "init", "-q"], tmp_path)
@@ -48,7 +54,6 @@ def test_the_committed_params_are_read_as_plain_yaml_even_with_a_key_renamed_sin
     """`train.old_name` is in no schema: renaming a key in code and params.yaml before committing
     must not break reading what the commit holds."""
     commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    assert provenance.committed_params(commit) == {"seed": "42", "train.learning_rate": "0.0005",
-                                                   "train.old_name": "3"}
+    assert provenance.committed_params(commit) == {"seed": "42", "train.learning_rate": "0.0005", "train.old_name": "3"}
     run_params = {"seed": "42", "train.learning_rate": "0.0005", "train.new_name": "3"}
     assert provenance.overrides(run_params, commit) == {"train.new_name": "3"}

@@ -27,14 +27,15 @@ from tests.synthetic import write_mirror
 pytestmark = pytest.mark.slow
 
 
-
-
 def test_the_documented_dvc_remote_recipe_pulls_into_a_clone_that_is_up_to_date_without_rerunning(tmp_path, mirror):
     push, pull = doc_block("scaling.md", "dvc-remote-push"), doc_block("scaling.md", "dvc-remote-pull")
     origin = make_project(tmp_path / "origin", mirror)
     run(["dvc", "repro"], origin)
-    run(["bash", "-euo", "pipefail", "-c", push.replace("/mnt/shared/vae-dvc", str(tmp_path / "remote"))], origin,
-        env=project_env() | GIT_IDENTITY)
+    run(
+        ["bash", "-euo", "pipefail", "-c", push.replace("/mnt/shared/vae-dvc", str(tmp_path / "remote"))],
+        origin,
+        env=project_env() | GIT_IDENTITY,
+    )
     assert run(["git", "status", "--porcelain"], origin).stdout == "", "the recipe committed everything DVC wrote"
 
     pulled = run(["bash", "-euo", "pipefail", "-c", pull.replace("<url>", str(origin))], tmp_path).stdout
@@ -50,8 +51,10 @@ def test_the_documented_dvc_remote_credentials_stay_out_of_what_git_commits(tmp_
     credentials = doc_block("scaling.md", "dvc-remote-credentials")
     project = make_project(tmp_path / "project", mirror)
     # A secret starting with "-" (1 in 64 of token_urlsafe's), which an option parser takes for an option.
-    keys = {"AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
-            "AWS_SECRET_ACCESS_KEY": "-" + secrets.token_urlsafe(30)}
+    keys = {
+        "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+        "AWS_SECRET_ACCESS_KEY": "-" + secrets.token_urlsafe(30),
+    }
     printed = run(["bash", "-euo", "pipefail", "-c", credentials], project, env=project_env() | keys).stdout
     assert printed.splitlines()[-1] == ".dvc/config.local", "git ignores the credentials' file"
     run(["git", "add", "-A"], project)
@@ -85,13 +88,33 @@ def postgres(tmp_path):
         home = Path(tempfile.mkdtemp(prefix="pg-"))  # outside pytest's root-only temp folders
         os.chmod(home, 0o777)
     data, port = home / "pgdata", free_port()
-    subprocess.run([*as_user, tools / "initdb", "-D", data, "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, tools / "pg_ctl", "-D", data, "-l", home / "pg.log", "-w", "-o",
-                    f"-h 127.0.0.1 -p {port} -k {home}", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, tools / "initdb", "-D", data, "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            tools / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            home / "pg.log",
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {home}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run([*as_user, tools / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*as_user, tools / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run([*as_user, tools / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
@@ -110,9 +133,14 @@ def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres
                 return json.load(response)
 
         experiment = api("experiments/get-by-name?experiment_name=vae-pipeline")["experiment"]
-        with urllib.request.urlopen(urllib.request.Request(
-                f"{url}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
-                headers={"Content-Type": "application/json"}), timeout=10) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"{url}/api/2.0/mlflow/runs/search",
+                data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=10,
+        ) as response:
             [found] = json.load(response)["runs"]
         metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
         assert found["info"]["status"] == "FINISHED"
@@ -141,8 +169,9 @@ def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(torchrun_r
     project, stdout = torchrun_result
     assert "rank 0 of 2 on cpu: training and writing every output" in stdout
     assert "rank 1 of 2 on cpu: training only" in stdout
-    assert [int(e) for e in re.findall(r"^epoch (\d)/3", stdout, re.M)] == [1, 2, 3], \
+    assert [int(e) for e in re.findall(r"^epoch (\d)/3", stdout, re.M)] == [1, 2, 3], (
         "each epoch reported once: by rank 0, not by every rank"
+    )
     with open(project / "metrics/history.csv") as fh:
         history = list(csv.DictReader(fh))
     assert float(history[-1]["train_total"]) < float(history[0]["train_total"])
@@ -175,7 +204,8 @@ def test_a_stale_checkpoint_is_discarded_once_by_rank_0(tmp_path, torchrun_mirro
 
 
 def test_a_killed_torchrun_run_resumes_each_rank_with_its_own_random_states_to_the_same_bytes(
-        tmp_path, torchrun_mirror, torchrun_result, started):
+    tmp_path, torchrun_mirror, torchrun_result, started
+):
     uninterrupted, _ = torchrun_result
     project = make_project(tmp_path / "killed", torchrun_mirror, **TORCHRUN)
     proc = started(["dvc", "repro", "train"], project)
@@ -212,7 +242,9 @@ def test_a_mistake_found_inside_the_ranks_is_one_line_and_exit_2_not_torchruns_d
     project = make_project(tmp_path / "p", mirror, **TORCHRUN | {"train.batch_size": 7})
     result = run(["dvc", "repro", "train"], project, check=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: train.batch_size 7 (the global batch) must split evenly over train.num_processes 2, "
-                      "with every batch at least one image per process"], result.stderr
+    assert errors == [
+        "error: train.batch_size 7 (the global batch) must split evenly over train.num_processes 2, "
+        "with every batch at least one image per process"
+    ], result.stderr
     assert "exited with 2" in result.stderr
     assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr, result.stderr

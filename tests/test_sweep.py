@@ -59,8 +59,13 @@ class Cluster:
 def start_node(args: list[str], cluster_folder: Path, log: Path) -> subprocess.Popen:
     """`ray start ... --block` in a session of its own; returns once the node says it is up."""
     env = cluster_env() | {"TMPDIR": str(cluster_folder / "trials")}
-    proc = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [RAY, "start", *args, "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while "will now block" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -97,23 +102,32 @@ def cluster(tmp_path_factory):
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     (folder / "trials").mkdir()
     with serve_mlflow(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as (url, _, _):
-        head = start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                           f"--temp-dir={ray_temp}"], folder, folder / "head.log")
+        head = start_node(
+            ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={ray_temp}"],
+            folder,
+            folder / "head.log",
+        )
         try:
             yield Cluster(f"127.0.0.1:{port}", url, ray_temp, folder)
         finally:
             stop_node(head)
             shutil.rmtree(ray_temp)
-    ray_left = [p for p in processes_started_by_this_session()
-                if re.search(r"raylet|gcs_server|ray::|ray/_private", " ".join(p.cmdline()))]
+    ray_left = [
+        p
+        for p in processes_started_by_this_session()
+        if re.search(r"raylet|gcs_server|ray::|ray/_private", " ".join(p.cmdline()))
+    ]
     assert not ray_left, f"Ray processes left running: {[' '.join(p.cmdline())[:120] for p in ray_left]}"
 
 
 @pytest.fixture
 def second_node(cluster, tmp_path):
     """A second Ray node with 1 CPU, joined to the head as a user's `ray start --address` joins it."""
-    node = start_node([f"--address={cluster.address}", "--num-cpus=1", f"--temp-dir={cluster.ray_temp}"],
-                      cluster.folder, tmp_path / "node.log")
+    node = start_node(
+        [f"--address={cluster.address}", "--num-cpus=1", f"--temp-dir={cluster.ray_temp}"],
+        cluster.folder,
+        tmp_path / "node.log",
+    )
     yield node
     stop_node(node)
 
@@ -123,7 +137,9 @@ def sweep_project(cluster, tmp_path):
     """The project as a team has it before a sweep: committed and pushed to a bare git remote, its
     data in a local DVC remote, params.yaml pointing at the MLflow server."""
     mirror = write_mirror(tmp_path / "mirror")
-    project = make_project(tmp_path / "project", mirror, **{"mlflow.tracking_uri": cluster.tracking_uri, "train.epochs": 2})
+    project = make_project(
+        tmp_path / "project", mirror, **{"mlflow.tracking_uri": cluster.tracking_uri, "train.epochs": 2}
+    )
     run(["git", "init", "-q", "--bare", str(tmp_path / "remote.git")], tmp_path)
     run(["git", "remote", "add", "origin", str(tmp_path / "remote.git")], project)
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
@@ -176,17 +192,20 @@ def nested_runs(tracking_uri: str, parent_name: str):
     experiment = client.get_experiment_by_name("vae-pipeline")
     parents = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{parent_name}'")
     assert len(parents) == 1, [p.info.run_name for p in parents]
-    children = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parents[0].info.run_id}'")
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parents[0].info.run_id}'"
+    )
     return client, parents[0], children
 
 
-def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_is_lost(cluster, second_node,
-                                                                                      sweep_project, started):
+def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_is_lost(
+    cluster, second_node, sweep_project, started
+):
     """The 4-point grid, and mid-sweep (both nodes training a trial) the second node goes, SIGKILLed
     with all it runs: its trial runs again on the head, and every trial still lands once."""
-    sweep = started(sweep_command(*GRID, "-S", "train.epochs=10", "--name", "grid"), sweep_project,
-                    env=sweep_env(cluster))
+    sweep = started(
+        sweep_command(*GRID, "-S", "train.epochs=10", "--name", "grid"), sweep_project, env=sweep_env(cluster)
+    )
     read_until(sweep, r"2 running \(.*train epoch.*train epoch")
     stop_node(second_node, signal.SIGKILL)
     output = sweep.stdout.read()
@@ -239,12 +258,16 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
 
 
 BAD_GRIDS = [  # a grid, and what its refusal says
-    (["-S", "train.learning_rate=0.001,-1"],
-     "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0"),
+    (
+        ["-S", "train.learning_rate=0.001,-1"],
+        "trial bad-2 (train.learning_rate=-1): train.learning_rate: must be greater than 0",
+    ),
     (["-S", "train.lerning_rate=0.001,0.01"], "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?"),
     (["-S", "train.epochs=2,two"], "train.epochs: expected an integer, got 'two'"),
-    (["-S", "train.beta=1,4", "-S", "mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"],
-     "a sweep's trials run on other machines and cannot share sqlite:///mlruns/mlflow.db"),
+    (
+        ["-S", "train.beta=1,4", "-S", "mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"],
+        "a sweep's trials run on other machines and cannot share sqlite:///mlruns/mlflow.db",
+    ),
 ]
 
 
@@ -259,12 +282,17 @@ def test_a_bad_grid_is_refused_before_any_task_starts(cluster, sweep_project):
     client = mlflow.MlflowClient(cluster.tracking_uri)
     experiment = client.get_experiment_by_name("vae-pipeline")
     assert experiment is None or not client.search_runs(
-        [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'")
+        [experiment.experiment_id], filter_string="attributes.run_name LIKE 'bad%'"
+    )
 
 
 def test_a_group_trained_together_is_one_task_on_the_cluster_and_lands_on_the_remotes(cluster, sweep_project):
-    done = run(sweep_command("--together", "2", "-S", "seed=1,2", "--name", "tog"), sweep_project,
-               env=sweep_env(cluster), check=False)
+    done = run(
+        sweep_command("--together", "2", "-S", "seed=1,2", "--name", "tog"),
+        sweep_project,
+        env=sweep_env(cluster),
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on the Ray cluster in groups of up to 2" in done.stdout and "group 1: tog-1, tog-2" in done.stdout
     assert experiments_on_remote(sweep_project) == ["tog-1", "tog-2"]
@@ -274,8 +302,9 @@ def test_a_group_trained_together_is_one_task_on_the_cluster_and_lands_on_the_re
     assert parent.info.status == "FINISHED" and parent.data.params["sweep.together"] == "2"
     assert sorted((c.info.run_name, c.info.status) for c in children) == [("tog-1", "FINISHED"), ("tog-2", "FINISHED")]
     for child in children:
-        assert child.data.metrics["val_total"] == pytest.approx(shown[child.info.run_name]["metrics"]["val_total"],
-                                                                rel=1e-6)
+        assert child.data.metrics["val_total"] == pytest.approx(
+            shown[child.info.run_name]["metrics"]["val_total"], rel=1e-6
+        )
 
 
 def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(tmp_path, started):
@@ -286,9 +315,11 @@ def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_
     is done, so it cannot finish first, however fast or slow the machine."""
     with HeldDownloads(write_mirror(tmp_path / "mirror")) as mirror:
         project = make_project(tmp_path / "project", mirror.url, **{"train.epochs": 2})
-        sweep = started(sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop",
-                                      "--max-concurrent", "1"), project,
-                        env=cluster_env() | {"PIPELINE_PROGRESS_SECONDS": "0"})
+        sweep = started(
+            sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop", "--max-concurrent", "1"),
+            project,
+            env=cluster_env() | {"PIPELINE_PROGRESS_SECONDS": "0"},
+        )
         seen = read_until(sweep, r"stop-2: (split|train|evaluate|visualize|pushing)")  # stop-3 not yet submitted
         mirror.hold()
         seen += read_until(sweep, r"^stop-2 finished")
@@ -306,22 +337,34 @@ def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_
     assert parent.info.status == "KILLED"
     statuses = sorted((child.info.run_name, child.info.status) for child in children)
     assert statuses == [("stop-1", "FAILED"), ("stop-2", "FINISHED")], "stop-3 never reached its training"
-    left = [p.cmdline() for p in processes_started_by_this_session()
-            if re.search(r"dvc exp run|pipeline\.(download|train|evaluate|visualize)|raylet|gcs_server",
-                         " ".join(p.cmdline()))]
+    left = [
+        p.cmdline()
+        for p in processes_started_by_this_session()
+        if re.search(
+            r"dvc exp run|pipeline\.(download|train|evaluate|visualize)|raylet|gcs_server", " ".join(p.cmdline())
+        )
+    ]
     assert not left, f"the cancelled trial's stages, or the sweep's Ray, still run: {left}"
 
 
 def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():
     """A Ray worker exits at once when its raylet dies; a trial's `dvc exp run` must not train on
     without it. Here the worker is a Python process that starts a command as the trial does."""
-    worker_code = ("import subprocess, sys, time\n"
-                   "from pipeline.sweep.trial import tied_to_this_process\n"
-                   "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-                   "print(subprocess.Popen(command).pid, flush=True)\n"
-                   "time.sleep(600)\n")
-    worker = subprocess.Popen([sys.executable, "-c", worker_code], cwd=ROOT, env=project_env(),
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker_code = (
+        "import subprocess, sys, time\n"
+        "from pipeline.sweep.trial import tied_to_this_process\n"
+        "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(subprocess.Popen(command).pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", worker_code],
+        cwd=ROOT,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     command = psutil.Process(int(worker.stdout.readline()))
     try:
         deadline = time.monotonic() + 60

@@ -39,20 +39,35 @@ class TeamServer:
 
     def login(self, user: str, password: str | None = None) -> dict[str, str]:
         """The environment a user runs the pipeline in: the login and the team's CA."""
-        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password or self.passwords[user],
-                "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca)}
+        return {
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": password or self.passwords[user],
+            "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca),
+        }
 
     def api(self, endpoint: str, **body) -> dict:
         """A REST call as the admin."""
-        response = requests.post(f"{self.url}/api/2.0/mlflow/{endpoint}", json=body, timeout=30, verify=self.ca,
-                                 auth=("admin", self.passwords["admin"]))
+        response = requests.post(
+            f"{self.url}/api/2.0/mlflow/{endpoint}",
+            json=body,
+            timeout=30,
+            verify=self.ca,
+            auth=("admin", self.passwords["admin"]),
+        )
         response.raise_for_status()
         return response.json()
 
     def runs(self) -> list[dict]:
-        experiment = requests.get(f"{self.url}/api/2.0/mlflow/experiments/get-by-name", timeout=30, verify=self.ca,
-                                  params={"experiment_name": EXPERIMENT}, auth=("admin", self.passwords["admin"]))
-        return self.api("runs/search", experiment_ids=[experiment.json()["experiment"]["experiment_id"]]).get("runs", [])
+        experiment = requests.get(
+            f"{self.url}/api/2.0/mlflow/experiments/get-by-name",
+            timeout=30,
+            verify=self.ca,
+            params={"experiment_name": EXPERIMENT},
+            auth=("admin", self.passwords["admin"]),
+        )
+        return self.api("runs/search", experiment_ids=[experiment.json()["experiment"]["experiment_id"]]).get(
+            "runs", []
+        )
 
 
 def here(block: str, port: int) -> str:
@@ -64,21 +79,34 @@ def here(block: str, port: int) -> str:
 def team_server(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl (Debian: apt install openssl)")
-    certificates, serve, accounts = (doc_block(PAGE, f"team-server-{name}") for name in ("certificates", "start", "accounts"))
+    certificates, serve, accounts = (
+        doc_block(PAGE, f"team-server-{name}") for name in ("certificates", "start", "accounts")
+    )
     home, port = tmp_path_factory.mktemp("team-server"), free_port()
     passwords = {user: f"{user}-{secrets.token_urlsafe(12)}" for user in ("admin", "alice", "victor")}
     run(["bash", "-euo", "pipefail", "-c", certificates], home)
-    environment = project_env() | {"MLFLOW_AUTH_ADMIN_PASSWORD": passwords["admin"],
-                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-                                   "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home}/runs.db"}
+    environment = project_env() | {
+        "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["admin"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home}/runs.db",
+    }
     with (home / "server.log").open("wb") as log:
-        server = subprocess.Popen(["bash", "-euo", "pipefail", "-c", here(serve, port)], cwd=home, env=environment,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", here(serve, port)],
+            cwd=home,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url, ca = f"https://localhost:{port}", home / "tls/ca.pem"
         wait_for_health(url, ca, server, home / "server.log")
-        run(["bash", "-euo", "pipefail", "-c", here(accounts, port)], home, env=environment | {
-            "ALICE_PASSWORD": passwords["alice"], "VICTOR_PASSWORD": passwords["victor"]})
+        run(
+            ["bash", "-euo", "pipefail", "-c", here(accounts, port)],
+            home,
+            env=environment | {"ALICE_PASSWORD": passwords["alice"], "VICTOR_PASSWORD": passwords["victor"]},
+        )
         yield TeamServer(url, home, ca, passwords)
     finally:
         stop_process_group(server)
@@ -117,8 +145,13 @@ def places_holding(secret: str, folders: list[Path]) -> list[str]:
                 found.append(str(path.relative_to(folder)))
         if (folder / ".git").is_dir():
             listed = run(["git", "rev-list", "--objects", "--all", "--reflog"], folder).stdout
-            objects = subprocess.run(["git", "cat-file", "--batch"], cwd=folder, capture_output=True, check=True,
-                                     input="".join(line.split()[0] + "\n" for line in listed.splitlines()).encode())
+            objects = subprocess.run(
+                ["git", "cat-file", "--batch"],
+                cwd=folder,
+                capture_output=True,
+                check=True,
+                input="".join(line.split()[0] + "\n" for line in listed.splitlines()).encode(),
+            )
             if secret.encode() in objects.stdout:
                 found.append("git objects")
     return found
@@ -140,8 +173,13 @@ def test_a_member_logs_a_complete_run_over_https_and_no_password_is_kept_anywher
     metrics = {m["key"] for m in logged["data"]["metrics"]}
     assert {"train_total", "val_total", "test_total", "test_knn_accuracy"} <= metrics
     run_id = logged["info"]["run_id"]
-    figures = requests.get(f"{team_server.url}/api/2.0/mlflow/artifacts/list", verify=team_server.ca, timeout=30,
-                           params={"run_id": run_id, "path": "figures"}, auth=("alice", team_server.passwords["alice"]))
+    figures = requests.get(
+        f"{team_server.url}/api/2.0/mlflow/artifacts/list",
+        verify=team_server.ca,
+        timeout=30,
+        params={"run_id": run_id, "path": "figures"},
+        auth=("alice", team_server.passwords["alice"]),
+    )
     assert len(figures.json()["files"]) == 6
     models = team_server.api("logged-models/search", experiment_ids=[logged["info"]["experiment_id"]])["models"]
     assert [m["info"]["source_run_id"] for m in models] == [run_id], "the trained model, logged"
@@ -158,20 +196,27 @@ def test_a_login_that_may_not_log_runs_is_refused_before_training_in_one_line(te
     project = Path(shutil.copytree(member_run[0], tmp_path / "project", symlinks=True))
     url = team_server.url
     environment, expected = {
-        "anonymous": ({"MLFLOW_TRACKING_SERVER_CERT_PATH": str(team_server.ca)},
-                      f"error: the MLflow server {url} requires a login to log runs to experiment '{EXPERIMENT}': set "
-                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
-                      "environment"),
-        "wrong password": (team_server.login("alice", "not-alices-password"),
-                           f"error: the MLflow server {url} refused the login of user 'alice', so no run can be "
-                           f"logged to experiment '{EXPERIMENT}': check MLFLOW_TRACKING_PASSWORD"),
-        "read only": (team_server.login("victor"),
-                      f"error: user 'victor' may read MLflow experiment '{EXPERIMENT}' on {url} but not log runs to "
-                      "it: ask the server's admin for EDIT permission on it"),
-        "without the CA": ({k: v for k, v in team_server.login("alice").items()
-                            if k != "MLFLOW_TRACKING_SERVER_CERT_PATH"},
-                           f"error: cannot verify the certificate of the MLflow server {url}: set "
-                           "MLFLOW_TRACKING_SERVER_CERT_PATH to the certificate of the CA that signed it"),
+        "anonymous": (
+            {"MLFLOW_TRACKING_SERVER_CERT_PATH": str(team_server.ca)},
+            f"error: the MLflow server {url} requires a login to log runs to experiment '{EXPERIMENT}': set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+            "environment",
+        ),
+        "wrong password": (
+            team_server.login("alice", "not-alices-password"),
+            f"error: the MLflow server {url} refused the login of user 'alice', so no run can be "
+            f"logged to experiment '{EXPERIMENT}': check MLFLOW_TRACKING_PASSWORD",
+        ),
+        "read only": (
+            team_server.login("victor"),
+            f"error: user 'victor' may read MLflow experiment '{EXPERIMENT}' on {url} but not log runs to "
+            "it: ask the server's admin for EDIT permission on it",
+        ),
+        "without the CA": (
+            {k: v for k, v in team_server.login("alice").items() if k != "MLFLOW_TRACKING_SERVER_CERT_PATH"},
+            f"error: cannot verify the certificate of the MLflow server {url}: set "
+            "MLFLOW_TRACKING_SERVER_CERT_PATH to the certificate of the CA that signed it",
+        ),
     }[login]
     edit_params(project, **{"train.learning_rate": 0.001})  # so that train reruns
     before, runs_before = outputs_of(project), team_server.runs()
@@ -190,7 +235,8 @@ def test_a_login_that_may_not_log_runs_is_refused_before_training_in_one_line(te
 
 
 def test_a_password_in_the_tracking_uri_is_refused_before_any_stage_and_kept_nowhere_but_the_edit(
-        team_server, member_run, tmp_path):
+    team_server, member_run, tmp_path
+):
     project = Path(shutil.copytree(member_run[0], tmp_path / "project", symlinks=True))
     password = team_server.passwords["alice"]
     with_password = team_server.url.replace("https://", f"https://alice:{password}@")
@@ -198,8 +244,10 @@ def test_a_password_in_the_tracking_uri_is_refused_before_any_stage_and_kept_now
 
     result = run(["dvc", "exp", "run", "-S", f"mlflow.tracking_uri={with_password}"], project, check=False)
     assert result.returncode != 0
-    assert "error: mlflow.tracking_uri: must not hold a user or password, as params.yaml is committed and pushed " \
-           "with every experiment" in result.stderr
+    assert (
+        "error: mlflow.tracking_uri: must not hold a user or password, as params.yaml is committed and pushed "
+        "with every experiment" in result.stderr
+    )
     assert f"got '{team_server.url.replace('https://', 'https://***@')}'" in result.stderr
     assert "failed to reproduce 'check'" in result.stderr and "Running stage 'train'" not in result.stdout
     assert password not in result.stdout + result.stderr

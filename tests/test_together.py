@@ -69,8 +69,11 @@ def swept_together(tmp_path_factory) -> Swept:
 
 def lock_md5s(project: Path, experiment: str) -> dict[str, str]:
     """Each train output's md5 in the experiment's dvc.lock."""
-    ref = next(line.split()[1] for line in run(["git", "show-ref"], project).stdout.splitlines()
-               if line.endswith(f"/{experiment}") and "refs/exps/" in line)
+    ref = next(
+        line.split()[1]
+        for line in run(["git", "show-ref"], project).stdout.splitlines()
+        if line.endswith(f"/{experiment}") and "refs/exps/" in line
+    )
     train = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project).stdout)["stages"]["train"]
     return {out["path"]: out["md5"] for out in train["outs"]}
 
@@ -93,15 +96,21 @@ def test_each_trial_is_an_experiment_to_apply_and_continue_and_a_run_nested_unde
     parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id  # the first sweep's
     runs = {r.info.run_name: r for r in all_runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent}
     runs["solo"] = next(r for r in all_runs if r.info.run_name == "solo")
-    assert {name: runs[name].info.status for name in ("tg-1", "tg-2", "tg-3", "tg-4")} == \
-        {"tg-1": "FINISHED", "tg-2": "FAILED", "tg-3": "FINISHED", "tg-4": "FAILED"}
+    assert {name: runs[name].info.status for name in ("tg-1", "tg-2", "tg-3", "tg-4")} == {
+        "tg-1": "FINISHED",
+        "tg-2": "FAILED",
+        "tg-3": "FINISHED",
+        "tg-4": "FAILED",
+    }
     failed = next(line for line in swept_together.first.stdout.splitlines() if line.startswith("tg-2 "))
     assert "NaN or infinite at epoch 1" in failed
 
     client = mlflow.MlflowClient()
     for key in ("train_total", "val_total"):
-        history = {name: sorted((m.step, m.value) for m in client.get_metric_history(runs[name].info.run_id, key))
-                   for name in ("tg-1", "solo")}
+        history = {
+            name: sorted((m.step, m.value) for m in client.get_metric_history(runs[name].info.run_id, key))
+            for name in ("tg-1", "solo")
+        }
         assert history["tg-1"] == history["solo"] and len(history["solo"]) == 2
     assert set(runs["tg-1"].data.metrics) == set(runs["solo"].data.metrics)
 
@@ -125,11 +134,13 @@ def test_each_trial_is_an_experiment_to_apply_and_continue_and_a_run_nested_unde
 @pytest.mark.slow
 def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_screen(swept_together):
     client = mlflow.MlflowClient(f"sqlite:///{swept_together.project / 'mlruns' / 'mlflow.db'}")
-    all_runs = client.search_runs([client.get_experiment_by_name("vae-pipeline").experiment_id],
-                                  order_by=["start_time ASC"])
+    all_runs = client.search_runs(
+        [client.get_experiment_by_name("vae-pipeline").experiment_id], order_by=["start_time ASC"]
+    )
     parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id
-    val_totals = [next(r for r in all_runs if r.info.run_name == name).data.metrics["val_total"]
-                  for name in ("tg-1", "tg-3")]
+    val_totals = [
+        next(r for r in all_runs if r.info.run_name == name).data.metrics["val_total"] for name in ("tg-1", "tg-3")
+    ]
     table = json.loads((Path(client.download_artifacts(parent, "repeats.json"))).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(row["train.learning_rate"], row["finished"]) for row in rows] == [("0.001", 2), ("1000000000.0", 0)]
@@ -137,20 +148,34 @@ def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_s
     assert rows[0]["val_total_std"] == pytest.approx(statistics.stdev(val_totals))
     assert rows[0]["test_total_std"] > 0 and "seed" not in table["columns"]
     lines = swept_together.first.stdout.splitlines()
-    below = lines[next(i for i, line in enumerate(lines) if line.startswith("repeats")) + 1:]
-    assert below[0].split() == ["2", f"{statistics.fmean(val_totals):.4f}", f"{statistics.stdev(val_totals):.4f}",
-                                "train.learning_rate=0.001"]
+    below = lines[next(i for i, line in enumerate(lines) if line.startswith("repeats")) + 1 :]
+    assert below[0].split() == [
+        "2",
+        f"{statistics.fmean(val_totals):.4f}",
+        f"{statistics.stdev(val_totals):.4f}",
+        "train.learning_rate=0.001",
+    ]
 
 
 def runs_under(client: mlflow.MlflowClient, parent_name: str) -> list[tuple[dict[str, str], str]]:
     """For each run named `parent_name` (each time the sweep ran), oldest first: its trials' runs'
     statuses by name, and its own status."""
     experiment_id = client.get_experiment_by_name("vae-pipeline").experiment_id
-    parents = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{parent_name}'",
-                                 order_by=["start_time ASC"])
-    return [({r.info.run_name: r.info.status for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")}, parent.info.status)
-        for parent in parents]
+    parents = client.search_runs(
+        [experiment_id], filter_string=f"attributes.run_name = '{parent_name}'", order_by=["start_time ASC"]
+    )
+    return [
+        (
+            {
+                r.info.run_name: r.info.status
+                for r in client.search_runs(
+                    [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'"
+                )
+            },
+            parent.info.status,
+        )
+        for parent in parents
+    ]
 
 
 @pytest.mark.slow
@@ -168,8 +193,11 @@ def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the
     assert "cancelling the 1 unfinished trial(s)" in output
     assert re.search(r"^cc-3 +KILLED", output, re.MULTILINE), output
     assert run(["dvc", "exp", "list", "--names-only"], project).stdout.split() == ["cc-1", "cc-2"]
-    left = [p.cmdline() for p in processes_started_by_this_session()
-            if re.search(r"pipeline\.sweep|dvc exp run|raylet|gcs_server", " ".join(p.cmdline()))]
+    left = [
+        p.cmdline()
+        for p in processes_started_by_this_session()
+        if re.search(r"pipeline\.sweep|dvc exp run|raylet|gcs_server", " ".join(p.cmdline()))
+    ]
     assert not left, f"still running after the sweep ended: {left}"
 
     again = run(sweep, project, env=env, check=False)
@@ -177,8 +205,10 @@ def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the
     assert "kept from before: cc-1, cc-2" in again.stdout and "group 1: cc-3" in again.stdout
     assert sorted(run(["dvc", "exp", "list", "--names-only"], project).stdout.split()) == ["cc-1", "cc-2", "cc-3"]
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    assert runs_under(client, "cc") == [({"cc-1": "FINISHED", "cc-2": "FINISHED", "cc-3": "KILLED"}, "KILLED"),
-                                        ({"cc-3": "FINISHED"}, "FINISHED")]
+    assert runs_under(client, "cc") == [
+        ({"cc-1": "FINISHED", "cc-2": "FINISHED", "cc-3": "KILLED"}, "KILLED"),
+        ({"cc-3": "FINISHED"}, "FINISHED"),
+    ]
 
 
 @pytest.mark.slow
@@ -189,7 +219,12 @@ def test_a_sweep_together_is_refused_in_one_line_before_any_work(project):
         (["--together", "2", "-S", "train.num_processes=2"], "train.num_processes above 1"),
         (["--together", "2", "-S", "mlflow.enabled=false"], "mlflow.enabled is false"),
     ]:
-        done = subprocess.run([sys.executable, "-m", "pipeline.sweep", *args, "-S", "seed=1,2"], cwd=project,
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.sweep", *args, "-S", "seed=1,2"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 2 and says in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -70,16 +70,19 @@ def test_a_run_that_did_not_train_links_to_the_training_run_and_the_model(partia
         assert tags["training_run_id"] == trained.info.run_id and tags["model_id"] == model_id
         assert tags["model.sha256"] == trained.data.tags["model.sha256"]
         note = tags["mlflow.note.content"]
-        assert f"[run {trained.info.run_id}](#/experiments/{trained.info.experiment_id}/runs/{trained.info.run_id})" \
-            in note, "the description links to the training run"
+        assert (
+            f"[run {trained.info.run_id}](#/experiments/{trained.info.experiment_id}/runs/{trained.info.run_id})"
+            in note
+        ), "the description links to the training run"
         assert f"(#/experiments/{trained.info.experiment_id}/models/{model_id})" in note
     assert len(client.list_artifacts(runs["vis-only"].info.run_id, "figures")) == 6
     assert not client.list_artifacts(runs["eval-only"].info.run_id, "figures"), "figures are visualize's"
 
     evaluations = {(m.run_id, m.key, m.dataset_name) for m in client.get_logged_model(model_id).metrics}
     for name in ("first", "eval-only"):
-        assert (runs[name].info.run_id, "test_log_likelihood", "mnist-test") in evaluations, \
+        assert (runs[name].info.run_id, "test_log_likelihood", "mnist-test") in evaluations, (
             "the model's page lists every evaluation of it"
+        )
     versions = {v.tags["dvc.exp_name"]: v for v in client.search_model_versions("name = 'vae'")}
     assert sorted(versions) == ["eval-only", "first"], "registered once evaluated, tagged with the experiment"
     assert client.get_model_version_by_alias("vae", "candidate").version == versions["eval-only"].version
@@ -100,8 +103,7 @@ def test_experiments_whose_models_have_the_same_bytes_each_log_into_their_own_ru
     assert "test_total" in runs["again"].data.metrics and "training_run_id" not in runs["again"].data.tags
 
 
-def test_a_server_gone_mid_training_gets_every_epoch_the_model_and_the_description_when_back(
-        tmp_path, started):
+def test_a_server_gone_mid_training_gets_every_epoch_the_model_and_the_description_when_back(tmp_path, started):
     store, artifacts = f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts"
     project = make_project(tmp_path / "p", write_mirror(tmp_path / "mirror", n_train=1500), **{"train.epochs": 5})
     env = project_env() | {"PIPELINE_TRACKING_RETRY_SECONDS": "300"}
@@ -125,4 +127,6 @@ def test_a_server_gone_mid_training_gets_every_epoch_the_model_and_the_descripti
             assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, key)) == [1, 2, 3, 4, 5]
         [model] = client.search_logged_models([mlrun.info.experiment_id])
         assert model.source_run_id == mlrun.info.run_id and mlrun.data.tags["model_id"] == model.model_id
-        assert re.search(r"- \*\*Model\*\*: `models/model.pt` sha256 `[0-9a-f]{64}`", mlrun.data.tags["mlflow.note.content"])
+        assert re.search(
+            r"- \*\*Model\*\*: `models/model.pt` sha256 `[0-9a-f]{64}`", mlrun.data.tags["mlflow.note.content"]
+        )

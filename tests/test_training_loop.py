@@ -111,8 +111,10 @@ def test_the_forward_is_compiled_in_one_cuda_process_on_a_gpu_triton_supports(ca
     assert not compiles_forward(True, cuda, 2, capability=(9, 0))
     assert capsys.readouterr().err == ""
     assert not compiles_forward(True, cuda, 1, capability=(6, 1))
-    assert capsys.readouterr().err == ("note: train.compile is true but this GPU (compute capability 6.1) is older "
-                                       "than Triton supports (7.0): the step runs uncompiled\n")
+    assert capsys.readouterr().err == (
+        "note: train.compile is true but this GPU (compute capability 6.1) is older "
+        "than Triton supports (7.0): the step runs uncompiled\n"
+    )
     assert not compiles_forward(True, cuda, 1, capability=(6, 1), quiet=True)
     assert capsys.readouterr().err == ""
 
@@ -129,7 +131,9 @@ def test_first_non_finite_step_is_reported():
     torch.manual_seed(SEED)
     model = VAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e6)  # the first step throws every weight far out
-    _, first_bad_step = train_epoch(TrainStep(model, optimizer, data, batch_size=BATCH), torch.Generator().manual_seed(SEED))
+    _, first_bad_step = train_epoch(
+        TrainStep(model, optimizer, data, batch_size=BATCH), torch.Generator().manual_seed(SEED)
+    )
     assert first_bad_step.item() in (1, 2)
 
 
@@ -153,16 +157,25 @@ def test_cuda_loop_matches_the_cpu_loop():
     torch.testing.assert_close(cuda_parts.cpu(), cpu_parts, rtol=0.05, atol=0.5)
 
 
-def cuda_epochs(data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2, compile: bool = False
-                ) -> tuple[list[list[float]], TrainStep]:
+def cuda_epochs(
+    data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2, compile: bool = False
+) -> tuple[list[list[float]], TrainStep]:
     """`epochs` epochs on the GPU in deterministic mode, the step captured as a CUDA graph or not,
     its forward compiled or not."""
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(SEED)
         model = VAE().cuda().to(memory_format=torch.channels_last)
-        step = TrainStep(model, make_optimizer(model, 5e-4, torch.device("cuda")), data.cuda(), batch_size=BATCH,
-                         channels_last=True, cuda_graph=cuda_graph, precision=precision, compile=compile)
+        step = TrainStep(
+            model,
+            make_optimizer(model, 5e-4, torch.device("cuda")),
+            data.cuda(),
+            batch_size=BATCH,
+            channels_last=True,
+            cuda_graph=cuda_graph,
+            precision=precision,
+            compile=compile,
+        )
         generator = torch.Generator("cuda").manual_seed(SEED)
         losses = [train_epoch(step, generator)[0].tolist() for _ in range(epochs)]
     finally:
@@ -223,8 +236,9 @@ def test_the_first_bad_step_over_ranks_is_the_earliest(tmp_path):
     cases = [(5, 2), (2, 5), (-1, 3), (4, -1), (-1, -1), (0, 7)]
     context = torch.multiprocessing.get_context("spawn")
     results = context.SimpleQueue()
-    torch.multiprocessing.start_processes(first_bad_steps_of_two_ranks, args=(str(tmp_path / "init"), cases, results),
-                                          nprocs=2, start_method="spawn")
+    torch.multiprocessing.start_processes(
+        first_bad_steps_of_two_ranks, args=(str(tmp_path / "init"), cases, results), nprocs=2, start_method="spawn"
+    )
     answers = dict(results.get() for _ in range(2))
     assert answers[0] == answers[1] == [2, 2, 3, 4, -1, 0]
 
@@ -243,8 +257,14 @@ def gradients_of_steps(batches: list[torch.Tensor], rank: int = 0, world_size: i
     torch.manual_seed(SEED)
     model = ImageNoiseVAE()
     step_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    step = TrainStep(step_model, make_optimizer(model, 5e-4, torch.device("cpu")), images(), batch_size=BATCH,
-                     rank=rank, world_size=world_size)
+    step = TrainStep(
+        step_model,
+        make_optimizer(model, 5e-4, torch.device("cpu")),
+        images(),
+        batch_size=BATCH,
+        rank=rank,
+        world_size=world_size,
+    )
     gradients = []
     for index in batches:
         step(index)
@@ -270,8 +290,9 @@ def test_two_ranks_take_the_gradient_of_the_global_batch(tmp_path):
     context = torch.multiprocessing.get_context("spawn")
     results = context.SimpleQueue()
     one_process = gradients_of_steps(batches)
-    ranks = torch.multiprocessing.start_processes(gradients_of_a_rank, args=(str(tmp_path / "init"), batches, results),
-                                                  nprocs=2, join=False, start_method="spawn")
+    ranks = torch.multiprocessing.start_processes(
+        gradients_of_a_rank, args=(str(tmp_path / "init"), batches, results), nprocs=2, join=False, start_method="spawn"
+    )
     two_ranks = results.get()  # before joining: a large result fills the pipe until it is read
     while not ranks.join():
         pass
@@ -283,7 +304,9 @@ def test_two_ranks_take_the_gradient_of_the_global_batch(tmp_path):
 TRIALS = [(11, 5e-4, 1.0), (12, 1e-3, 1.0), (13, 5e-4, 4.0)]  # seed, learning rate, beta
 
 
-def trial_epochs(device: torch.device, together: bool, compile: bool = False, epochs: int = 2) -> list[tuple[list, dict]]:
+def trial_epochs(
+    device: torch.device, together: bool, compile: bool = False, epochs: int = 2
+) -> list[tuple[list, dict]]:
     """TRIALS trained for `epochs`, validated after each: one after another from the default
     generators, as `dvc exp run` trains each alone, or together, each from a copy of them. Returns
     each trial's per-epoch losses and final weights."""
@@ -294,8 +317,15 @@ def trial_epochs(device: torch.device, together: bool, compile: bool = False, ep
         model = VAE().to(device).to(memory_format=torch.channels_last)
         cfg = TrainParams(learning_rate=learning_rate, beta=beta, batch_size=BATCH)
         noise = copy_of_default_generator(device) if together else None
-        step = TrainStep.from_params(cfg, model, make_optimizer(model, learning_rate, device), data,
-                                     precision="fp32", compile=compile, noise_generator=noise)
+        step = TrainStep.from_params(
+            cfg,
+            model,
+            make_optimizer(model, learning_rate, device),
+            data,
+            precision="fp32",
+            compile=compile,
+            noise_generator=noise,
+        )
         trials.append((step, torch.Generator(device).manual_seed(seed), []))
         if not together:  # alone: every epoch of this trial before the next trial starts
             for _ in range(epochs):

@@ -32,26 +32,54 @@ from pipeline.sweep.trial import Sweep
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="KEY=V1,V2",
-                        help="as `dvc exp run --queue -S` takes it: a list of values sweeps, one value sets")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="as `dvc exp run --queue -S` takes it: a list of values sweeps, one value sets",
+    )
     parser.add_argument("--grid", type=Path, help="a YAML file of `key: [values]`, added to the -S grid")
-    parser.add_argument("-n", "--name", help="the sweep's name; its trials are NAME-1, NAME-2, ... (default: a "
-                                             "name DVC makes up)")
-    parser.add_argument("--cpus-per-trial", type=float, default=None,
-                        help="Ray CPUs a task takes: a trial, or with --together a group; default 1, and for a "
-                             "group on the CPU a whole node")
-    parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPUs a task takes, fractions sharing one (0.25: four trials a GPU); default 0, "
-                             "and with --together 1 where the cluster has a GPU")
-    parser.add_argument("--max-concurrent", type=int, default=0,
-                        help="tasks running at once at most (default 0: as many as the cluster fits)")
+    parser.add_argument(
+        "-n", "--name", help="the sweep's name; its trials are NAME-1, NAME-2, ... (default: a name DVC makes up)"
+    )
+    parser.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="Ray CPUs a task takes: a trial, or with --together a group; default 1, and for a "
+        "group on the CPU a whole node",
+    )
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs a task takes, fractions sharing one (0.25: four trials a GPU); default 0, "
+        "and with --together 1 where the cluster has a GPU",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="tasks running at once at most (default 0: as many as the cluster fits)",
+    )
     parser.add_argument("--retries", type=int, default=3, help="runs again of a task whose node was lost (default 3)")
-    parser.add_argument("--git-remote", default="origin",
-                        help="on a cluster, the git remote workers clone from and push to (default origin)")
-    parser.add_argument("--together", type=int, default=0, metavar="N",
-                        help="train up to N trials that differ only in seed, learning rate, beta or loss together, "
-                             "in one process on one device, each still its own experiment (default 0: each trial "
-                             "alone)")
+    parser.add_argument(
+        "--git-remote",
+        default="origin",
+        help="on a cluster, the git remote workers clone from and push to (default origin)",
+    )
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train up to N trials that differ only in seed, learning rate, beta or loss together, "
+        "in one process on one device, each still its own experiment (default 0: each trial "
+        "alone)",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
 
+
 def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, started: float) -> int:
     """The plan's trials run, their parent run opened and finished; the sweep's exit status."""
     trials = plan.trials
@@ -85,17 +114,33 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args)
-    sweep = Sweep(plan.git_url, plan.commit, plan.local_cache, mlflow.get_tracking_uri(), plan.experiment_id,
-                  parent_run_id, os.environ.get("OMP_NUM_THREADS"))
+    sweep = Sweep(
+        plan.git_url,
+        plan.commit,
+        plan.local_cache,
+        mlflow.get_tracking_uri(),
+        plan.experiment_id,
+        parent_run_id,
+        os.environ.get("OMP_NUM_THREADS"),
+    )
     where = "on this machine" if plan.local_cache else "on the Ray cluster"
     how = f" in groups of up to {args.together} trained together" if args.together else ""
-    print(f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]} {where}{how}, MLflow run "
-          f"{parent_run_id} in experiment '{plan.tracking.experiment_name}'", flush=True)
+    print(
+        f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]} {where}{how}, MLflow run "
+        f"{parent_run_id} in experiment '{plan.tracking.experiment_name}'",
+        flush=True,
+    )
     for task in tasks if args.together else []:
-        shared = [f"{key}={value}" for key, value in task.trials[0].values.items()
-                  if all(trial.values.get(key) == value for trial in task.trials)]
-        print(f"{task.label}: {', '.join(t.name for t in task.trials)}" + (f" (all {' '.join(shared)})" if shared
-                                                                           else ""), flush=True)
+        shared = [
+            f"{key}={value}"
+            for key, value in task.trials[0].values.items()
+            if all(trial.values.get(key) == value for trial in task.trials)
+        ]
+        print(
+            f"{task.label}: {', '.join(t.name for t in task.trials)}"
+            + (f" (all {' '.join(shared)})" if shared else ""),
+            flush=True,
+        )
     try:
         outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c)
     except BaseException:
@@ -105,8 +150,12 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""
-        print(f"\n`dvc exp show` lists the {len(outcome.finished)} finished trials{best}" if pulled.returncode == 0
-              else f"warning: `dvc exp pull` failed: {pulled.stderr.strip()}", flush=True)
+        print(
+            f"\n`dvc exp show` lists the {len(outcome.finished)} finished trials{best}"
+            if pulled.returncode == 0
+            else f"warning: `dvc exp pull` failed: {pulled.stderr.strip()}",
+            flush=True,
+        )
     return 130 if outcome.cancelled else 1 if outcome.failed else 0
 
 

@@ -66,8 +66,10 @@ def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list
     """A task per trial; with `together`, a task per group of trials that can share a process."""
     if not together:
         return [Task(trial.name, (trial,), False) for trial in trials]
-    return [Task(f"group {number}", tuple(trials[i] for i in members), True)
-            for number, members in enumerate(groups(params, together), 1)]
+    return [
+        Task(f"group {number}", tuple(trials[i] for i in members), True)
+        for number, members in enumerate(groups(params, together), 1)
+    ]
 
 
 def start_ray(args: argparse.Namespace) -> None:
@@ -78,21 +80,31 @@ def start_ray(args: argparse.Namespace) -> None:
     CPU. A task no node can hold is refused now, not left pending."""
     address = os.environ.get("RAY_ADDRESS")
     # "local": Ray would otherwise join the cluster its last `ray start --head` here recorded, gone or not.
-    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, configure_logging=True,
-             runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
-             **({} if address else {"include_dashboard": False}))
+    ray.init(
+        address=address or "local",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
+        **({} if address else {"include_dashboard": False}),
+    )
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     gpus = sum(n.get("GPU", 0) for n in nodes)
-    print(f"ray: {'the cluster at ' + address if address else 'a Ray on this machine'}, {len(nodes)} node(s), "
-          f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {gpus:g} GPUs", flush=True)
+    print(
+        f"ray: {'the cluster at ' + address if address else 'a Ray on this machine'}, {len(nodes)} node(s), "
+        f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {gpus:g} GPUs",
+        flush=True,
+    )
     if args.gpus_per_trial is None:
         args.gpus_per_trial = 1.0 if args.together and gpus else 0.0
     if args.cpus_per_trial is None:
         on_cpu = args.together and not args.gpus_per_trial
         args.cpus_per_trial = max(n.get("CPU", 0) for n in nodes) if on_cpu else 1.0
     if not any(n.get("CPU", 0) >= args.cpus_per_trial and n.get("GPU", 0) >= args.gpus_per_trial for n in nodes):
-        raise PipelineError(f"no node of the Ray cluster has {args.cpus_per_trial:g} CPUs and {args.gpus_per_trial:g} "
-                            "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node")
+        raise PipelineError(
+            f"no node of the Ray cluster has {args.cpus_per_trial:g} CPUs and {args.gpus_per_trial:g} "
+            "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node"
+        )
 
 
 class Progress:
@@ -108,11 +120,16 @@ class Progress:
         active = [task for task in running if task.label in board]
         counts = (finished, failed, tuple(task.label for task in active))
         states = [board[task.label] for task in active]
-        parts = [f"{task.label}: {state['doing']}" + (f" (attempt {state['attempt']})" if state["attempt"] > 1 else "")
-                 for task, state in zip(active, states)]
+        parts = [
+            f"{task.label}: {state['doing']}" + (f" (attempt {state['attempt']})" if state["attempt"] > 1 else "")
+            for task, state in zip(active, states)
+        ]
         trials = sum(len(task.trials) for task in active)
-        line = (f"{finished} finished, {trials} running" + (f" ({', '.join(parts)})" if parts else "")
-                + f", {failed} failed, {self.total - finished - failed - trials} waiting")
+        line = (
+            f"{finished} finished, {trials} running"
+            + (f" ({', '.join(parts)})" if parts else "")
+            + f", {failed} failed, {self.total - finished - failed - trials} waiting"
+        )
         now = time.monotonic()
         if counts != self.last_counts or (line != self.last_line and now - self.printed >= self.every):
             elapsed = int(now - self.started)
@@ -134,13 +151,18 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
     def submit() -> None:
         while waiting and not ctrl_c.is_set() and (not args.max_concurrent or len(running) < args.max_concurrent):
             task = waiting.pop(0)
-            options = {"name": task.label, "num_cpus": args.cpus_per_trial, "num_gpus": args.gpus_per_trial,
-                       "max_retries": 0}  # a lost node's task runs again from here, less what it had landed
+            options = {
+                "name": task.label,
+                "num_cpus": args.cpus_per_trial,
+                "num_gpus": args.gpus_per_trial,
+                "max_retries": 0,
+            }  # a lost node's task runs again from here, less what it had landed
             cpu_only = args.gpus_per_trial == 0
-            running[group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only)
-                    if task.together else
-                    trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
-                    ] = task
+            running[
+                group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only)
+                if task.together
+                else trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
+            ] = task
 
     def collect(refs) -> None:
         if not refs:
@@ -173,8 +195,11 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
             for name, end in ended.items():
                 if isinstance(end, TrialResult):
                     finished[name] = end
-                    print(f"{name} finished in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
-                          f"{SELECTION_METRIC} {end.metrics.get(SELECTION_METRIC, float('nan')):.4f}", flush=True)
+                    print(
+                        f"{name} finished in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
+                        f"{SELECTION_METRIC} {end.metrics.get(SELECTION_METRIC, float('nan')):.4f}",
+                        flush=True,
+                    )
                 else:
                     failed[name] = end
                     print(f"{name} failed: {end}", flush=True)
@@ -186,8 +211,11 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
         submit()
         progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
     if running or waiting:  # Ctrl-C came before they ended
-        print(f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting])} unfinished trial(s); "
-              "the finished ones stay pushed and logged", flush=True)
+        print(
+            f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting])} unfinished trial(s); "
+            "the finished ones stay pushed and logged",
+            flush=True,
+        )
         failed.update({trial.name: CANCELLED for task in waiting for trial in task.trials})
         waiting.clear()
         for ref in running:

@@ -42,10 +42,14 @@ def overrides_from_file(path: Path) -> list[str]:
     except yaml.YAMLError as exc:
         raise PipelineError(f"grid file {path} is not valid YAML: {exc}") from None
     if not isinstance(grid, dict) or not grid:
-        raise PipelineError(f"grid file {path}: expected a mapping of dotted params keys to lists of values, "
-                            "e.g. 'train.learning_rate: [0.001, 0.0005]'")
-    return [f"{key}=" + ",".join(_hydra_value(v) for v in (values if isinstance(values, list) else [values]))
-            for key, values in grid.items()]
+        raise PipelineError(
+            f"grid file {path}: expected a mapping of dotted params keys to lists of values, "
+            "e.g. 'train.learning_rate: [0.001, 0.0005]'"
+        )
+    return [
+        f"{key}=" + ",".join(_hydra_value(v) for v in (values if isinstance(values, list) else [values]))
+        for key, values in grid.items()
+    ]
 
 
 def _hydra_value(value) -> str:

@@ -40,8 +40,9 @@ def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
     return [members[i : i + size] for members in by_key.values() for i in range(0, len(members), size)]
 
 
-def run_group(sweep: Sweep, label: str, trials: list[grid.Trial], board,
-              cpu_only: bool) -> dict[str, TrialResult | str]:
+def run_group(
+    sweep: Sweep, label: str, trials: list[grid.Trial], board, cpu_only: bool
+) -> dict[str, TrialResult | str]:
     """The Ray task: the group trained, then each trained trial landed and pushed. Returns each
     trial's result, or why it has none; each landed trial is on the board as soon as it lands."""
     started = time.monotonic()
@@ -63,12 +64,14 @@ def run_group(sweep: Sweep, label: str, trials: list[grid.Trial], board,
 def _train(label: str, trials: list[grid.Trial], repo: Path, out: Path, env: dict, board) -> dict[str, str]:
     """Run the group's process; returns why each trial that did not train did not."""
     spec = out / "group.json"
-    spec.write_text(json.dumps({"trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials],
-                                "out": str(out)}))
+    spec.write_text(
+        json.dumps({"trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials], "out": str(out)})
+    )
     board.doing.remote(label, "training together")
     try:
-        run_watched([sys.executable, "-m", "pipeline.sweep.together", str(spec)], label, repo, env, board,
-                    "its group's process")
+        run_watched(
+            [sys.executable, "-m", "pipeline.sweep.together", str(spec)], label, repo, env, board, "its group's process"
+        )
         why_not = ""
     except TrialFailed as exc:
         why_not = exc.reason
@@ -82,8 +85,9 @@ def _train(label: str, trials: list[grid.Trial], repo: Path, out: Path, env: dic
     return ended
 
 
-def _land(sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, env: dict, board,
-          share: float) -> TrialResult | str:
+def _land(
+    sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, env: dict, board, share: float
+) -> TrialResult | str:
     """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params, from its
     finished checkpoint (its MLflow run goes on in the same run)."""
     board.doing.remote(label, f"landing {trial.name}")
@@ -92,8 +96,13 @@ def _land(sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, en
     shutil.copyfile(out / f"{trial.name}.pt", repo / CHECKPOINT_FILE)
     run_started = time.monotonic()
     try:
-        run_watched(["dvc", "exp", "run", "--name", trial.name,
-                     *(a for o in trial.overrides for a in ("--set-param", o))], label, repo, env, board)
+        run_watched(
+            ["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("--set-param", o))],
+            label,
+            repo,
+            env,
+            board,
+        )
         started = run_started - share  # its share of the group's clone and training counts as its own
         return push_and_report(sweep, trial.name, repo, env, board, started, time.monotonic() - run_started)
     except TrialFailed as exc:

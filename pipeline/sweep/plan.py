@@ -52,17 +52,28 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     sets, trials, commit, checked = _grid_at_head(args)
     if args.together and any(params.train.num_processes > 1 for params in checked):
-        raise PipelineError("train.num_processes above 1 (torchrun) cannot train beside other trials: "
-                            "set it to 1, or drop --together")
+        raise PipelineError(
+            "train.num_processes above 1 (torchrun) cannot train beside other trials: set it to 1, or drop --together"
+        )
     tracking = checked[0].mlflow
     if os.environ.get("RAY_ADDRESS"):
         git_url = _check_cluster(args, trials, commit, tracking)
         return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked)
     if not tracking.enabled:
-        raise PipelineError("mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
-                            "set it to true (the default store is a file in this project)")
-    return Plan(sets, trials, commit, str(Path.cwd().resolve()), dvc("cache", "dir").stdout.strip(),
-                connect(tracking), tracking, checked)
+        raise PipelineError(
+            "mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
+            "set it to true (the default store is a file in this project)"
+        )
+    return Plan(
+        sets,
+        trials,
+        commit,
+        str(Path.cwd().resolve()),
+        dvc("cache", "dir").stdout.strip(),
+        connect(tracking),
+        tracking,
+        checked,
+    )
 
 
 def _check_cluster(args: argparse.Namespace, trials: list[grid.Trial], commit: str, tracking: MlflowParams) -> str:
@@ -72,24 +83,33 @@ def _check_cluster(args: argparse.Namespace, trials: list[grid.Trial], commit: s
         where = tracking.tracking_uri if tracking.enabled else "nowhere (mlflow.enabled: false)"
         raise PipelineError(
             f"mlflow.tracking_uri: a sweep's trials run on other machines and cannot share {where}: point it at "
-            "the team's MLflow server, in params.yaml or as -S mlflow.tracking_uri=https://host:port")
+            "the team's MLflow server, in params.yaml or as -S mlflow.tracking_uri=https://host:port"
+        )
     if args.git_remote not in git("remote").split():
-        raise PipelineError(f"no git remote '{args.git_remote}', which the workers clone the repository from: "
-                            f"`git remote add {args.git_remote} URL` and push, or name another with --git-remote")
+        raise PipelineError(
+            f"no git remote '{args.git_remote}', which the workers clone the repository from: "
+            f"`git remote add {args.git_remote} URL` and push, or name another with --git-remote"
+        )
     git_url = git("remote", "get-url", args.git_remote)
     if Path(git_url).exists():  # a folder: the workers clone it from their own working folder
         git_url = str(Path(git_url).resolve())
     if not _on_remote(commit, args.git_remote):
-        raise PipelineError(f"commit {commit[:7]} is not on git remote '{args.git_remote}', where the workers clone "
-                            f"the repository from: `git push {args.git_remote}` first")
+        raise PipelineError(
+            f"commit {commit[:7]} is not on git remote '{args.git_remote}', where the workers clone "
+            f"the repository from: `git push {args.git_remote}` first"
+        )
     if not dvc("remote", "default", "--project").stdout.strip():
-        raise PipelineError("no default DVC remote in .dvc/config, where trials push their outputs: "
-                            "`dvc remote add -d NAME URL`, commit .dvc/config and push")
+        raise PipelineError(
+            "no default DVC remote in .dvc/config, where trials push their outputs: "
+            "`dvc remote add -d NAME URL`, commit .dvc/config and push"
+        )
     listed = dvc("exp", "list", args.git_remote, "--names-only")
     taken = sorted({trial.name for trial in trials} & set(listed.stdout.split()))
     if taken:
-        raise PipelineError(f"experiments {', '.join(taken)} already exist on '{args.git_remote}' for commit "
-                            f"{commit[:7]}: give the sweep another --name")
+        raise PipelineError(
+            f"experiments {', '.join(taken)} already exist on '{args.git_remote}' for commit "
+            f"{commit[:7]}: give the sweep another --name"
+        )
     return git_url
 
 
@@ -110,8 +130,10 @@ def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial]
     if any(params.mlflow != checked[0].mlflow for params in checked):
         raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
     if git("status", "--porcelain", "--untracked-files=no"):
-        raise PipelineError("the workspace has uncommitted changes, and trials run the commit, not the workspace: "
-                            "commit them (and push), or stash them")
+        raise PipelineError(
+            "the workspace has uncommitted changes, and trials run the commit, not the workspace: "
+            "commit them (and push), or stash them"
+        )
     return sets, trials, commit, checked
 
 

@@ -30,14 +30,27 @@ from pipeline.sweep.trial import Sweep, TrialResult
 
 def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Namespace) -> str:
     """The sweep's run: the grid, the commit, the trial count and the resources a trial gets."""
-    run = client.create_run(plan.experiment_id, run_name=args.name, tags={
-        MLFLOW_GIT_COMMIT: plan.commit, MLFLOW_SOURCE_NAME: "python -m pipeline.sweep", MLFLOW_SOURCE_TYPE: "LOCAL",
-        MLFLOW_USER: getpass.getuser(), "sweep": "true"})
-    params = {"sweep.grid": " ".join(f"-S '{s}'" for s in plan.sets), "sweep.trials": len(plan.trials),
-              "sweep.commit": plan.commit,
-              "sweep.cpus_per_trial": args.cpus_per_trial, "sweep.gpus_per_trial": args.gpus_per_trial,
-              "sweep.max_concurrent": args.max_concurrent, "sweep.retries": args.retries,
-              "sweep.together": args.together}
+    run = client.create_run(
+        plan.experiment_id,
+        run_name=args.name,
+        tags={
+            MLFLOW_GIT_COMMIT: plan.commit,
+            MLFLOW_SOURCE_NAME: "python -m pipeline.sweep",
+            MLFLOW_SOURCE_TYPE: "LOCAL",
+            MLFLOW_USER: getpass.getuser(),
+            "sweep": "true",
+        },
+    )
+    params = {
+        "sweep.grid": " ".join(f"-S '{s}'" for s in plan.sets),
+        "sweep.trials": len(plan.trials),
+        "sweep.commit": plan.commit,
+        "sweep.cpus_per_trial": args.cpus_per_trial,
+        "sweep.gpus_per_trial": args.gpus_per_trial,
+        "sweep.max_concurrent": args.max_concurrent,
+        "sweep.retries": args.retries,
+        "sweep.together": args.together,
+    }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
@@ -61,8 +74,9 @@ class Configuration:
     std: dict[str, float]  # their sample standard deviation (n - 1); NaN for fewer than two
 
 
-def finish(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome,
-           wall_seconds: float) -> Summary:
+def finish(
+    client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome, wall_seconds: float
+) -> Summary:
     """Everything a sweep leaves once its trials have ended, on the parent run and on screen."""
     summary = summarize(outcome, wall_seconds)
     configurations = repeats(trials, outcome)
@@ -89,8 +103,9 @@ def log_trials_table(sweep: Sweep, trials: list[grid.Trial], outcome: Outcome) -
     """trials.json on the parent run: a row per trial, its values, status, metrics and times."""
     keys = list(dict.fromkeys(key for trial in trials for key in trial.values))
     metric_names = sorted({name for result in outcome.finished.values() for name in result.metrics})
-    table: dict[str, list] = {column: [] for column in
-                              ["trial", *keys, "status", "reason", *metric_names, "seconds", "run_seconds", "run_id"]}
+    table: dict[str, list] = {
+        column: [] for column in ["trial", *keys, "status", "reason", *metric_names, "seconds", "run_seconds", "run_id"]
+    }
     for trial in trials:
         result = outcome.finished.get(trial.name)
         table["trial"].append(trial.name)
@@ -129,8 +144,10 @@ def log_repeats_table(sweep: Sweep, configurations: list[Configuration]) -> None
     """repeats.json on the parent run: a row per configuration, its values, counts, means and spreads."""
     keys = list(dict.fromkeys(key for c in configurations for key in c.values))
     metric_names = list(dict.fromkeys(name for c in configurations for name in c.mean))
-    table: dict[str, list] = {column: [] for column in
-                              [*keys, "trials", "finished", *(f"{m}_{s}" for m in metric_names for s in ("mean", "std"))]}
+    table: dict[str, list] = {
+        column: []
+        for column in [*keys, "trials", "finished", *(f"{m}_{s}" for m in metric_names for s in ("mean", "std"))]
+    }
     for configuration in configurations:
         for key in keys:
             table[key].append(configuration.values.get(key))
@@ -147,34 +164,50 @@ def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcom
     """Only the run of each trial's pushed experiment stays FINISHED: a lost attempt's run, or the
     run of a trial cancelled or failed between its stages or in its push, does not count as a result."""
     kept = {result.run_id for result in outcome.finished.values()}
-    for trial_run in client.search_runs([sweep.experiment_id], filter_string=(
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")):
+    for trial_run in client.search_runs(
+        [sweep.experiment_id], filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")
+    ):
         if trial_run.info.run_id not in kept and trial_run.info.status in ("RUNNING", "FINISHED"):
             status = outcome.status(trial_run.info.run_name)
             client.set_terminated(trial_run.info.run_id, "FAILED" if status == "FINISHED" else status)
 
 
-def log_summary(client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome,
-                summary: Summary) -> None:
+def log_summary(
+    client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome, summary: Summary
+) -> None:
     """The counts, times and best trial on the parent run, its description, and its end."""
     now = int(time.time() * 1000)
-    metrics = [Metric(name, value, now, 0) for name, value in (
-        ("trials_finished", len(outcome.finished)), ("trials_failed", len(outcome.failed)),
-        ("wall_seconds", summary.wall_seconds), ("trial_seconds_sum", summary.trial_seconds),
-        ("overhead_seconds_per_trial", summary.overhead_seconds))]
-    note = (f"Sweep of {len(trials)} trials at commit {sweep.commit[:7]}: {len(outcome.finished)} finished, "
-            f"{len(outcome.failed)} failed.")
+    metrics = [
+        Metric(name, value, now, 0)
+        for name, value in (
+            ("trials_finished", len(outcome.finished)),
+            ("trials_failed", len(outcome.failed)),
+            ("wall_seconds", summary.wall_seconds),
+            ("trial_seconds_sum", summary.trial_seconds),
+            ("overhead_seconds_per_trial", summary.overhead_seconds),
+        )
+    ]
+    note = (
+        f"Sweep of {len(trials)} trials at commit {sweep.commit[:7]}: {len(outcome.finished)} finished, "
+        f"{len(outcome.failed)} failed."
+    )
     tags = []
     best = summary.best
     if best is not None:
-        metrics += [Metric(f"best_{name}", value, now, 0) for name, value in best.metrics.items()
-                    if name == SELECTION_METRIC or name.startswith("test_")]
+        metrics += [
+            Metric(f"best_{name}", value, now, 0)
+            for name, value in best.metrics.items()
+            if name == SELECTION_METRIC or name.startswith("test_")
+        ]
         tags += [RunTag("best_trial", best.name)] + ([RunTag("best_trial_run_id", best.run_id)] if best.run_id else [])
-        note += (f" Best by validation loss ({SELECTION_METRIC}): **{best.name}**, "
-                 f"{best.metrics[SELECTION_METRIC]:.4f}; its test metrics are the sweep's `best_test_*`.")
+        note += (
+            f" Best by validation loss ({SELECTION_METRIC}): **{best.name}**, "
+            f"{best.metrics[SELECTION_METRIC]:.4f}; its test metrics are the sweep's `best_test_*`."
+        )
     client.log_batch(sweep.parent_run_id, metrics=metrics, tags=tags + [RunTag(MLFLOW_RUN_NOTE, note)])
-    client.set_terminated(sweep.parent_run_id,
-                          "KILLED" if outcome.cancelled else "FAILED" if outcome.failed else "FINISHED")
+    client.set_terminated(
+        sweep.parent_run_id, "KILLED" if outcome.cancelled else "FAILED" if outcome.failed else "FINISHED"
+    )
 
 
 def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) -> None:
@@ -184,9 +217,11 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
         score = f"{result.metrics.get(SELECTION_METRIC, float('nan')):.4f}" if result else "-"
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         print(f"{trial.name:<16}{outcome.status(trial.name):<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
-    print(f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
-          f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "
-          "trained together, its share of the group's training)")
+    print(
+        f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
+        f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "
+        "trained together, its share of the group's training)"
+    )
 
 
 def print_repeats(configurations: list[Configuration]) -> None:

@@ -46,8 +46,12 @@ from pipeline.step import (
 from pipeline.sweep import grid
 
 # What every trial of a group must share to train in one process: all but these are one for all.
-PER_TRIAL_KEYS = {"seed": None, "train": ("learning_rate", "beta", "reconstruction"), "evaluate": None,
-                  "visualize": None}
+PER_TRIAL_KEYS = {
+    "seed": None,
+    "train": ("learning_rate", "beta", "reconstruction"),
+    "evaluate": None,
+    "visualize": None,
+}
 
 
 def group_key(params: Params) -> str:
@@ -97,8 +101,10 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
     train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
     experiment_id = tracking.connect(all_params[0].mlflow)
     compiles = compiles_forward(cfg.compile, device, 1)
-    members = [_start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation)
-               for trial, params, text in zip(trials, all_params, texts)]
+    members = [
+        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation)
+        for trial, params, text in zip(trials, all_params, texts)
+    ]
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
     active = list(members)
     try:
@@ -113,40 +119,86 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
                         member.tracked.finish("FAILED")
                         active.remove(member)
                         continue
-                    member.history.append(EpochLosses.of(epoch, train_parts, dataset_loss(
-                        member.model, validation, cfg.channels_last, member.step.loss, noise_generator=member.noise)))
+                    member.history.append(
+                        EpochLosses.of(
+                            epoch,
+                            train_parts,
+                            dataset_loss(
+                                member.model,
+                                validation,
+                                cfg.channels_last,
+                                member.step.loss,
+                                noise_generator=member.noise,
+                            ),
+                        )
+                    )
                 seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
                 for member in active:
                     row = member.history[-1]
                     member.tracked.log_epoch(row, seconds, member.model, validation)
-                    print(f"{member.trial.name} epoch {epoch}/{cfg.epochs}  val_total {row.losses['val_total']:.3f}"
-                          f"  ({seconds:.1f} s for the group)", flush=True)
+                    print(
+                        f"{member.trial.name} epoch {epoch}/{cfg.epochs}  val_total {row.losses['val_total']:.3f}"
+                        f"  ({seconds:.1f} s for the group)",
+                        flush=True,
+                    )
     except BaseException:
         for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
             member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
     for member in active:  # the run stays RUNNING: the trial's `dvc exp run` resumes it and ends it
-        model_files.save_checkpoint(member.fingerprint, member.model, member.step.optimizer, [member.random_states()],
-                                    history.to_saved(member.history), member.tracked.run_id,
-                                    path=out / f"{member.trial.name}.pt")
+        model_files.save_checkpoint(
+            member.fingerprint,
+            member.model,
+            member.step.optimizer,
+            [member.random_states()],
+            history.to_saved(member.history),
+            member.tracked.run_id,
+            path=out / f"{member.trial.name}.pt",
+        )
     return 0
 
 
-def _start(trial: grid.Trial, params: Params, params_text: str, device: torch.device, precision: str,
-           compiles: bool, experiment_id: str | None, train_images: torch.Tensor, validation: torch.Tensor) -> Member:
+def _start(
+    trial: grid.Trial,
+    params: Params,
+    params_text: str,
+    device: torch.device,
+    precision: str,
+    compiles: bool,
+    experiment_id: str | None,
+    train_images: torch.Tensor,
+    validation: torch.Tensor,
+) -> Member:
     """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial."""
     model, optimizer, order = seeded_start(params, device)
     noise = copy_of_default_generator(device)
-    step = TrainStep.from_params(params.train, model, optimizer, train_images, precision=precision, compile=compiles,
-                                 noise_generator=noise)
+    step = TrainStep.from_params(
+        params.train, model, optimizer, train_images, precision=precision, compile=compiles, noise_generator=noise
+    )
     os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
     try:
-        tracked = tracking.training_run(experiment_id, None, params, device, precision,
-                                        {"train": train_images, "validation": validation}, params_text=params_text)
+        tracked = tracking.training_run(
+            experiment_id,
+            None,
+            params,
+            device,
+            precision,
+            {"train": train_images, "validation": validation},
+            params_text=params_text,
+        )
     finally:
         del os.environ["DVC_EXP_NAME"]
-    return Member(trial, params, model_files.training_fingerprint(params, precision, device.type), model, step, order,
-                  noise, torch.get_rng_state(), tracked)
+    return Member(
+        trial,
+        params,
+        model_files.training_fingerprint(params, precision, device.type),
+        model,
+        step,
+        order,
+        noise,
+        torch.get_rng_state(),
+        tracked,
+    )
 
 
 def main() -> None:

@@ -92,15 +92,21 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
     env = trial_env(sweep, cpu_only)
     with checkout(sweep, name, env, board) as repo:
         run_started = time.monotonic()
-        run_watched(["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
-                    name, repo, env, board)
+        run_watched(
+            ["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
+            name,
+            repo,
+            env,
+            board,
+        )
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
         return push_and_report(sweep, name, repo, env, board, started, run_seconds)
 
 
-def push_and_report(sweep: Sweep, name: str, repo: Path, env: dict, board, started: float,
-                    run_seconds: float) -> TrialResult:
+def push_and_report(
+    sweep: Sweep, name: str, repo: Path, env: dict, board, started: float, run_seconds: float
+) -> TrialResult:
     """The trial's finished experiment pushed, and landed on the board before the task ends. It runs
     to its end: a cancel that comes meanwhile is raised after it, so a pushed trial is never
     reported cancelled."""
@@ -182,8 +188,9 @@ def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what:
     stage and epoch it is at. A cancelled task (Ctrl-C on the driver)
     interrupts it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = subprocess.Popen(tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         for line in proc.stdout:
             tail.append(line)
@@ -212,8 +219,11 @@ def tied_to_this_process(args: list[str]) -> list[str]:
 
 @functools.cache
 def _say_untied() -> None:
-    print(f"note: on {sys.platform} a trial is not tied to its Ray worker (Linux's PR_SET_PDEATHSIG): "
-          "a trial whose worker is killed trains on until it finishes", file=sys.stderr)
+    print(
+        f"note: on {sys.platform} a trial is not tied to its Ray worker (Linux's PR_SET_PDEATHSIG): "
+        "a trial whose worker is killed trains on until it finishes",
+        file=sys.stderr,
+    )
 
 
 def reason_from_output(lines: list[str], returncode: int, what: str = "`dvc exp run`") -> str:
@@ -243,7 +253,9 @@ def fail_lost_attempts(sweep: Sweep, names: list[str]) -> None:
     node was lost, so FAILED."""
     client = mlflow.MlflowClient(sweep.tracking_uri)
     for name in names:
-        lost = (f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.run_name = '{name}' "
-                "and attributes.status = 'RUNNING'")
+        lost = (
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}' and attributes.run_name = '{name}' "
+            "and attributes.status = 'RUNNING'"
+        )
         for run in client.search_runs([sweep.experiment_id], filter_string=lost):
             client.set_terminated(run.info.run_id, "FAILED")

@@ -14,5 +14,14 @@ from pipeline.tracking.link import (
 from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import connect
 
-__all__ = ["TrackedRun", "connect", "dvc_tags", "log_data", "model_tags", "record_trained_model", "run_for_stage",
-           "run_that_trained", "training_run"]
+__all__ = [
+    "TrackedRun",
+    "connect",
+    "dvc_tags",
+    "log_data",
+    "model_tags",
+    "record_trained_model",
+    "run_for_stage",
+    "run_that_trained",
+    "training_run",
+]

@@ -83,9 +83,16 @@ def write_record(record: Record) -> None:
     atomic.write_text(RUN_FILE, json.dumps(dataclasses.asdict(record)) + "\n")
 
 
-def training_run(experiment_id: str | None, resumed_run_id: str | None, params: Params, device: torch.device,
-                 precision: str, datasets: dict[str, torch.Tensor], continues_run_id: str | None = None,
-                 params_text: str | None = None) -> TrackedRun:
+def training_run(
+    experiment_id: str | None,
+    resumed_run_id: str | None,
+    params: Params,
+    device: torch.device,
+    precision: str,
+    datasets: dict[str, torch.Tensor],
+    continues_run_id: str | None = None,
+    params_text: str | None = None,
+) -> TrackedRun:
     """The run to train into: the interrupted run again when training resumes, otherwise this
     execution's new run, with its data (`datasets`: context -> uint8 images) as inputs, the
     precision it trains in (`train.precision` resolved) and the finished run it continues, if
@@ -98,11 +105,15 @@ def training_run(experiment_id: str | None, resumed_run_id: str | None, params: 
             mlflow.MlflowClient().update_run(resumed_run_id, status="RUNNING")
             tracked = TrackedRun(resumed_run_id)
         except mlflow.exceptions.MlflowException:
-            print(f"warning: the checkpoint's MLflow run {resumed_run_id} is not in this store; logging into a new run",
-                  file=sys.stderr)
+            print(
+                f"warning: the checkpoint's MLflow run {resumed_run_id} is not in this store; logging into a new run",
+                file=sys.stderr,
+            )
     if tracked is None:
         tracked = _new_run(experiment_id, params, "train", device, params_text)
-        tracked.set_tags({PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {}))
+        tracked.set_tags(
+            {PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {})
+        )
         log_data(tracked, params, datasets)
     return tracked
 
@@ -111,8 +122,10 @@ def log_data(tracked: TrackedRun, params: Params, datasets: dict[str, torch.Tens
     """uint8 images as the run's inputs (`datasets`: context -> images), named for the dataset and
     context and sourced from the mirror or torchvision's download; returns them by context."""
     source = params.data.mirror or f"torchvision://{params.data.dataset}"
-    return {context: tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", source, context)
-            for context, images in datasets.items()}
+    return {
+        context: tracked.log_dataset(images.cpu().numpy(), f"{params.data.dataset}-{context}", source, context)
+        for context, images in datasets.items()
+    }
 
 
 def model_tags(model_file: Path) -> dict[str, str]:
@@ -127,8 +140,9 @@ def record_trained_model(tracked: TrackedRun, model_sha256: str) -> None:
         write_record(Record(tracked.run_id, execution(), model_sha256, tracked.model_id, tracked.run_id))
 
 
-def run_for_stage(experiment_id: str | None, params: Params, stage: str, device: torch.device,
-                  model_sha256: str) -> TrackedRun:
+def run_for_stage(
+    experiment_id: str | None, params: Params, stage: str, device: torch.device, model_sha256: str
+) -> TrackedRun:
     """The run for evaluate or visualize: this execution's run if an earlier stage opened it for
     this model; otherwise a new run, which links to the training run and the model, and which
     carries the metrics of the upstream stages it did not run (as `dvc exp show` shows them)."""
@@ -141,12 +155,16 @@ def run_for_stage(experiment_id: str | None, params: Params, stage: str, device:
         return tracked
 
     trained = record if record is not None and record.model_sha256 == model_sha256 else None
-    model_id, training_run_id = (trained.model_id, trained.training_run_id) if trained else \
-        _find_trained_model(experiment_id, model_sha256)
+    model_id, training_run_id = (
+        (trained.model_id, trained.training_run_id) if trained else _find_trained_model(experiment_id, model_sha256)
+    )
     tracked = _new_run(experiment_id, params, stage, device)
     tracked.model_id = model_id
-    link = {MODEL_SHA256_TAG: model_sha256} | ({MODEL_ID_TAG: model_id} if model_id else {}) | (
-        {TRAINING_RUN_TAG: training_run_id} if training_run_id else {})
+    link = (
+        {MODEL_SHA256_TAG: model_sha256}
+        | ({MODEL_ID_TAG: model_id} if model_id else {})
+        | ({TRAINING_RUN_TAG: training_run_id} if training_run_id else {})
+    )
     tracked.set_tags(link)
     if training_run_id is None:
         print("warning: no MLflow run found that trained this model; this run links to none", file=sys.stderr)
@@ -172,13 +190,17 @@ def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | No
     """The newest LoggedModel of these exact bytes, and the run that trained it (after `dvc pull`
     or a checkout the record may be gone; CPU training is bit-identical, so the newest is taken)."""
     found = mlflow.MlflowClient().search_logged_models(
-        [experiment_id], filter_string=f"tags.`{MODEL_SHA256_TAG}` = '{model_sha256}'",
-        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+        [experiment_id],
+        filter_string=f"tags.`{MODEL_SHA256_TAG}` = '{model_sha256}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+        max_results=1,
+    )
     return (found[0].model_id, found[0].source_run_id) if found else (None, None)
 
 
-def _new_run(experiment_id: str, params: Params, stage: str, device: torch.device,
-             params_text: str | None = None) -> TrackedRun:
+def _new_run(
+    experiment_id: str, params: Params, stage: str, device: torch.device, params_text: str | None = None
+) -> TrackedRun:
     """A new run of this execution, named and labelled: its params, params.yaml and the packages
     it ran with, where it comes from (MLflow's source and git tags), where it runs."""
     source = provenance.source()

@@ -68,8 +68,11 @@ class TrackedRun:
                 result = action(mlflow.MlflowClient())
             except Exception as exc:
                 if not self.refused:
-                    print(f"warning: MLflow refused {what} ({type(exc).__name__}); kept, and tried again "
-                          "at the next epoch and at the end of the stage", file=sys.stderr)
+                    print(
+                        f"warning: MLflow refused {what} ({type(exc).__name__}); kept, and tried again "
+                        "at the next epoch and at the end of the stage",
+                        file=sys.stderr,
+                    )
                 self.refused = True
                 return None
             self.pending.pop(0)
@@ -83,31 +86,36 @@ class TrackedRun:
         self._call("run status", lambda client: client.update_run(self.run_id, status="RUNNING"))
 
     def log_params(self, params: dict) -> None:
-        self._call("params", lambda client: client.log_batch(
-            self.run_id, params=[Param(k, str(v)) for k, v in params.items()]))
+        self._call(
+            "params", lambda client: client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("tags", lambda client: client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self._call(f"metrics at step {step}", lambda client: client.log_batch(
-            self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]))
+        self._call(
+            f"metrics at step {step}",
+            lambda client: client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]),
+        )
 
     def logged_steps(self, key: str) -> set[int]:
         history = self._call(f"history of {key}", lambda client: client.get_metric_history(self.run_id, key))
         return {m.step for m in history or []}
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
-        self._call(f"artifacts {artifact_path}/",
-                   lambda client: client.log_artifacts(self.run_id, str(folder), artifact_path))
+        self._call(
+            f"artifacts {artifact_path}/", lambda client: client.log_artifacts(self.run_id, str(folder), artifact_path)
+        )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(f"artifact {artifact_file}", lambda client: client.log_text(self.run_id, text, artifact_file))
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._call(f"image {key} at step {step}",
-                   lambda client: client.log_image(self.run_id, image, key=key, step=step))
+        self._call(
+            f"image {key} at step {step}", lambda client: client.log_image(self.run_id, image, key=key, step=step)
+        )
 
     def log_epoch(self, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor) -> None:
         """The epoch's losses and time, and the reconstructions of the first WATCHED_IMAGES
@@ -132,8 +140,12 @@ class TrackedRun:
 
     def describe(self) -> None:
         """(Re)write the run's description from what the run holds now (`provenance.describe`)."""
-        self._call("description", lambda client: client.set_tag(
-            self.run_id, MLFLOW_RUN_NOTE, provenance.describe(client.get_run(self.run_id))))
+        self._call(
+            "description",
+            lambda client: client.set_tag(
+                self.run_id, MLFLOW_RUN_NOTE, provenance.describe(client.get_run(self.run_id))
+            ),
+        )
 
     def monitor_system(self, resumed: bool) -> contextlib.AbstractContextManager:
         """CPU, memory and (with nvidia-ml-py) GPU utilisation and memory, sampled while training."""
@@ -160,8 +172,12 @@ class TrackedRun:
         def log(client) -> None:
             with _environment(MLFLOW_DEFAULT_PREDICTION_DEVICE="cpu"), mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
-                    model, name="model", serialization_format="pt2", input_example=input_example,
-                    signature=ModelSignature(inputs=Schema([spec]), outputs=Schema([spec])), tags=tags,
+                    model,
+                    name="model",
+                    serialization_format="pt2",
+                    input_example=input_example,
+                    signature=ModelSignature(inputs=Schema([spec]), outputs=Schema([spec])),
+                    tags=tags,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
                 )
             self.model_id = info.model_id
@@ -173,12 +189,16 @@ class TrackedRun:
         """Test metrics measured on `dataset`, logged against the evaluated model as well as the run,
         so the model's page lists every evaluation of it; the model is an input of this run."""
         now = int(time.time() * 1000)
-        entries = [Metric(k, v, now, 0, model_id=self.model_id, dataset_name=dataset.name,
-                          dataset_digest=dataset.digest) for k, v in metrics.items()]
+        entries = [
+            Metric(k, v, now, 0, model_id=self.model_id, dataset_name=dataset.name, dataset_digest=dataset.digest)
+            for k, v in metrics.items()
+        ]
         self._call("test metrics", lambda client: client.log_batch(self.run_id, metrics=entries))
         if self.model_id is not None:
-            self._call("evaluated model", lambda client: client.log_inputs(
-                self.run_id, models=[LoggedModelInput(self.model_id)]))
+            self._call(
+                "evaluated model",
+                lambda client: client.log_inputs(self.run_id, models=[LoggedModelInput(self.model_id)]),
+            )
 
     def register_model(self, name: str, tags: dict[str, str]) -> None:
         """A version of registered model `name` from the evaluated model, tagged (with its DVC
@@ -200,15 +220,19 @@ class TrackedRun:
         self._call("run status", lambda client: client.set_terminated(self.run_id, status))
         if self.pending:
             wait = float(os.environ.get(RETRY_SECONDS, DEFAULT_RETRY_SECONDS))
-            print(f"waiting up to {wait:.0f} s for the MLflow store to take what it refused", file=sys.stderr,
-                  flush=True)
+            print(
+                f"waiting up to {wait:.0f} s for the MLflow store to take what it refused", file=sys.stderr, flush=True
+            )
             deadline = time.monotonic() + wait
             while self.pending and time.monotonic() < deadline:
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
                 self._flush()
         if self.pending:
-            print(f"warning: not logged to MLflow run {self.run_id}: {', '.join(what for what, _ in self.pending)}; "
-                  "every DVC output was written", file=sys.stderr)
+            print(
+                f"warning: not logged to MLflow run {self.run_id}: {', '.join(what for what, _ in self.pending)}; "
+                "every DVC output was written",
+                file=sys.stderr,
+            )
 
 
 def _numpy_dataset(array: np.ndarray, name: str, source: str) -> mlflow.data.Dataset:

@@ -23,7 +23,7 @@ def resolve_tracking_uri(uri: str) -> str:
     """Make a relative sqlite path or plain folder absolute; leave server URIs as they are."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{from_root(uri[len('sqlite:///'):])}"
+        return f"sqlite:///{from_root(uri[len('sqlite:///') :])}"
     if parsed.scheme in ("", "file"):
         return from_root(parsed.path if parsed.scheme else uri).as_uri()
     return uri
@@ -32,13 +32,16 @@ def resolve_tracking_uri(uri: str) -> str:
 def _artifact_location(tracking_uri: str) -> str | None:
     """Artifacts beside a local store (mlruns/artifacts); a server keeps its own default."""
     if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
     return None
 
 
 # A dead server should cost seconds, not MLflow's default of minutes of retries; users may override.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def connect(params: MlflowParams) -> str | None:
@@ -73,22 +76,32 @@ def _why_not_reached(uri: str, exc: Exception) -> str:
     (damaged, or not writable), or another URI."""
     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return (f"cannot verify the certificate of the MLflow server {uri}: set MLFLOW_TRACKING_SERVER_CERT_PATH "
-                "to the certificate of the CA that signed it")
+        return (
+            f"cannot verify the certificate of the MLflow server {uri}: set MLFLOW_TRACKING_SERVER_CERT_PATH "
+            "to the certificate of the CA that signed it"
+        )
     if urlparse(uri).scheme in ("http", "https"):
-        return (f"cannot reach the MLflow tracking server {uri} ({reason}). Start the server, fix "
-                "mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false")
+        return (
+            f"cannot reach the MLflow tracking server {uri} ({reason}). Start the server, fix "
+            "mlflow.tracking_uri in params.yaml, or set mlflow.enabled: false"
+        )
     if uri.startswith("sqlite:///"):
-        database = _shown(Path(uri[len("sqlite:///"):]))
-        damage = _sqlite_damage(Path(uri[len("sqlite:///"):]))
+        database = _shown(Path(uri[len("sqlite:///") :]))
+        damage = _sqlite_damage(Path(uri[len("sqlite:///") :]))
         if damage:
-            return (f"the MLflow store {database} is damaged ({damage}), so no run can be read from it or logged to "
-                    f"it. Move it aside (`mv {database} {database}.damaged`) and run again to start an empty store, "
-                    f"or put back a copy from a backup; `sqlite3 {database} .recover` often saves the runs it holds")
-        return (f"cannot open the MLflow store {database} ({reason}): check that it and its folder can be read and "
-                "written, point mlflow.tracking_uri in params.yaml elsewhere, or set mlflow.enabled: false")
-    return (f"cannot open the MLflow tracking store {uri} ({reason}): fix mlflow.tracking_uri in params.yaml, or "
-            "set mlflow.enabled: false")
+            return (
+                f"the MLflow store {database} is damaged ({damage}), so no run can be read from it or logged to "
+                f"it. Move it aside (`mv {database} {database}.damaged`) and run again to start an empty store, "
+                f"or put back a copy from a backup; `sqlite3 {database} .recover` often saves the runs it holds"
+            )
+        return (
+            f"cannot open the MLflow store {database} ({reason}): check that it and its folder can be read and "
+            "written, point mlflow.tracking_uri in params.yaml elsewhere, or set mlflow.enabled: false"
+        )
+    return (
+        f"cannot open the MLflow tracking store {uri} ({reason}): fix mlflow.tracking_uri in params.yaml, or "
+        "set mlflow.enabled: false"
+    )
 
 
 def _sqlite_damage(database: Path) -> str | None:
@@ -136,16 +149,19 @@ def _check_login(uri: str, experiment_name: str) -> None:
     if status == 401 and login == ANONYMOUS:
         raise PipelineError(
             f"the MLflow server {uri} requires a login to log runs to experiment '{experiment_name}': set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+        )
     if status == 401:
         raise PipelineError(
             f"the MLflow server {uri} refused the login of {login}, so no run can be logged to experiment "
             f"'{experiment_name}': check MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), and ask the server's "
-            "admin whether the user exists")
+            "admin whether the user exists"
+        )
     if status == 403:
         raise PipelineError(
             f"{login} may not read MLflow experiment '{experiment_name}' on {uri}: ask the server's admin "
-            "for EDIT permission on it")
+            "for EDIT permission on it"
+        )
 
 
 def _check_may_log(uri: str, experiment_name: str, experiment_id: str) -> None:
@@ -153,12 +169,14 @@ def _check_may_log(uri: str, experiment_name: str, experiment_id: str) -> None:
     run-create request whose start time is not a number. The server authorises a request before
     it reads it, so it answers 403 to a login without EDIT permission, and 400 (a bad request,
     nothing created) to one with it."""
-    status = _status(uri, "/api/2.0/mlflow/runs/create", "POST",
-                     json={"experiment_id": experiment_id, "start_time": "not a time"})
+    status = _status(
+        uri, "/api/2.0/mlflow/runs/create", "POST", json={"experiment_id": experiment_id, "start_time": "not a time"}
+    )
     if status == 403:
         raise PipelineError(
             f"{_login()} may read MLflow experiment '{experiment_name}' on {uri} but not log runs to it: ask the "
-            "server's admin for EDIT permission on it")
+            "server's admin for EDIT permission on it"
+        )
 
 
 @contextlib.contextmanager
@@ -168,7 +186,7 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    database = Path(uri[len("sqlite:///"):])
+    database = Path(uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(database.with_name(database.name + ".lock")):
         yield
