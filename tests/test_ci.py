@@ -18,6 +18,7 @@ from tests.projects import GIT_IDENTITY, ROOT, edit_params, make_project, projec
 
 WORKFLOWS = ROOT / ".github" / "workflows"
 QUICK, FULL = WORKFLOWS / "pull-request.yml", WORKFLOWS / "full-suite.yml"
+LINT = ("ruff check .", "ruff format --check .")  # in .ci/run, both workflows and the pre-commit hooks
 
 
 def commit(project: Path, message: str) -> None:
@@ -120,6 +121,8 @@ def test_pull_requests_get_the_quick_tier_and_the_full_suite_runs_nightly_and_on
         path.name: [line for line in path.read_text().splitlines() if "pytest" in line and "run:" in line]
         for path in (QUICK, FULL)
     }
+    for path in (QUICK, FULL, ROOT / ".ci" / "run"):
+        assert all(command in path.read_text() for command in LINT), f"{path.name} does not run ruff"
     assert runs["pull-request.yml"] and all(tests["quick"] in line for line in runs["pull-request.yml"]), runs
     assert runs["full-suite.yml"] and not any("-m " in line.split("pytest", 1)[1] for line in runs["full-suite.yml"]), (
         runs
@@ -169,3 +172,28 @@ def test_the_system_package_step_asks_apt_only_for_what_is_missing_and_never_deb
             result.stdout
         )
     assert not re.search(r"^(Inst|Remv) (npm|nodejs) ", result.stdout, re.M), result.stdout
+
+
+def test_the_pre_commit_hooks_pass_the_tree_and_refuse_what_ci_would(tmp_path):
+    """`pre-commit install` gives a user CI's ruff checks before each commit: the hooks pass on the
+    committed tree, and a file that `ruff format --check` or `ruff check` would refuse is refused
+    (and fixed) when it is committed."""
+    clone = tmp_path / "clone"  # the tree as it is here, committed or not, in a repository of its own
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    env = project_env() | GIT_IDENTITY | {"PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home")}
+    run(["git", "init", "-q"], clone)
+    run(["git", "add", "-A"], clone)
+    pre_commit = str(Path(sys.executable).parent / "pre-commit")
+    passed = run([pre_commit, "run", "--all-files"], clone, check=False, env=env)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+
+    (clone / "pipeline" / "careless.py").write_text("import os\nx = {'a':1}\n")
+    run(["git", "add", "pipeline/careless.py"], clone)
+    refused = run([pre_commit, "run", "--files", "pipeline/careless.py"], clone, check=False, env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert re.search(r"ruff check\.+Failed", refused.stdout) and re.search(r"ruff format\.+Failed", refused.stdout)
+    assert (clone / "pipeline" / "careless.py").read_text() == 'x = {"a": 1}\n', "fixed as ruff fixes it"
