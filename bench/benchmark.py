@@ -204,12 +204,13 @@ def gpu_profile(run: Callable[[], object], steps: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shared_options(description: str, profiled: str) -> argparse.ArgumentParser:
+    """The options this benchmark and bench/together.py both take: the mirror, the device, the
+    rounds, a part of the data, and a GPU profile afterwards of `profiled`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mirror", type=Path, help="folder with the four IDX files (.gz or not)")
-    parser.add_argument("--rounds", type=int, default=3, help="epochs of each loop, alternating (default 3)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the user's loop")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="epochs of each, alternating (default 3)")
     parser.add_argument(
         "--train-images",
         type=int,
@@ -220,8 +221,14 @@ def main() -> None:
         "--profile-steps",
         type=int,
         default=0,
-        help="on a GPU, afterwards profile this many steps of each variant's loop (kernels per step)",
+        help=f"on a GPU, afterwards profile this many steps of {profiled} (kernels per step)",
     )
+    return parser
+
+
+def main() -> None:
+    parser = shared_options(__doc__, "each variant's loop")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the user's loop")
     parser.add_argument("--out", type=Path, default=Path("bench/results/benchmark.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -23,7 +23,6 @@ alone (the goal: 16 trials in at most 2x one trial's epoch).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import faulthandler
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchmark import BATCH, LR, gpu_profile, torchvision_root  # the sibling script: bench/ is on sys.path
+from benchmark import BATCH, LR, gpu_profile, shared_options, torchvision_root  # the sibling script
 from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline.device import compiles_forward, configure_determinism, resolve_device
@@ -194,24 +193,9 @@ def largest_relative_difference(a: list[list[float]], b: list[list[float]]) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mirror", type=Path, help="folder with the four IDX files (.gz or not)")
-    parser.add_argument("--device", default="auto")
+    parser = shared_options(__doc__, "the largest N's routes")
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 4, 16], help="the Ns to measure")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
-    parser.add_argument("--rounds", type=int, default=3, help="epochs of each, alternating (default 3)")
-    parser.add_argument(
-        "--train-images",
-        type=int,
-        default=None,
-        help="use only the first N of the mirror's training images (a quick rehearsal)",
-    )
-    parser.add_argument(
-        "--profile-steps",
-        type=int,
-        default=0,
-        help="on a GPU, afterwards profile this many steps of the largest N's routes",
-    )
     parser.add_argument(
         "--stall-seconds",
         type=float,
