@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+import uuid
 
 import psutil
 
@@ -16,22 +17,42 @@ import psutil
 # process group or are re-parented (a daemonised PostgreSQL, DVC's queue workers), so the session
 # can find any that outlive it.
 SESSION_MARKER = "VAE_PIPELINE_TEST_SESSION"
+# And where a test checks what its own processes left running, this one, with a value of the test's
+# own (`owner_marker`): tests run side by side, and one test's check must not see another's Ray.
+OWNER_MARKER = "VAE_PIPELINE_TEST_OWNER"
+
+
+def owner_marker() -> dict[str, str]:
+    """An environment entry to start a test's processes with; their descendants inherit it."""
+    return {OWNER_MARKER: uuid.uuid4().hex}
+
+
+def processes_marked(name: str, value: str | None) -> list[psutil.Process]:
+    """Every live process but this one whose environment holds `name`=`value`."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(name) == value:
+                found.append(proc)
+    return found
+
+
+def processes_started_with(marker: dict[str, str]) -> list[psutil.Process]:
+    """The live processes a test started with `marker` (owner_marker's), and their descendants."""
+    [(name, value)] = marker.items()
+    return processes_marked(name, value)
 
 
 def processes_started_by_this_session() -> list[psutil.Process]:
     """Every live process with this session's marker, but for pytest's own multiprocessing resource
     tracker (started by the tests that spawn gloo ranks), which ends when pytest does."""
-    marker, found = os.environ.get(SESSION_MARKER), []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.status() == psutil.STATUS_ZOMBIE or proc.environ().get(SESSION_MARKER) != marker:
-                continue
-            if proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline()):
-                continue
-            found.append(proc)
-    return found
+    return [
+        proc
+        for proc in processes_marked(SESSION_MARKER, os.environ.get(SESSION_MARKER))
+        if not (proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline()))
+    ]
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tests.processes import processes_started_by_this_session, read_until
+from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, ROOT, make_project, project_env, run
 from tests.servers import HeldDownloads, free_port, serve_mlflow
 from tests.synthetic import write_mirror
@@ -54,11 +54,12 @@ class Cluster:
     tracking_uri: str  # the MLflow server
     ray_temp: str  # Ray's sockets and logs
     folder: Path  # the server's store, the nodes' logs, and trials/, where trials clone the repository
+    marker: dict[str, str]  # in the environment of every node, and so of everything they start
 
 
-def start_node(args: list[str], cluster_folder: Path, log: Path) -> subprocess.Popen:
+def start_node(args: list[str], cluster_folder: Path, log: Path, marker: dict[str, str]) -> subprocess.Popen:
     """`ray start ... --block` in a session of its own; returns once the node says it is up."""
-    env = cluster_env() | {"TMPDIR": str(cluster_folder / "trials")}
+    env = cluster_env() | marker | {"TMPDIR": str(cluster_folder / "trials")}
     proc = subprocess.Popen(
         [RAY, "start", *args, "--block", "--disable-usage-stats"],
         env=env,
@@ -101,20 +102,22 @@ def cluster(tmp_path_factory):
     # enough for Unix socket paths, and removed after: nothing of this cluster is found by a later `ray.init()`.
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     (folder / "trials").mkdir()
+    marker = owner_marker()
     with serve_mlflow(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as (url, _, _):
         head = start_node(
             ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={ray_temp}"],
             folder,
             folder / "head.log",
+            marker,
         )
         try:
-            yield Cluster(f"127.0.0.1:{port}", url, ray_temp, folder)
+            yield Cluster(f"127.0.0.1:{port}", url, ray_temp, folder, marker)
         finally:
             stop_node(head)
             shutil.rmtree(ray_temp)
     ray_left = [
         p
-        for p in processes_started_by_this_session()
+        for p in processes_started_with(marker)
         if re.search(r"raylet|gcs_server|ray::|ray/_private", " ".join(p.cmdline()))
     ]
     assert not ray_left, f"Ray processes left running: {[' '.join(p.cmdline())[:120] for p in ray_left]}"
@@ -127,6 +130,7 @@ def second_node(cluster, tmp_path):
         [f"--address={cluster.address}", "--num-cpus=1", f"--temp-dir={cluster.ray_temp}"],
         cluster.folder,
         tmp_path / "node.log",
+        cluster.marker,
     )
     yield node
     stop_node(node)
@@ -313,12 +317,13 @@ def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_
     retried; the second finishes; Ctrl-C the moment it has, when the third is waiting, being
     submitted or downloading, cancels the third. Its download is held from the moment the second's
     is done, so it cannot finish first, however fast or slow the machine."""
+    marker = owner_marker()
     with HeldDownloads(write_mirror(tmp_path / "mirror")) as mirror:
         project = make_project(tmp_path / "project", mirror.url, **{"train.epochs": 2})
         sweep = started(
             sweep_command("-S", "train.learning_rate=1e8,0.001,0.002", "--name", "stop", "--max-concurrent", "1"),
             project,
-            env=cluster_env() | {"PIPELINE_PROGRESS_SECONDS": "0"},
+            env=cluster_env() | marker | {"PIPELINE_PROGRESS_SECONDS": "0"},
         )
         seen = read_until(sweep, r"stop-2: (split|train|evaluate|visualize|pushing)")  # stop-3 not yet submitted
         mirror.hold()
@@ -339,7 +344,7 @@ def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_
     assert statuses == [("stop-1", "FAILED"), ("stop-2", "FINISHED")], "stop-3 never reached its training"
     left = [
         p.cmdline()
-        for p in processes_started_by_this_session()
+        for p in processes_started_with(marker)
         if re.search(
             r"dvc exp run|pipeline\.(download|train|evaluate|visualize)|raylet|gcs_server", " ".join(p.cmdline())
         )

@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.params import Params
 from pipeline.sweep import grid
 from pipeline.sweep.groups import groups
-from tests.processes import processes_started_by_this_session, read_until
+from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
 
@@ -183,7 +183,8 @@ def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the
     """Two groups, one at a time; Ctrl-C while the second trains. The first group's trials stay
     experiments, the second's run ends KILLED, and the same command again trains only that trial."""
     sweep = [*SWEEP[:4], "2", "-n", "cc", "--max-concurrent", "1", "-S", "seed=1,2,3", "-S", "train.epochs=12"]
-    env = project_env() | GIT_IDENTITY | {"PIPELINE_PROGRESS_SECONDS": "0"}
+    marker = owner_marker()
+    env = project_env() | GIT_IDENTITY | marker | {"PIPELINE_PROGRESS_SECONDS": "0"}
     first = started(sweep, project, env=env)
     seen = read_until(first, r"group 2: train epoch \d")
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
@@ -195,7 +196,7 @@ def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the
     assert run(["dvc", "exp", "list", "--names-only"], project).stdout.split() == ["cc-1", "cc-2"]
     left = [
         p.cmdline()
-        for p in processes_started_by_this_session()
+        for p in processes_started_with(marker)
         if re.search(r"pipeline\.sweep|dvc exp run|raylet|gcs_server", " ".join(p.cmdline()))
     ]
     assert not left, f"still running after the sweep ended: {left}"
