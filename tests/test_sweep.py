@@ -386,3 +386,16 @@ def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():
         with contextlib.suppress(psutil.Error):
             command.kill()
         worker.stdout.close()
+
+
+def test_on_one_machine_a_trial_runs_at_the_priority_of_a_run_alone():
+    """Ray runs its workers at nice 15; beside other work (two busy cores) a sweep's trials then
+    got a few percent of a core. The sweep's own Ray runs them at the niceness `dvc exp run` has."""
+    probe = (
+        "import argparse, os, ray\n"
+        "from pipeline.sweep import cluster\n"
+        "cluster.start_ray(argparse.Namespace(gpus_per_trial=None, cpus_per_trial=None, together=0))\n"
+        "print('worker niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\n"
+    )
+    done = run([sys.executable, "-c", probe], ROOT, env=cluster_env())
+    assert f"worker niceness {os.nice(0)}" in done.stdout, done.stdout + done.stderr
