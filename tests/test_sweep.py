@@ -59,7 +59,9 @@ class Cluster:
 
 def start_node(args: list[str], cluster_folder: Path, log: Path, marker: dict[str, str]) -> subprocess.Popen:
     """`ray start ... --block` in a session of its own; returns once the node says it is up."""
-    env = cluster_env() | marker | {"TMPDIR": str(cluster_folder / "trials")}
+    # Workers at the niceness of the processes beside them, as the sweep's own Ray runs them (Ray's
+    # default, nice 15, starves a trial on a machine kept busy by other work).
+    env = cluster_env() | marker | {"TMPDIR": str(cluster_folder / "trials"), "RAY_worker_niceness": "0"}
     proc = subprocess.Popen(
         [RAY, "start", *args, "--block", "--disable-usage-stats"],
         env=env,
