@@ -85,7 +85,7 @@ def knn_accuracy(train_z, train_labels, test_z, test_labels, k: int) -> float:
 def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, params: Params) -> dict[str, float]:
     loss = loss_function(params.train)
     cfg, kind, channels_last = params.evaluate, params.train.reconstruction, params.train.channels_last
-    sums = torch.zeros(3, device=test_images.device)
+    sums = torch.zeros(len(LOSS_NAMES), device=test_images.device)
     recon_per_image, kl_per_dim, iw, means = [], [], [], []
     rows, latent_dim = decode_rows(test_images.device), model.config["latent_dim"]
     with progress(

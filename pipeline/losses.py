@@ -15,6 +15,9 @@ from pipeline.params import TrainParams
 
 # Batch means of per-image sums, so numbers do not depend on the batch size.
 LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES])
+# The train params the loss reads (`loss_function`): each is an evaluate param too (dvc.yaml; the
+# layout test holds it), and trials trained together may differ in each (pipeline.sweep.together).
+LOSS_PARAMS = ("beta", "reconstruction")
 
 
 def _pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
@@ -54,7 +57,7 @@ def vae_loss(
 
 
 def loss_function(cfg: TrainParams):
-    """The loss these train params select (`train.beta`, `train.reconstruction`)."""
+    """The loss these train params select (LOSS_PARAMS: `train.beta`, `train.reconstruction`)."""
     return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction)
 
 
@@ -70,7 +73,7 @@ def dataset_loss(
     """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you
     must). The reparameterisation noise comes from `noise_generator` (default: the device's own)."""
     model.eval()
-    sums = torch.zeros(3, device=images.device)
+    sums = torch.zeros(len(LOSS_NAMES), device=images.device)
     for batch in images.split(batch_size):
         x = to_input(batch, channels_last)
         noise = torch.randn(len(batch), model.config["latent_dim"], device=x.device, generator=noise_generator)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pipeline.loss_names import LOSS_NAMES
 from pipeline.losses import LossParts, loss_function, vae_loss
 from pipeline.model import VAE, to_input
 from pipeline.params import Params, TrainParams
@@ -61,7 +62,7 @@ class TrainStep:
         self.autocast = AUTOCAST_DTYPES[precision]
         self.noise_generator = noise_generator  # None: the device's default generator, as a run alone uses
         self.latent_dim = getattr(model, "module", model).config["latent_dim"]  # the model, or the one DDP wraps
-        self.sums = torch.zeros(3, device=device)
+        self.sums = torch.zeros(len(LOSS_NAMES), device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)
         self.uses_graph = cuda_graph and device.type == "cuda" and world_size == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import importlib.metadata
+import json
 import re
 import subprocess
 
@@ -14,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.projects import LEARNING_RATES, project_env, run
+from tests.projects import LEARNING_RATES, make_project, project_env, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,28 @@ def test_the_descriptions_commands_reproduce_the_model_in_a_fresh_clone(experime
     assert result.returncode == 0, result.stdout + result.stderr
     model = (tmp_path / "vae-pipeline" / "models" / "model.pt").read_bytes()
     assert hashlib.sha256(model).hexdigest() == mlrun.data.tags["model.sha256"]
+
+
+def test_a_loss_part_added_by_its_name_is_trained_logged_and_evaluated(tmp_path, mirror):
+    """docs/experiments.md's "Adding a loss term", done to a copy of the project: a fourth part (the
+    L1 error, reported, not optimised) needs its name and its value, nothing else; `dvc repro`
+    then trains, and every table of the parts has it."""
+    project = make_project(tmp_path / "project", mirror)
+    names = project / "pipeline" / "loss_names.py"
+    names.write_text(names.read_text().replace('"kl", "total")', '"kl", "total", "l1")'))
+    losses = project / "pipeline" / "losses.py"
+    returned = "    return LossParts(recon, kl, recon + beta * kl)\n"
+    assert returned in losses.read_text(), "the docs' step 2 no longer fits losses.py"
+    l1 = "    l1 = (reconstruction - x).abs().sum() / batch\n    return LossParts(recon, kl, recon + beta * kl, l1)\n"
+    losses.write_text(losses.read_text().replace(returned, l1))
+
+    assert stages_run(run(["dvc", "repro"], project).stdout)[-3:] == ["train", "evaluate", "visualize"]
+    assert (project / "metrics/history.csv").read_text().splitlines()[0].split(",") == [
+        "epoch",
+        *(f"{split}_{part}" for split in ("train", "val") for part in ("reconstruction", "kl", "total", "l1")),
+    ]
+    train_metrics = json.loads((project / "metrics/train.json").read_text())
+    test_metrics = json.loads((project / "metrics/test.json").read_text())
+    assert train_metrics["val_l1"] > 0 and test_metrics["test_l1"] > 0
+    [logged] = runs_by_name(project).values()
+    assert logged.data.metrics["val_l1"] == pytest.approx(train_metrics["val_l1"], rel=1e-5)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.losses import LOSS_PARAMS
 from tests.projects import ROOT
 
 STAGES = {"check", "download", "split", "train", "evaluate", "visualize"}
@@ -65,6 +66,16 @@ def top_level_names(path: Path) -> set[str]:
         elif isinstance(node, ast.Assign):
             names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     return names
+
+
+def test_every_param_the_loss_reads_reruns_the_stages_that_compute_the_loss():
+    """Train and evaluate both compute the loss: a param `losses.LOSS_PARAMS` names must rerun both
+    (train has the whole `train` section; evaluate lists its keys)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate"):
+        listed = set(stages[name]["params"])
+        missing = [key for key in LOSS_PARAMS if "train" not in listed and f"train.{key}" not in listed]
+        assert not missing, f"dvc.yaml stage {name} does not rerun for train.{', train.'.join(missing)}"
 
 
 def test_the_benchmarks_import_no_stage_module():

@@ -32,7 +32,7 @@ from pipeline.device import (
     resolve_precision,
 )
 from pipeline.history import EpochLosses
-from pipeline.losses import dataset_loss
+from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.stage import run_stage
@@ -45,10 +45,11 @@ from pipeline.step import (
 )
 from pipeline.sweep import grid
 
-# What every trial of a group must share to train in one process: all but these are one for all.
+# What every trial of a group must share to train in one process: all but these are one for all
+# (each trial has its own Adam, and its own loss: every param the loss reads).
 PER_TRIAL_KEYS = {
     "seed": None,
-    "train": ("learning_rate", "beta", "reconstruction"),
+    "train": ("learning_rate", *LOSS_PARAMS),
     "evaluate": None,
     "visualize": None,
 }
