@@ -78,6 +78,8 @@ def train(params: Params) -> None:
         experiment_id, state.run_id, params, device, precision, data._asdict(), continues_run_id
     )
     tracked.log_history(state.history)
+    if ranks.writer and not state.history:  # a run from scratch: its step 0
+        tracked.log_untrained(state.model, data.validation)
     status = "FAILED"
     try:
         with tracked.monitor_system(resumed=state.run_id is not None):

@@ -104,6 +104,20 @@ def test_mlflow_ui_shows_the_runs_by_experiment_name_with_source_commit_descript
         assert repr(first.data.metrics[name]) in text, f"{name} = {first.data.metrics[name]!r} not shown"
     screenshot(browser, "mlflow-run.png")
 
+    # The per-epoch reconstructions' image card opens at step 0, and has an image there.
+    browser.get(f"{base}/runs/{first.info.run_id}/model-metrics")
+    search = "input[placeholder='Search metric charts']"
+    WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, search))
+    browser.find_element(By.CSS_SELECTOR, search).send_keys("reconstructions")
+    WebDriverWait(browser, 60).until(
+        lambda b: any(
+            "reconstructions%2Bstep%2B0%2B" in (img.get_attribute("src") or "") and img.get_property("naturalWidth")
+            for img in b.find_elements(By.TAG_NAME, "img")
+        )
+    )
+    assert "No image logged at this step" not in page_text(browser)
+    screenshot(browser, "mlflow-image-card.png")
+
     open_and_wait(
         browser,
         f"{base}/runs/{first.info.run_id}/artifacts/figures/reconstructions.png",

@@ -189,6 +189,7 @@ def _start(
         )
     finally:
         del os.environ["DVC_EXP_NAME"]
+    tracked.log_untrained(model, validation)  # step 0, as a run alone logs it
     return Member(
         trial,
         params,

@@ -37,6 +37,8 @@ RETRY_SECONDS = "PIPELINE_TRACKING_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 60
 CANDIDATE_ALIAS = "candidate"  # the registered model's newest evaluated version
 WATCHED_IMAGES = 8  # validation images whose reconstructions are logged every epoch
+WATCHED_COLUMNS = 4  # in rows of 4 above their reconstructions: a square, as MLflow's image card is
+WATCHED_SCALE = 3  # each pixel as 3x3, for the full-size view (the card shows a 256-pixel thumbnail)
 
 
 class TrackedRun:
@@ -124,12 +126,21 @@ class TrackedRun:
         if self.run_id is not None:
             self.log_reconstructions(model, validation[:WATCHED_IMAGES], row.epoch)
 
+    def log_untrained(self, model: VAE, validation: torch.Tensor) -> None:
+        """The untrained model's reconstructions at step 0, where MLflow's image card opens (no random
+        number is drawn: a run's bytes stay as they were)."""
+        if self.run_id is not None:
+            self.log_reconstructions(model, validation[:WATCHED_IMAGES], 0)
+
     @torch.no_grad()
     def log_reconstructions(self, model: VAE, images: torch.Tensor, step: int) -> None:
-        """uint8 images (top row) above their reconstructions through the posterior mean, as one image."""
+        """uint8 images, each row of WATCHED_COLUMNS above their reconstructions through the
+        posterior mean, as one image."""
         x = to_input(images)
-        strip = tile(torch.cat([x, model.reconstruct(x)]), cols=len(x))
-        self.log_image((strip * 255).round().to(torch.uint8).cpu().numpy(), "reconstructions", step)
+        rows = zip(x.split(WATCHED_COLUMNS), model.reconstruct(x).split(WATCHED_COLUMNS))
+        grid = tile(torch.cat([part for pair in rows for part in pair]), cols=WATCHED_COLUMNS)
+        grid = grid.repeat_interleave(WATCHED_SCALE, 0).repeat_interleave(WATCHED_SCALE, 1)
+        self.log_image((grid * 255).round().to(torch.uint8).cpu().numpy(), "reconstructions", step)
 
     def log_dataset(self, array: np.ndarray, name: str, source: str, context: str) -> mlflow.data.Dataset:
         """The data as the run's input, with MLflow's digest of its content."""
