@@ -19,6 +19,22 @@ from pipeline.errors import PipelineError
 UBYTE = 0x08
 IMAGE_SIZE = 28  # MNIST's and Fashion-MNIST's images are 28x28 (what the model is built for too)
 NUM_CLASSES = 10
+# Each dataset's class names, by label (data.dataset's values).
+CLASS_NAMES = {
+    "mnist": tuple("0123456789"),
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+}
 # The four files of the standard layout, by role: (training?, images?) -> file name.
 FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -24,7 +24,7 @@ from pipeline import atomic, tracking
 from pipeline.data_parts import part_on
 from pipeline.device import resolve_device, standard_normal
 from pipeline.history import EPOCH
-from pipeline.idx import NUM_CLASSES
+from pipeline.idx import CLASS_NAMES, NUM_CLASSES
 from pipeline.model import VAE, latent_means, to_input
 from pipeline.model_files import file_sha256, load_model
 from pipeline.params import VisualizeParams, load_params
@@ -66,12 +66,13 @@ def latent_plane(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return centre, axes
 
 
-def plot_latent_space(means: torch.Tensor, labels, origin, axes):
+def plot_latent_space(means: torch.Tensor, labels, origin, axes, class_names: tuple[str, ...]):
     coords = ((means - origin) @ axes.T).cpu()
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=2, vmin=-0.5, vmax=9.5)
-    fig.colorbar(points, ax=ax, ticks=range(NUM_CLASSES), label="label")
+    colorbar = fig.colorbar(points, ax=ax, ticks=range(NUM_CLASSES), label="class")
+    colorbar.ax.set_yticklabels(class_names)
     projected = means.shape[1] > 2
     ax.set_xlabel("principal component 1" if projected else "z[0]")
     ax.set_ylabel("principal component 2" if projected else "z[1]")
@@ -118,9 +119,14 @@ def plot_loss_curves(history_file: Path):
 
 
 def figures(
-    model: VAE, images: torch.Tensor, labels: torch.Tensor, cfg: VisualizeParams, channels_last: bool
+    model: VAE,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: VisualizeParams,
+    channels_last: bool,
+    class_names: tuple[str, ...],
 ) -> Iterator[tuple[str, Figure]]:
-    """Each figure with its file name, drawn one at a time."""
+    """Each figure with its file name, drawn one at a time; the labels named `class_names`."""
     with torch.no_grad():
         originals = to_input(images[: cfg.num_images], channels_last)
         reconstructions = model.reconstruct(originals)
@@ -138,7 +144,7 @@ def figures(
 
     means = latent_means(model, images, channels_last)
     origin, axes = latent_plane(means)
-    yield "latent_space.png", plot_latent_space(means, labels.cpu(), origin, axes)
+    yield "latent_space.png", plot_latent_space(means, labels.cpu(), origin, axes, class_names)
     grid = manifold(model, origin, axes, cfg.manifold_size)
     yield "manifold.png", image_grid(grid, cfg.manifold_size, "Decoded latent manifold")
     pairs = to_input(images[: 2 * INTERPOLATED_PAIRS], channels_last)
@@ -159,7 +165,8 @@ def main() -> None:
     model = load_model(MODEL_FILE, device, params.train.channels_last)
     images, labels = part_on("test", device)
     torch.manual_seed(params.seed)  # the prior samples, drawn on the CPU
-    drawn = figures(model, images, labels, params.visualize, params.train.channels_last)
+    class_names = CLASS_NAMES[params.data.dataset]
+    drawn = figures(model, images, labels, params.visualize, params.train.channels_last, class_names)
     # All the figures, or the previous ones untouched.
     with atomic.atomic_dir(FIGURES_DIR) as staging, progress(FIGURE_COUNT, "visualize", "figures") as advance:
         for name, fig in drawn:
