@@ -79,11 +79,16 @@ def start_ray(args: argparse.Namespace) -> None:
     CPU takes a whole node (its trials use every core, as a run alone does), and anything else one
     CPU. A task no node can hold is refused now, not left pending."""
     address = os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address:  # a Ray of our own
         # Ray runs its workers at nice 15, and a trial's `dvc exp run` is its worker's child: beside
         # any other work on the machine, the sweep crawled (a one-machine sweep beside two busy
         # cores: a 12-epoch group at 3% of a core). A trial here runs at the priority of a run alone.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray's own default, token authentication, without its notice that one may opt out of it
+        # (RAY_AUTH_MODE=disabled): a sweep of one machine has no reason to.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled")
+        )
     # "local": Ray would otherwise join the cluster its last `ray start --head` here recorded, gone or not.
     ray.init(
         address=address or "local",

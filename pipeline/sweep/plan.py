@@ -130,9 +130,10 @@ def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial]
     if any(params.mlflow != checked[0].mlflow for params in checked):
         raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
     if git("status", "--porcelain", "--untracked-files=no"):
+        commit_them = "commit and push them" if os.environ.get("RAY_ADDRESS") else "commit them"
         raise PipelineError(
-            "the workspace has uncommitted changes, and trials run the commit, not the workspace: "
-            "commit them (and push), or stash them"
+            f"the workspace has uncommitted changes, and trials run the commit, not the workspace: {commit_them}, "
+            "or stash them"
         )
     return sets, trials, commit, checked
 
