@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -158,24 +159,6 @@ def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_e
         screenshot(browser, "mlflow-logged-model.png")
 
 
-@pytest.fixture(scope="module")
-def vega(tmp_path_factory) -> Path:
-    """Vega, Vega-Lite and vega-embed from npm: the libraries DVC's plots page loads from a CDN, here
-    installed locally so the page renders without internet."""
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("needs npm (Debian: apt install npm)")
-    folder = tmp_path_factory.mktemp("vega")
-    installed = run(
-        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder), "vega@5", "vega-lite@5", "vega-embed@6"],
-        folder,
-        check=False,
-    )
-    if installed.returncode != 0:
-        pytest.skip(f"npm could not install Vega (no package registry?): {installed.stderr.strip()[-300:]}")
-    return folder / "node_modules"
-
-
 LOSS_CHARTS = {  # dvc.yaml's top-level plots of metrics/history.csv: the page's id -> its y axis and curves
     "Total_loss_per_epoch": ("loss per image (reconstruction + KL)", "train_total", "val_total"),
     "Reconstruction_error_per_epoch": ("squared error per image", "train_reconstruction", "val_reconstruction"),
@@ -184,21 +167,23 @@ LOSS_CHARTS = {  # dvc.yaml's top-level plots of metrics/history.csv: the page's
 FIGURES = ("reconstructions", "prior_samples", "latent_space", "manifold", "interpolation", "loss_curves")
 
 
-def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once(experiments, vega, browser, tmp_path):
-    names = run(["dvc", "exp", "list", "--name-only"], experiments).stdout.split()
-    scripts = "".join(
-        f'<script src="{(vega / lib / "build" / f"{lib}.min.js").as_uri()}"></script>'
-        for lib in ("vega", "vega-lite", "vega-embed")
-    )
-    # DVC's page as it is, but for the libraries' source and SVG instead of canvas, so the axes and
-    # legends are text the test can read.
-    as_svg = "<script>const embed = vegaEmbed; vegaEmbed = (el, spec) => embed(el, spec, {renderer: 'svg'});</script>"
-    template = tmp_path / "template.html"
-    template.write_text(f"<!DOCTYPE html><html><head>{scripts}{as_svg}</head><body>{{plot_divs}}</body></html>")
-    run(["dvc", "plots", "diff", *names, "--html-template", str(template), "-o", str(tmp_path / "plots")], experiments)
+def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once_offline(experiments, browser, tmp_path):
+    """DVC's own page loads Vega from a CDN, so offline it draws no chart; after `python -m
+    pipeline.offline_plots` the same `dvc plots diff` draws every chart with no network at all."""
+    project = Path(shutil.copytree(experiments, tmp_path / "project", symlinks=True))
+    names = run(["dvc", "exp", "list", "--name-only"], project).stdout.split()
+    run(["dvc", "plots", "diff", *names, "-o", str(tmp_path / "online")], project)
+    run([sys.executable, "-m", "pipeline.offline_plots"], project)
+    run(["dvc", "plots", "diff", *names, "-o", str(tmp_path / "plots")], project)
 
-    browser.get((tmp_path / "plots" / "index.html").as_uri())
-    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".vega-embed svg")) >= 3)
+    browser.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
+    try:
+        browser.get((tmp_path / "online" / "index.html").as_uri())
+        assert browser.execute_script("return typeof vegaEmbed") == "undefined", "DVC's page reached its CDN"
+        browser.get((tmp_path / "plots" / "index.html").as_uri())
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".vega-embed svg")) >= 3)
+    finally:
+        browser.delete_network_conditions()
     screenshot(browser, "dvc-plots-diff.png")
     charts = {c.get_attribute("id"): c.text for c in browser.find_elements(By.CSS_SELECTOR, ".vega-embed")}
     assert sorted(charts) == sorted(LOSS_CHARTS), "each loss chart drawn once"
