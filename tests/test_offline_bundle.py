@@ -69,6 +69,9 @@ def test_what_is_left_out_follows_the_lock():
     assert reasons["wtforms"] == "needed only by flask-wtf"
     assert reasons["ray"] == "only sweeps on a Ray cluster (the `sweep` extra)"
     assert reasons["msgpack"] == "needed only by ray"
+    assert reasons["ruff"] == reasons["pre-commit"] == "only development: the linter and its commit hooks"
+    assert reasons["virtualenv"] == "needed only by pre-commit"
+    assert reasons["vl-convert-python"].startswith("only `python -m pipeline.offline_plots`")
     assert reasons["trio"].startswith("needed only by")  # selenium's, transitively
     assert reasons["rpds-py"].startswith("needed only by")  # check-jsonschema's, through jsonschema
     for needed in ("mlflow", "mlflow-skinny", "dvc", "nvidia-ml-py", "antlr4-python3-runtime", "certifi"):
