@@ -214,7 +214,7 @@ def report_epoch(
     tracked.log_epoch(row, seconds, model, validation)
     print(
         f"epoch {row.epoch}/{epochs}  "
-        + "  ".join(f"{k} {v:.3f}" for k, v in row.losses.items())
+        + "  ".join(f"{k} {v:.3f}" for k, v in row.metrics.items())
         + f"  ({seconds:.1f} s)",
         flush=True,
     )

@@ -74,3 +74,12 @@ def test_one_gpu_for_several_processes_is_refused_before_any_starts(tmp_path):
         "needs a GPU of its own; set train.device to cuda (process i on GPU i)\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_objective_is_the_negative_elbo_whatever_beta_weighs_the_kl_by():
+    row = history.EpochLosses.of(3, torch.tensor([30.0, 4.0, 38.0]), torch.tensor([29.0, 4.5, 38.0]))  # beta 2
+    assert row.metrics[history.OBJECTIVE] == 29.0 + 4.5, "reconstruction + KL, not val_total"
+    assert history.train_metrics([row])[history.OBJECTIVE] == 33.5
+    header, line = history.to_csv([row]).splitlines()
+    assert header.split(",")[-1] == history.OBJECTIVE and line.split(",")[-1] == "33.5"
+    assert history.from_saved(history.to_saved([row])) == [row], "a checkpoint holds the losses alone"

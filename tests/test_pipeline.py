@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.history import OBJECTIVE
 from pipeline.visualize import FIGURE_COUNT
 from tests.projects import EPOCHS, edit_params, run, stages_run
 
@@ -85,6 +86,10 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert mlrun.data.params["model.latent_dim"] == "2"
     for name in ("train_reconstruction", "train_kl", "train_total", "val_reconstruction", "val_kl", "val_total"):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, name)] == list(range(1, EPOCHS + 1))
+    objective = client.get_metric_history(mlrun.info.run_id, OBJECTIVE)
+    assert [m.step for m in objective] == list(range(1, EPOCHS + 1)), "the search's objective, every epoch"
+    metrics = mlrun.data.metrics
+    assert objective[-1].value == pytest.approx(metrics["val_reconstruction"] + metrics["val_kl"], rel=1e-6)
     assert set(mlrun.data.metrics) >= {"test_reconstruction", "test_kl", "test_total"}
     assert client.get_metric_history(mlrun.info.run_id, "system/cpu_utilization_percentage"), "sampled while training"
 

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline.history import OBJECTIVE
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, ROOT, make_project, project_env, run
 from tests.servers import HeldDownloads, free_port, serve_mlflow
@@ -257,9 +258,9 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
     assert parent.data.metrics["trial_seconds_sum"] == pytest.approx(sum(row["seconds"] for row in rows), abs=1)
     assert all(0 < row["run_seconds"] < row["seconds"] for row in rows)
     assert parent.data.metrics["wall_seconds"] > max(row["seconds"] for row in rows)
-    best = min(names, key=lambda name: shown[name]["metrics"]["val_total"])
+    best = min(names, key=lambda name: shown[name]["metrics"][OBJECTIVE])
     assert parent.data.tags["best_trial"] == best
-    assert parent.data.metrics["best_val_total"] == pytest.approx(shown[best]["metrics"]["val_total"], rel=1e-5)
+    assert parent.data.metrics[f"best_{OBJECTIVE}"] == pytest.approx(shown[best]["metrics"][OBJECTIVE], rel=1e-5)
     assert parent.data.metrics["best_test_total"] == pytest.approx(shown[best]["metrics"]["test_total"], rel=1e-5)
 
 

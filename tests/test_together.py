@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline.history import OBJECTIVE
 from pipeline.params import Params
 from pipeline.sweep import grid
 from pipeline.sweep.groups import groups
@@ -138,21 +139,21 @@ def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_s
         [client.get_experiment_by_name("vae-pipeline").experiment_id], order_by=["start_time ASC"]
     )
     parent = next(r for r in all_runs if r.info.run_name == "tg").info.run_id
-    val_totals = [
-        next(r for r in all_runs if r.info.run_name == name).data.metrics["val_total"] for name in ("tg-1", "tg-3")
+    objectives = [
+        next(r for r in all_runs if r.info.run_name == name).data.metrics[OBJECTIVE] for name in ("tg-1", "tg-3")
     ]
     table = json.loads((Path(client.download_artifacts(parent, "repeats.json"))).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(row["train.learning_rate"], row["finished"]) for row in rows] == [("0.001", 2), ("1000000000.0", 0)]
-    assert rows[0]["val_total_mean"] == pytest.approx(statistics.fmean(val_totals))
-    assert rows[0]["val_total_std"] == pytest.approx(statistics.stdev(val_totals))
+    assert rows[0][f"{OBJECTIVE}_mean"] == pytest.approx(statistics.fmean(objectives))
+    assert rows[0][f"{OBJECTIVE}_std"] == pytest.approx(statistics.stdev(objectives))
     assert rows[0]["test_total_std"] > 0 and "seed" not in table["columns"]
     lines = swept_together.first.stdout.splitlines()
     below = lines[next(i for i, line in enumerate(lines) if line.startswith("repeats")) + 1 :]
     assert below[0].split() == [
         "2",
-        f"{statistics.fmean(val_totals):.4f}",
-        f"{statistics.stdev(val_totals):.4f}",
+        f"{statistics.fmean(objectives):.4f}",
+        f"{statistics.stdev(objectives):.4f}",
         "train.learning_rate=0.001",
     ]
 

@@ -146,7 +146,8 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started)
+    decoders = {params.train.reconstruction for params in plan.params}
+    summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started, len(decoders) == 1)
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.history import OBJECTIVE
 from pipeline.params import Params
 from pipeline.progress import seconds_between_lines
 from pipeline.sweep import grid
@@ -36,7 +37,6 @@ from pipeline.sweep.trial import (
 )
 
 CANCELLED = "cancelled"  # why a trial did not finish, when Ctrl-C stopped it
-SELECTION_METRIC = "val_total"  # the best trial has the lowest: chosen on validation, never on test
 
 
 @dataclasses.dataclass
@@ -207,7 +207,7 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
                     finished[name] = end
                     print(
                         f"{name} finished in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
-                        f"{SELECTION_METRIC} {end.metrics.get(SELECTION_METRIC, float('nan')):.4f}",
+                        f"{OBJECTIVE} {end.metrics.get(OBJECTIVE, float('nan')):.4f}",
                         flush=True,
                     )
                 else:

@@ -22,8 +22,9 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
+from pipeline.history import OBJECTIVE
 from pipeline.sweep import grid
-from pipeline.sweep.cluster import SELECTION_METRIC, Outcome
+from pipeline.sweep.cluster import Outcome
 from pipeline.sweep.plan import Plan
 from pipeline.sweep.trial import Sweep, TrialResult
 
@@ -57,7 +58,7 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    best: TrialResult | None  # the lowest SELECTION_METRIC of the finished trials
+    best: TrialResult | None  # the lowest OBJECTIVE of the finished trials
     wall_seconds: float
     trial_seconds: float  # the finished trials', added up
     overhead_seconds: float  # a finished trial's mean outside `dvc exp run` (clone, data, push, its group)
@@ -70,15 +71,21 @@ class Configuration:
     values: dict[str, str]  # the swept params but the seed
     trials: list[str]
     finished: int
-    mean: dict[str, float]  # SELECTION_METRIC and the test metrics, over the finished trials
+    mean: dict[str, float]  # OBJECTIVE and the test metrics, over the finished trials
     std: dict[str, float]  # their sample standard deviation (n - 1); NaN for fewer than two
 
 
 def finish(
-    client: mlflow.MlflowClient, sweep: Sweep, trials: list[grid.Trial], outcome: Outcome, wall_seconds: float
+    client: mlflow.MlflowClient,
+    sweep: Sweep,
+    trials: list[grid.Trial],
+    outcome: Outcome,
+    wall_seconds: float,
+    comparable: bool = True,
 ) -> Summary:
-    """Everything a sweep leaves once its trials have ended, on the parent run and on screen."""
-    summary = summarize(outcome, wall_seconds)
+    """Everything a sweep leaves once its trials have ended, on the parent run and on screen. Where
+    the trials are not `comparable` (their decoders differ), none is named best."""
+    summary = summarize(outcome, wall_seconds, comparable)
     configurations = repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
     if configurations:
@@ -86,16 +93,21 @@ def finish(
     settle_trial_runs(client, sweep, outcome)
     log_summary(client, sweep, trials, outcome, summary)
     print_table(trials, outcome, summary)
+    if not comparable:
+        print(
+            f"\nno trial is named best: the grid varies train.reconstruction, and {OBJECTIVE} is in the "
+            "units of each trial's decoder (squared error against cross-entropy)"
+        )
     if configurations:
         print_repeats(configurations)
     return summary
 
 
-def summarize(outcome: Outcome, wall_seconds: float) -> Summary:
+def summarize(outcome: Outcome, wall_seconds: float, comparable: bool = True) -> Summary:
     results = outcome.finished.values()
     trial_seconds = sum(result.seconds for result in results)
     overhead = (trial_seconds - sum(result.run_seconds for result in results)) / max(len(results), 1)
-    best = min(results, key=lambda r: r.metrics.get(SELECTION_METRIC, float("inf")), default=None)
+    best = min(results, key=lambda r: r.metrics.get(OBJECTIVE, float("inf")), default=None) if comparable else None
     return Summary(best, wall_seconds, trial_seconds, overhead)
 
 
@@ -133,7 +145,7 @@ def repeats(trials: list[grid.Trial], outcome: Outcome) -> list[Configuration]:
     configurations = []
     for values, names in by_values.items():
         results = [outcome.finished[name].metrics for name in names if name in outcome.finished]
-        summarised = [m for m in (results[0] if results else {}) if m == SELECTION_METRIC or m.startswith("test_")]
+        summarised = [m for m in (results[0] if results else {}) if m == OBJECTIVE or m.startswith("test_")]
         mean = {m: statistics.fmean(r[m] for r in results) for m in summarised}
         std = {m: statistics.stdev(r[m] for r in results) if len(results) > 1 else math.nan for m in summarised}
         configurations.append(Configuration(dict(values), names, len(results), mean, std))
@@ -197,12 +209,13 @@ def log_summary(
         metrics += [
             Metric(f"best_{name}", value, now, 0)
             for name, value in best.metrics.items()
-            if name == SELECTION_METRIC or name.startswith("test_")
+            if name == OBJECTIVE or name.startswith("test_")
         ]
         tags += [RunTag("best_trial", best.name)] + ([RunTag("best_trial_run_id", best.run_id)] if best.run_id else [])
         note += (
-            f" Best by validation loss ({SELECTION_METRIC}): **{best.name}**, "
-            f"{best.metrics[SELECTION_METRIC]:.4f}; its test metrics are the sweep's `best_test_*`."
+            f" Best by the validation negative ELBO, reconstruction + KL whatever its beta ({OBJECTIVE}): "
+            f"**{best.name}**, "
+            f"{best.metrics[OBJECTIVE]:.4f}; its test metrics are the sweep's `best_test_*`."
         )
     client.log_batch(sweep.parent_run_id, metrics=metrics, tags=tags + [RunTag(MLFLOW_RUN_NOTE, note)])
     client.set_terminated(
@@ -211,10 +224,10 @@ def log_summary(
 
 
 def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) -> None:
-    print(f"\n{'trial':<16}{'status':<12}{SELECTION_METRIC:>12}  params")
+    print(f"\n{'trial':<16}{'status':<12}{OBJECTIVE:>12}  params")
     for trial in trials:
         result = outcome.finished.get(trial.name)
-        score = f"{result.metrics.get(SELECTION_METRIC, float('nan')):.4f}" if result else "-"
+        score = f"{result.metrics.get(OBJECTIVE, float('nan')):.4f}" if result else "-"
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         print(f"{trial.name:<16}{outcome.status(trial.name):<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
     print(
@@ -225,9 +238,9 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
 
 
 def print_repeats(configurations: list[Configuration]) -> None:
-    print(f"\n{'repeats':<8}{SELECTION_METRIC + ' mean':>16}{'std':>10}  configuration")
+    print(f"\n{'repeats':<8}{OBJECTIVE + ' mean':>16}{'std':>10}  configuration")
     for configuration in configurations:
-        mean = configuration.mean.get(SELECTION_METRIC, math.nan)
-        std = configuration.std.get(SELECTION_METRIC, math.nan)
+        mean = configuration.mean.get(OBJECTIVE, math.nan)
+        std = configuration.std.get(OBJECTIVE, math.nan)
         described = " ".join(f"{k}={v}" for k, v in configuration.values.items()) or "(the grid's one)"
         print(f"{configuration.finished:<8}{mean:>16.4f}{std:>10.4f}  {described}")

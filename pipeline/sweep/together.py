@@ -31,7 +31,7 @@ from pipeline.device import (
     resolve_device,
     resolve_precision,
 )
-from pipeline.history import EpochLosses
+from pipeline.history import OBJECTIVE, EpochLosses
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.provenance import PARENT_RUN_VARIABLE
@@ -138,7 +138,7 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
                     row = member.history[-1]
                     member.tracked.log_epoch(row, seconds, member.model, validation)
                     print(
-                        f"{member.trial.name} epoch {epoch}/{cfg.epochs}  val_total {row.losses['val_total']:.3f}"
+                        f"{member.trial.name} epoch {epoch}/{cfg.epochs}  {OBJECTIVE} {row.metrics[OBJECTIVE]:.3f}"
                         f"  ({seconds:.1f} s for the group)",
                         flush=True,
                     )
