@@ -145,6 +145,8 @@ SHARED_BUILDS = {
     "team_server": "team-server",
     "bundle": "bundle",
     "swept_together": "swept-together",
+    "searched": "searched",
+    "refusing_project": "search-refusals",
 }
 # Where each xdist worker leaves the processes it found still running, for the session's verdict.
 LEFTOVERS_VARIABLE = "VAE_PIPELINE_TEST_LEFTOVERS"

@@ -22,9 +22,10 @@ from pathlib import Path
 import mlflow
 import ray
 from dvc.repo.experiments.utils import gen_random_name
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
-from pipeline.sweep import cluster, report
+from pipeline.sweep import cluster, report, search
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
 from pipeline.sweep.trial import Sweep
@@ -80,6 +81,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "in one process on one device, each still its own experiment (default 0: each trial "
         "alone)",
     )
+    search = parser.add_argument_group(
+        "search",
+        "with --trials, the -S give a space (a list or choice(), range(), interval(), tag(log, interval())), "
+        "and Optuna proposes each trial from the results so far",
+    )
+    search.add_argument("--trials", type=int, metavar="N", help="search: trials to land, the pruned ones included")
+    search.add_argument("--sampler", default="tpe", help="tpe (default), random or grid (lists only)")
+    search.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
+    search.add_argument(
+        "--no-prune", dest="prune", action="store_false", help="train every trial to train.epochs (default: prune)"
+    )
+    search.add_argument("--min-epochs", type=int, default=1, help="the first rung: epochs before any pruning (1)")
+    search.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=3,
+        help="each rung is this many times the epochs of the last, and 1/this of a rung's trials go on (3)",
+    )
     return parser.parse_args(argv)
 
 
@@ -90,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     with ctrl_c_as_flag() as ctrl_c:  # read between steps: no trial is ever half-recorded
         try:
             plan = prepare(args)
+            if plan.space is not None:
+                search.check_against_space(search.options_from(args), plan.space, plan.params[0].train.epochs)
+                search.open_study(args.name, plan.space, search.options_from(args), search.storage_url())
             cluster.start_ray(args)
             if ctrl_c.is_set():
                 print("interrupted before any trial started", file=sys.stderr)
@@ -114,6 +136,30 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args)
+    proposals, kept = None, {}
+    if plan.space is not None:  # a search: its trials are proposed as it goes, and it keeps those it had
+        options = search.options_from(args)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        actor = search.Search.options(scheduling_strategy=here).remote(
+            args.name, plan.space, options, search.storage_url()
+        )
+        proposals = search.Proposals(actor, args.name, plan.space, options, plan.params[0].train.epochs)
+        # Each proposal waits for room, so the sampler sees every result that came before it.
+        args.max_concurrent = min(args.max_concurrent or cluster.capacity(args), cluster.capacity(args))
+        kept = search.landed_before(search.open_study(args.name, plan.space, options, search.storage_url()))
+        if kept:
+            print(f"kept from before: {', '.join(kept)} (landed by this search before)", flush=True)
+        print(
+            f"search {args.name}: {options.sampler} sampler (seed {options.seed}), "
+            + (
+                f"pruned at epochs {', '.join(map(str, proposals.rungs[:-1]))} (reduction factor "
+                f"{options.reduction_factor}), "
+                if len(proposals.rungs) > 1
+                else "no pruning, "
+            )
+            + f"{proposals.left} trials to go",
+            flush=True,
+        )
     sweep = Sweep(
         plan.git_url,
         plan.commit,
@@ -126,7 +172,8 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     where = "on this machine" if plan.local_cache else "on the Ray cluster"
     how = f" in groups of up to {args.together} trained together" if args.together else ""
     print(
-        f"sweep {args.name}: {len(trials)} trials of commit {plan.commit[:7]} {where}{how}, MLflow run "
+        f"sweep {args.name}: {len(trials) + (proposals.left if proposals else 0)} trials of commit "
+        f"{plan.commit[:7]} {where}{how}, MLflow run "
         f"{parent_run_id} in experiment '{plan.tracking.experiment_name}'",
         flush=True,
     )
@@ -142,10 +189,18 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
             flush=True,
         )
     try:
-        outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c)
+        outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c, proposals)
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
+    if proposals is not None:
+        proposals.settle(outcome)
+        outcome.kept = {name: result for name, (_, result) in kept.items()}
+        asked = [task.trials[0] for task in proposals.tasks]
+        trials = [trial for trial, _ in kept.values()] + asked
+        report.log_search(
+            client, sweep, search.open_study(args.name, plan.space, options, search.storage_url()), outcome
+        )
     decoders = {params.train.reconstruction for params in plan.params}
     summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started, len(decoders) == 1)
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already

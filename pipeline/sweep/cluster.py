@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,11 +31,15 @@ from pipeline.sweep.board import Board
 from pipeline.sweep.groups import groups, run_group
 from pipeline.sweep.trial import (
     STOP_GRACE_SECONDS,
+    Rungs,
     Sweep,
     TrialFailed,
     TrialResult,
     run_trial,
 )
+
+if TYPE_CHECKING:
+    from pipeline.sweep.search import Proposals
 
 CANCELLED = "cancelled"  # why a trial did not finish, when Ctrl-C stopped it
 
@@ -46,10 +51,16 @@ class Outcome:
     finished: dict[str, TrialResult] = dataclasses.field(default_factory=dict)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     cancelled: bool = False
+    kept: dict[str, TrialResult] = dataclasses.field(default_factory=dict)  # a search's, landed by an earlier run
 
     def status(self, name: str) -> str:
         """The trial's end in MLflow's words: FINISHED, KILLED (by its user, as Ctrl-C is) or FAILED."""
-        return "FINISHED" if name in self.finished else "KILLED" if self.failed.get(name) == CANCELLED else "FAILED"
+        if name in self.finished or name in self.kept:
+            return "FINISHED"
+        return "KILLED" if self.failed.get(name) == CANCELLED else "FAILED"
+
+    def result(self, name: str) -> TrialResult | None:
+        return self.finished.get(name) or self.kept.get(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Task:
     trials: tuple[grid.Trial, ...]
     together: bool
     attempt: int = 1
+    rungs: Rungs | None = None  # a search's trial: where it may be pruned
 
 
 def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
@@ -117,6 +129,23 @@ def start_ray(args: argparse.Namespace) -> None:
         )
 
 
+def capacity(args: argparse.Namespace) -> int:
+    """How many tasks the cluster runs at once, each of --cpus-per-trial and --gpus-per-trial."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return (
+        sum(
+            int(
+                min(
+                    n.get("CPU", 0) // args.cpus_per_trial,
+                    n.get("GPU", 0) // args.gpus_per_trial if args.gpus_per_trial else 1e9,
+                )
+            )
+            for n in nodes
+        )
+        or 1
+    )
+
+
 class Progress:
     """The driver's lines: each trial's end as it comes, and what runs where, when that changes
     (how far the running tasks are, at most every PIPELINE_PROGRESS_SECONDS, as a stage's progress)."""
@@ -147,20 +176,29 @@ class Progress:
             self.last_counts, self.last_line, self.printed = counts, line, now
 
 
-def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctrl_c: threading.Event) -> Outcome:
-    """Submit the tasks (at most --max-concurrent at once), report as they go; once `ctrl_c` is set
-    (read between steps, so every task Ray accepted is in `running`), cancel the rest."""
+def run_sweep(
+    sweep: Sweep,
+    all_tasks: list[Task],
+    args: argparse.Namespace,
+    ctrl_c: threading.Event,
+    proposals: Proposals | None = None,
+) -> Outcome:
+    """Submit the tasks (at most --max-concurrent at once), then a search's `proposals` as room
+    frees, and report as they go; once `ctrl_c` is set (read between steps, so every task Ray
+    accepted is in `running`), cancel the rest."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = Board.options(scheduling_strategy=here).remote()
     trial_task, group_task = ray.remote(run_trial), ray.remote(run_group)
     waiting, running = list(all_tasks), {}
     outcome = Outcome()
     finished, failed = outcome.finished, outcome.failed
-    progress = Progress(sum(len(task.trials) for task in all_tasks))
+    progress = Progress(sum(len(task.trials) for task in all_tasks) + (proposals.left if proposals else 0))
 
     def submit() -> None:
-        while waiting and not ctrl_c.is_set() and (not args.max_concurrent or len(running) < args.max_concurrent):
-            task = waiting.pop(0)
+        while not ctrl_c.is_set() and (not args.max_concurrent or len(running) < args.max_concurrent):
+            task = waiting.pop(0) if waiting else proposals.next() if proposals else None
+            if task is None:
+                break
             options = {
                 "name": task.label,
                 "num_cpus": args.cpus_per_trial,
@@ -171,7 +209,9 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
             running[
                 group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only)
                 if task.together
-                else trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
+                else trial_task.options(**options).remote(
+                    sweep, task.label, task.trials[0].overrides, board, cpu_only, task.rungs
+                )
             ] = task
 
     def collect(refs) -> None:
@@ -205,8 +245,9 @@ def run_sweep(sweep: Sweep, all_tasks: list[Task], args: argparse.Namespace, ctr
             for name, end in ended.items():
                 if isinstance(end, TrialResult):
                     finished[name] = end
+                    how = f"pruned at epoch {end.epochs}, landed" if end.pruned else "finished"
                     print(
-                        f"{name} finished in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
+                        f"{name} {how} in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
                         f"{OBJECTIVE} {end.metrics.get(OBJECTIVE, float('nan')):.4f}",
                         flush=True,
                     )

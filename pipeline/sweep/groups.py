@@ -28,6 +28,7 @@ from pipeline.sweep.trial import (
     fail_lost_attempts,
     push_and_report,
     run_watched,
+    set_params,
     trial_env,
 )
 
@@ -97,7 +98,7 @@ def _land(
     run_started = time.monotonic()
     try:
         run_watched(
-            ["dvc", "exp", "run", "--name", trial.name, *(a for o in trial.overrides for a in ("--set-param", o))],
+            ["dvc", "exp", "run", "--name", trial.name, *set_params(trial.overrides)],
             label,
             repo,
             env,

@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.git import git
 from pipeline.params import PARAMS_FILE, MlflowParams, Params
 from pipeline.paths import DVC_FILE
-from pipeline.sweep import grid
+from pipeline.sweep import grid, search, space
 from pipeline.tracking.store import connect
 
 
@@ -29,7 +29,8 @@ class Plan:
     local_cache: str | None  # on one machine: this project's DVC cache, which the trials share
     experiment_id: str | None  # None: tracking off (mlflow.enabled: false)
     tracking: MlflowParams
-    params: list[Params]  # each trial's, checked
+    params: list[Params]  # each trial's, checked; a search's: its shared overrides' alone
+    space: space.Space | None = None  # a search's (--trials), whose trials are proposed as it goes
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess:
@@ -50,7 +51,11 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise PipelineError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(args, option):g}")
     if args.together < 0:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
-    sets, trials, commit, checked = _grid_at_head(args)
+    if args.trials is not None:
+        search.check_options(search.options_from(args))
+    if args.trials is not None and args.together:
+        raise PipelineError("a search (--trials) trains its trials one by one for now: drop --together")
+    sets, trials, commit, checked, searched = _grid_at_head(args)
     if args.together and any(params.train.num_processes > 1 for params in checked):
         raise PipelineError(
             "train.num_processes above 1 (torchrun) cannot train beside other trials: set it to 1, or drop --together"
@@ -58,7 +63,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     tracking = checked[0].mlflow
     if os.environ.get("RAY_ADDRESS"):
         git_url = _check_cluster(args, trials, commit, tracking)
-        return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked)
+        return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked, searched)
     if not tracking.enabled:
         raise PipelineError(
             "mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
@@ -73,6 +78,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         connect(tracking),
         tracking,
         checked,
+        searched,
     )
 
 
@@ -119,14 +125,27 @@ def experiments_here(trials: list[grid.Trial]) -> list[str]:
     return [trial.name for trial in trials if trial.name in listed]
 
 
-def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial], str, list[Params]]:
-    """The grid's trials of the commit the workspace is at, each checked, all logging to one place."""
+def _grid_at_head(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[grid.Trial], str, list[Params], space.Space | None]:
+    """The grid's trials of the commit the workspace is at, each checked, all logging to one place;
+    or for a search (--trials), its space, with the params its shared overrides give."""
     sets = args.sets + (grid.overrides_from_file(args.grid) if args.grid else [])
     if not sets:
         raise PipelineError("no grid: give it as -S 'train.learning_rate=0.001,0.0005' (DVC's syntax), or --grid FILE")
-    trials = grid.expand(sets, args.name)
     commit = git("rev-parse", "HEAD")
-    checked = grid.check(trials, git("show", f"{commit}:{PARAMS_FILE}"))
+    params_text = git("show", f"{commit}:{PARAMS_FILE}")
+    searched = None
+    if args.trials is None:
+        trials = grid.expand(sets, args.name)
+        checked = grid.check(trials, params_text)
+    else:
+        searched = space.parse(sets, params_text)
+        if any(key.startswith("mlflow.") for key in searched.dimensions):
+            raise PipelineError(
+                "the space varies mlflow.*: a search's trials log to one experiment, under one parent run"
+            )
+        trials, checked = [], grid.check([grid.Trial(args.name, searched.fixed)], params_text)
     if any(params.mlflow != checked[0].mlflow for params in checked):
         raise PipelineError("the grid varies mlflow.*: a sweep's trials log to one experiment, under one parent run")
     if git("status", "--porcelain", "--untracked-files=no"):
@@ -135,7 +154,7 @@ def _grid_at_head(args: argparse.Namespace) -> tuple[list[str], list[grid.Trial]
             f"the workspace has uncommitted changes, and trials run the commit, not the workspace: {commit_them}, "
             "or stash them"
         )
-    return sets, trials, commit, checked
+    return sets, trials, commit, checked, searched
 
 
 def _on_remote(commit: str, remote: str) -> bool:

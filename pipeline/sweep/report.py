@@ -10,8 +10,11 @@ import getpass
 import math
 import statistics
 import time
+import warnings
 
+import matplotlib.pyplot as plt
 import mlflow
+import optuna
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import (
     MLFLOW_GIT_COMMIT,
@@ -21,9 +24,11 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
     MLFLOW_USER,
 )
+from optuna.trial import TrialState
 
 from pipeline.history import OBJECTIVE
-from pipeline.sweep import grid
+from pipeline.provenance import CONTINUED_RUN_TAG, TRAINING_RUN_TAG
+from pipeline.sweep import grid, search
 from pipeline.sweep.cluster import Outcome
 from pipeline.sweep.plan import Plan
 from pipeline.sweep.trial import Sweep, TrialResult
@@ -44,7 +49,7 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
     )
     params = {
         "sweep.grid": " ".join(f"-S '{s}'" for s in plan.sets),
-        "sweep.trials": len(plan.trials),
+        "sweep.trials": args.trials if plan.space is not None else len(plan.trials),
         "sweep.commit": plan.commit,
         "sweep.cpus_per_trial": args.cpus_per_trial,
         "sweep.gpus_per_trial": args.gpus_per_trial,
@@ -52,6 +57,16 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
         "sweep.retries": args.retries,
         "sweep.together": args.together,
     }
+    if plan.space is not None:
+        params |= {
+            "sweep.sampler": args.sampler,
+            "sweep.sampler_seed": args.sampler_seed,
+            "sweep.objective": OBJECTIVE,
+            "sweep.pruner": "successive halving (Optuna's, asynchronous)" if args.prune else "none",
+            "sweep.min_epochs": args.min_epochs,
+            "sweep.reduction_factor": args.reduction_factor,
+            "sweep.rungs": " ".join(map(str, search.options_from(args).rungs(plan.params[0].train.epochs))),
+        }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
@@ -62,6 +77,7 @@ class Summary:
     wall_seconds: float
     trial_seconds: float  # the finished trials', added up
     overhead_seconds: float  # a finished trial's mean outside `dvc exp run` (clone, data, push, its group)
+    trial_epochs: int  # the epochs the finished trials trained, added up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,28 +123,35 @@ def summarize(outcome: Outcome, wall_seconds: float, comparable: bool = True) ->
     results = outcome.finished.values()
     trial_seconds = sum(result.seconds for result in results)
     overhead = (trial_seconds - sum(result.run_seconds for result in results)) / max(len(results), 1)
-    best = min(results, key=lambda r: r.metrics.get(OBJECTIVE, float("inf")), default=None) if comparable else None
-    return Summary(best, wall_seconds, trial_seconds, overhead)
+    full = [result for result in (*results, *outcome.kept.values()) if not result.pruned]  # a pruned one trained less
+    best = min(full, key=lambda r: r.metrics.get(OBJECTIVE, float("inf")), default=None) if comparable else None
+    return Summary(best, wall_seconds, trial_seconds, overhead, sum(result.epochs for result in results))
 
 
 def log_trials_table(sweep: Sweep, trials: list[grid.Trial], outcome: Outcome) -> None:
     """trials.json on the parent run: a row per trial, its values, status, metrics and times."""
     keys = list(dict.fromkeys(key for trial in trials for key in trial.values))
-    metric_names = sorted({name for result in outcome.finished.values() for name in result.metrics})
+    metric_names = sorted(
+        {name for result in (*outcome.finished.values(), *outcome.kept.values()) for name in result.metrics}
+    )
     table: dict[str, list] = {
-        column: [] for column in ["trial", *keys, "status", "reason", *metric_names, "seconds", "run_seconds", "run_id"]
+        column: []
+        for column in ["trial", *keys, "status", "epochs", "pruned", "reason", *metric_names, "seconds", "run_seconds"]
+        + ["run_id"]
     }
     for trial in trials:
-        result = outcome.finished.get(trial.name)
+        result = outcome.result(trial.name)
         table["trial"].append(trial.name)
         for key in keys:
             table[key].append(trial.values.get(key))
         table["status"].append(outcome.status(trial.name))
+        table["epochs"].append(result.epochs if result else None)
+        table["pruned"].append(result.pruned if result else None)
         table["reason"].append(outcome.failed.get(trial.name))
         for name in metric_names:
             table[name].append(result.metrics.get(name) if result else None)
-        table["seconds"].append(round(result.seconds, 1) if result else None)
-        table["run_seconds"].append(round(result.run_seconds, 1) if result else None)
+        table["seconds"].append(round(result.seconds, 1) if result and result.seconds else None)
+        table["run_seconds"].append(round(result.run_seconds, 1) if result and result.run_seconds else None)
         table["run_id"].append(result.run_id if result else None)
     mlflow.log_table(table, artifact_file="trials.json", run_id=sweep.parent_run_id)
 
@@ -175,10 +198,21 @@ def log_repeats_table(sweep: Sweep, configurations: list[Configuration]) -> None
 def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcome) -> None:
     """Only the run of each trial's pushed experiment stays FINISHED: a lost attempt's run, or the
     run of a trial cancelled or failed between its stages or in its push, does not count as a result."""
-    kept = {result.run_id for result in outcome.finished.values()}
-    for trial_run in client.search_runs(
+    trial_runs = client.search_runs(
         [sweep.experiment_id], filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")
-    ):
+    )
+    kept = {result.run_id for result in outcome.finished.values()}
+    # A search's trial: the runs of its rungs, each continued by the next, the last continued or
+    # evaluated by the run of its experiment.
+    came_from = {
+        run.info.run_id: run.data.tags.get(CONTINUED_RUN_TAG) or run.data.tags.get(TRAINING_RUN_TAG)
+        for run in trial_runs
+    }
+    for run_id in list(kept):
+        while came_from.get(run_id) and came_from[run_id] not in kept:
+            run_id = came_from[run_id]
+            kept.add(run_id)
+    for trial_run in trial_runs:
         if trial_run.info.run_id not in kept and trial_run.info.status in ("RUNNING", "FINISHED"):
             status = outcome.status(trial_run.info.run_name)
             client.set_terminated(trial_run.info.run_id, "FAILED" if status == "FINISHED" else status)
@@ -197,6 +231,7 @@ def log_summary(
             ("wall_seconds", summary.wall_seconds),
             ("trial_seconds_sum", summary.trial_seconds),
             ("overhead_seconds_per_trial", summary.overhead_seconds),
+            ("trial_epochs", summary.trial_epochs),
         )
     ]
     note = (
@@ -224,12 +259,15 @@ def log_summary(
 
 
 def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) -> None:
-    print(f"\n{'trial':<16}{'status':<12}{OBJECTIVE:>12}  params")
+    print(f"\n{'trial':<16}{'status':<12}{'epochs':>7}{OBJECTIVE:>14}  params")
     for trial in trials:
-        result = outcome.finished.get(trial.name)
+        result = outcome.result(trial.name)
         score = f"{result.metrics.get(OBJECTIVE, float('nan')):.4f}" if result else "-"
+        epochs = f"{result.epochs}" if result else "-"
+        status = "PRUNED" if result and result.pruned else outcome.status(trial.name)
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
-        print(f"{trial.name:<16}{outcome.status(trial.name):<12}{score:>12}  {' '.join(trial.overrides)}{mark}")
+        mark += "  (kept from before)" if trial.name in outcome.kept else ""
+        print(f"{trial.name:<16}{status:<12}{epochs:>7}{score:>14}  {' '.join(trial.overrides)}{mark}")
     print(
         f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
         f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "
@@ -244,3 +282,55 @@ def print_repeats(configurations: list[Configuration]) -> None:
         std = configuration.std.get(OBJECTIVE, math.nan)
         described = " ".join(f"{k}={v}" for k, v in configuration.values.items()) or "(the grid's one)"
         print(f"{configuration.finished:<8}{mean:>16.4f}{std:>10.4f}  {described}")
+
+
+def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, outcome: Outcome) -> None:
+    """The search on its parent run: the optimisation history and the params' importances (fANOVA,
+    as Optuna computes it) as figures and tables; and on each trial's run landed now, Optuna's
+    trial number and state (the tags Optuna's MLflowCallback sets) and where it was pruned."""
+    for result in outcome.finished.values():
+        if result.run_id is not None:
+            number = next(t.number for t in study.trials if t.user_attrs.get("experiment") == result.name)
+            tags = {"number": str(number), "state": "PRUNED" if result.pruned else "COMPLETE"}
+            client.log_batch(
+                result.run_id,
+                tags=[
+                    RunTag(k, v)
+                    for k, v in (tags | ({"pruned_at_epoch": str(result.epochs)} if result.pruned else {})).items()
+                ],
+            )
+    ended = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    history: dict[str, list] = {"number": [], "trial": [], "state": [], "epochs": [], OBJECTIVE: [], "best_so_far": []}
+    best = float("inf")
+    for trial in ended:
+        if trial.state == TrialState.COMPLETE:
+            best = min(best, trial.value)
+        history["number"].append(trial.number)
+        history["trial"].append(trial.user_attrs.get("experiment"))
+        history["state"].append(trial.state.name)
+        history["epochs"].append(trial.user_attrs.get("epochs"))
+        history[OBJECTIVE].append(
+            trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs["metrics"][OBJECTIVE]
+        )
+        history["best_so_far"].append(None if math.isinf(best) else best)
+    mlflow.log_table(history, artifact_file="search/history.json", run_id=sweep.parent_run_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=OBJECTIVE)
+        client.log_figure(sweep.parent_run_id, axes.figure, "search/optimization_history.png")
+        plt.close(axes.figure)
+        complete = [t for t in ended if t.state == TrialState.COMPLETE]
+        if len(complete) < 2 or len(study.best_trial.params) < 1:
+            print("no parameter importances: they need 2 trials that trained every epoch", flush=True)
+            return
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        mlflow.log_table(
+            {"param": list(importances), "importance": list(importances.values())},
+            artifact_file="search/importances.json",
+            run_id=sweep.parent_run_id,
+        )
+        axes = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator, target_name=OBJECTIVE)
+        client.log_figure(sweep.parent_run_id, axes.figure, "search/param_importances.png")
+        plt.close(axes.figure)
+    print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), flush=True)

@@ -30,7 +30,7 @@ import psutil
 import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.history import split_train_metrics
+from pipeline.history import EPOCHS, OBJECTIVE, split_train_metrics
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.sweep.interrupts import uninterrupted
@@ -70,6 +70,18 @@ class TrialResult:
     run_id: str | None
     seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
     run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
+    epochs: int = 0  # the epochs its model trained (a pruned trial's: fewer than the search's)
+    pruned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Rungs:
+    """A search's trial: its number in the study, the actor that holds the study, and the epochs at
+    which it may be pruned, then its full epochs."""
+
+    number: int
+    search: object  # the Ray actor pipeline.sweep.search.Search
+    epochs: tuple[int, ...]
 
 
 class TrialFailed(Exception):
@@ -83,8 +95,11 @@ class TrialFailed(Exception):
         return f"{self.name}: {self.reason}"
 
 
-def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
-    """The Ray task: one trial, start to pushed experiment, in a temporary clone."""
+def run_trial(
+    sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool, rungs: Rungs | None = None
+) -> TrialResult:
+    """The Ray task: one trial, start to pushed experiment, in a temporary clone; a search's trial
+    climbs its rungs first, and lands as the experiment of the epochs it reached."""
     started = time.monotonic()
     # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
     board.start.remote(name, ray.get_runtime_context().get_node_id())
@@ -92,28 +107,59 @@ def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_on
     env = trial_env(sweep, cpu_only)
     with checkout(sweep, name, env, board) as repo:
         run_started = time.monotonic()
-        run_watched(
-            ["dvc", "exp", "run", "--name", name, *(a for o in overrides for a in ("--set-param", o))],
-            name,
-            repo,
-            env,
-            board,
-        )
+        pruned = False
+        if rungs is not None:
+            overrides, pruned = climb(rungs, name, overrides, repo, env, board)
+        run_watched(["dvc", "exp", "run", "--name", name, *set_params(overrides)], name, repo, env, board)
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
-        return push_and_report(sweep, name, repo, env, board, started, run_seconds)
+        return push_and_report(sweep, name, repo, env, board, started, run_seconds, rungs, pruned)
+
+
+def climb(
+    rungs: Rungs, name: str, overrides: tuple[str, ...], repo: Path, env: dict, board
+) -> tuple[tuple[str, ...], bool]:
+    """Train rung by rung, each `dvc exp run train` continuing the last with more `train.epochs`,
+    and ask the search after each whether to go on. Returns the overrides of the epochs reached
+    and whether the search pruned the trial there."""
+    overrides = tuple(o for o in overrides if not o.startswith("train.epochs="))
+    for epochs in rungs.epochs[:-1]:
+        at_rung = (*overrides, f"train.epochs={epochs}")
+        run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
+        _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
+        objective = json.loads((repo / TRAIN_METRICS).read_text())[OBJECTIVE]
+        if ray.get(rungs.search.report.remote(rungs.number, epochs, objective)):
+            return at_rung, True
+    return (*overrides, f"train.epochs={rungs.epochs[-1]}"), False
+
+
+def set_params(overrides: tuple[str, ...]) -> list[str]:
+    """The overrides as `dvc exp run` takes them."""
+    return [a for o in overrides for a in ("--set-param", o)]
 
 
 def push_and_report(
-    sweep: Sweep, name: str, repo: Path, env: dict, board, started: float, run_seconds: float
+    sweep: Sweep,
+    name: str,
+    repo: Path,
+    env: dict,
+    board,
+    started: float,
+    run_seconds: float,
+    rungs: Rungs | None = None,
+    pruned: bool = False,
 ) -> TrialResult:
-    """The trial's finished experiment pushed, and landed on the board before the task ends. It runs
-    to its end: a cancel that comes meanwhile is raised after it, so a pushed trial is never
-    reported cancelled."""
+    """The trial's finished experiment pushed, and landed on the board (and a search's trial told to
+    its study) before the task ends. It runs to its end: a cancel that comes meanwhile is raised
+    after it, so a pushed trial is never reported cancelled."""
     with uninterrupted():
         push(sweep, name, repo, env)
         metrics, run_id = experiment_results(repo)
-        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds)
+        epochs = json.loads((repo / TRAIN_METRICS).read_text())[EPOCHS]
+        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned)
+        if rungs is not None:
+            landed = {"experiment": name, "epochs": epochs, "mlflow_run_id": run_id, "metrics": metrics}
+            ray.get(rungs.search.tell.remote(rungs.number, metrics[OBJECTIVE], pruned, landed))
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
 

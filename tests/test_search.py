@@ -1,0 +1,324 @@
+"""`python -m pipeline.sweep --trials N`: a search that Optuna samples and prunes. Its refusals,
+its seeded proposals and its parent run's figures without training; then, in a small real project,
+a pruned trial that is the exact experiment of the epochs it reached, and a Ctrl-C that a search
+run again goes on from."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.errors import PipelineError
+from pipeline.history import OBJECTIVE
+from pipeline.params import Params
+from pipeline.sweep import report, search, space
+from pipeline.sweep.cluster import Outcome
+from pipeline.sweep.trial import Sweep
+from tests.processes import owner_marker, processes_started_with, read_until
+from tests.projects import GIT_IDENTITY, make_project, project_env, run
+from tests.synthetic import write_mirror
+
+SEARCH = [sys.executable, "-m", "pipeline.sweep"]
+PRUNED_LR, KEPT_LR = "0.000001", "0.002"  # at one epoch the first is far worse: it is pruned at the first rung
+# The grid sampler with seed 1 proposes the better one first (Optuna's seeded order), so the worse one
+# is pruned at its first rung: a trial promoted at a rung is one among the best 1/2 there.
+PRUNING = ["--sampler", "grid", "--sampler-seed", "1", "--trials", "2", "--min-epochs", "1", "--reduction-factor", "2"]
+
+
+def default_params_text() -> str:
+    return yaml.safe_dump(dataclasses.asdict(Params()), sort_keys=False)
+
+
+def search_env() -> dict[str, str]:
+    env = project_env() | GIT_IDENTITY | {"PIPELINE_PROGRESS_SECONDS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-S", "train.learning_rate=interval(0.01, 0.001)", "--trials", "2"], "an empty range"),
+        (
+            ["-S", "train.learning_rate=tag(log, interval(0, 0.01))", "--trials", "2"],
+            "a log range needs bounds above 0",
+        ),
+        (["-S", "train.device=interval(1, 2)", "--trials", "2"], "train.device is not a number"),
+        (
+            ["-S", "train.beta=1,4", "-S", "train.reconstruction=mse,bce", "--trials", "2"],
+            "cannot vary train.reconstruction",
+        ),
+        (
+            ["-S", "train.beta=1,4", "--trials", "2", "--min-epochs", "5"],
+            "--min-epochs 5, the first rung, must be from 1",
+        ),
+        (["-S", "train.beta=1,4", "--trials", "0"], "--trials must be 1 or more"),
+        (
+            ["-S", "train.learning_rate=interval(0, 0.01)", "--trials", "2"],
+            "train.learning_rate: must be greater than 0",
+        ),
+        (["-S", "train.beta=1,4", "--trials", "3", "--sampler", "grid"], "more than the 2 points of the grid"),
+    ],
+)
+@pytest.mark.slow
+def test_a_bad_search_is_refused_in_one_line_before_any_work(refusing_project, args, said):
+    refused = run([*SEARCH, *args, "--name", "bad"], refusing_project, check=False, env=search_env())
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert said in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "ray:" not in refused.stdout, "refused before Ray started"
+    assert not (refusing_project / search.SEARCH_STORE).exists(), "no study was started"
+
+
+@pytest.fixture(scope="module")
+def refusing_project(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("refusals")
+    project = make_project(tmp / "project", tmp / "no-mirror", **{"train.epochs": 2})
+    mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").search_experiments()  # a store, as after a run
+    return project
+
+
+def test_a_space_takes_lists_ranges_and_log_intervals_of_any_checked_param():
+    parsed = space.parse(
+        [
+            "train.learning_rate=tag(log, interval(0.0001, 0.01))",
+            "train.beta=0.5,1,2",
+            "model.latent_dim=range(2,9,2)",
+            "train.epochs=3",
+        ],
+        default_params_text(),
+    )
+    dims = parsed.dimensions
+    assert dims["train.learning_rate"] == optuna.distributions.FloatDistribution(0.0001, 0.01, log=True)
+    assert dims["train.beta"] == optuna.distributions.CategoricalDistribution([0.5, 1, 2])
+    assert dims["model.latent_dim"] == optuna.distributions.IntDistribution(2, 8, step=2)
+    assert parsed.fixed == ("train.epochs=3",)
+    values = {"train.learning_rate": 0.00123, "train.beta": 2, "model.latent_dim": 4}
+    assert parsed.overrides(values) == (
+        "train.epochs=3",
+        "train.learning_rate=0.00123",
+        "train.beta=2",
+        "model.latent_dim=4",
+    )
+    with pytest.raises(PipelineError, match="takes whole numbers"):
+        space.parse(["model.latent_dim=interval(1.5, 4)"], default_params_text())
+
+
+def proposals(store: Path, seed: int, count: int = 14) -> list[dict]:
+    """`count` trials asked of a TPE search (past its 10 random start-up trials), each told an
+    objective that depends on its point alone."""
+    parsed = space.parse(
+        ["train.learning_rate=tag(log, interval(0.0001, 0.01))", "train.beta=0.5,1,2"], default_params_text()
+    )
+    options = search.SearchOptions(count, "tpe", seed, True, 1, 3)
+    study = search.SearchStudy("s", parsed, options, f"sqlite:///{store}")
+    asked = []
+    for _ in range(count):
+        trial = study.ask()
+        number = int(trial.name.rsplit("-", 1)[1]) - 1
+        values = dict(o.split("=") for o in trial.overrides)
+        asked.append(values)
+        study.tell(number, float(values["train.learning_rate"]) * 1000 + float(values["train.beta"]), False, {})
+    return asked
+
+
+def test_the_same_seed_proposes_the_same_trials_and_another_seed_others(tmp_path):
+    first = proposals(tmp_path / "a.db", seed=7)
+    assert proposals(tmp_path / "b.db", seed=7) == first
+    assert proposals(tmp_path / "c.db", seed=8) != first
+
+
+def test_a_search_run_again_is_refused_with_another_space(tmp_path):
+    store = f"sqlite:///{tmp_path / 'optuna.db'}"
+    options = search.SearchOptions(2, "tpe", 0, True, 1, 3)
+    search.open_study("s", space.parse(["train.beta=1,4"], default_params_text()), options, store)
+    with pytest.raises(PipelineError, match="started with another space"):
+        search.open_study("s", space.parse(["train.beta=1,2"], default_params_text()), options, store)
+
+
+def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("e")).info.run_id
+    parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
+    study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, True, 1, 3), "sqlite://")
+    for _ in range(6):
+        trial = study.ask()
+        number = int(trial.name.rsplit("-", 1)[1]) - 1
+        values = dict(o.split("=") for o in trial.overrides)
+        objective = float(values["train.learning_rate"]) * 1000
+        attrs = {"epochs": 3, "mlflow_run_id": None, "metrics": {OBJECTIVE: objective}}
+        study.tell(number, objective, False, attrs)
+    sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # where mlflow.log_table writes, as the sweep's driver sets it
+    try:
+        report.log_search(client, sweep, study.study, Outcome())
+    finally:
+        mlflow.set_tracking_uri(before)
+    artifacts = {a.path for a in client.list_artifacts(parent, "search")}
+    assert artifacts == {
+        "search/history.json",
+        "search/importances.json",
+        "search/optimization_history.png",
+        "search/param_importances.png",
+    }
+    table = json.loads(Path(client.download_artifacts(parent, "search/importances.json")).read_text())
+    importances = dict(table["data"])
+    assert importances["train.learning_rate"] > importances["train.beta"], "the objective depends on it alone"
+    history = json.loads(Path(client.download_artifacts(parent, "search/history.json")).read_text())
+    rows = [dict(zip(history["columns"], row)) for row in history["data"]]
+    assert [row["best_so_far"] for row in rows] == [min(r[OBJECTIVE] for r in rows[: i + 1]) for i in range(len(rows))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Searched:
+    project: Path
+    output: subprocess.CompletedProcess
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Searched:
+    """A 4-epoch search of 2 trials, rungs at 1 and 2 epochs, one trial at a time; then the pruned
+    trial's params trained alone for 1 and for 4 epochs, and the pruned trial continued to 4."""
+    tmp = tmp_path_factory.mktemp("search")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 4})
+    env = search_env()
+    output = run(
+        [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, "--max-concurrent", "1", "-n", "srch"],
+        project,
+        check=False,
+        env=env,
+    )
+    alone = env | {"OMP_NUM_THREADS": "1"}  # the threads Ray gives a trial of one CPU
+    run(
+        ["dvc", "exp", "run", "-n", "alone-1", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=1"],
+        project,
+        env=alone,
+    )
+    for trained in ("models/model.pt", "models/state.pt"):
+        (project / trained).unlink()  # from scratch, not on from alone-1
+    run(
+        ["dvc", "exp", "run", "-n", "alone-4", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=4"],
+        project,
+        env=alone,
+    )
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "exp", "apply", "srch-2"], project, env=env)
+    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=4"], project, env=alone)
+    run(["git", "checkout", "--", "."], project)
+    return Searched(project, output, env)
+
+
+def train_outputs(project: Path, experiment: str) -> dict[str, str]:
+    """The experiment's params and its train stage's output md5s, from its dvc.lock."""
+    lock = yaml.safe_load(run(["git", "show", f"{experiment_ref(project, experiment)}:dvc.lock"], project).stdout)
+    train = lock["stages"]["train"]
+    return {out["path"]: out["md5"] for out in train["outs"]} | {
+        "epochs": train["params"]["params.yaml"]["train"]["epochs"]
+    }
+
+
+def experiment_ref(project: Path, name: str) -> str:
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], project).stdout.split()
+    return next(ref for ref in refs if ref.endswith(f"/{name}"))
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_is_the_experiment_of_its_epochs_and_continues_bit_for_bit(searched):
+    output = searched.output.stdout
+    assert searched.output.returncode == 0, output + searched.output.stderr
+    assert "pruned at epochs 1, 2 (reduction factor 2)" in output
+    assert re.search(r"^srch-2 pruned at epoch 1, landed", output, re.MULTILINE), output
+    assert re.search(r"^srch-1 +FINISHED +4 .*<- best", output, re.MULTILINE), output
+    assert re.search(r"^srch-2 +PRUNED +1 ", output, re.MULTILINE), output
+
+    pruned, alone = train_outputs(searched.project, "srch-2"), train_outputs(searched.project, "alone-1")
+    assert pruned["epochs"] == 1, "the experiment's train.epochs is the epochs it reached"
+    assert pruned["models/model.pt"] == alone["models/model.pt"]
+    assert pruned["metrics/history.csv"] == alone["metrics/history.csv"]
+    more, alone = train_outputs(searched.project, "srch-2-more"), train_outputs(searched.project, "alone-4")
+    assert more["models/model.pt"] == alone["models/model.pt"], "continued, it is the bytes of a run of 4 alone"
+    assert train_outputs(searched.project, "srch-1")["epochs"] == 4
+
+
+@pytest.mark.slow
+def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(searched):
+    client = mlflow.MlflowClient(f"sqlite:///{searched.project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
+    parent = client.search_runs([experiment], filter_string="attributes.run_name = 'srch'")[0]
+    assert parent.data.params["sweep.rungs"] == "1 2 4" and parent.data.params["sweep.objective"] == OBJECTIVE
+    assert parent.data.tags["best_trial"] == "srch-1"
+    assert parent.data.metrics["trial_epochs"] == 4 + 1
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} >= {
+        "search/history.json",
+        "search/optimization_history.png",
+    }
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert (rows["srch-1"]["epochs"], rows["srch-1"]["pruned"]) == (4, False)
+    assert (rows["srch-2"]["epochs"], rows["srch-2"]["pruned"]) == (1, True)
+
+    children = client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    assert all(child.info.status == "FINISHED" for child in children), "each rung's run is part of its trial"
+    landed = {row["trial"]: client.get_run(row["run_id"]) for row in rows.values()}
+    assert landed["srch-2"].data.tags["state"] == "PRUNED" and landed["srch-2"].data.tags["pruned_at_epoch"] == "1"
+    assert landed["srch-1"].data.tags["state"] == "COMPLETE"
+    steps = [m.step for m in client.get_metric_history(landed["srch-1"].info.run_id, OBJECTIVE)]
+    assert sorted(steps) == [1, 2, 3, 4], "a promoted trial's last run holds every one of its epochs"
+    assert sorted(child.info.run_name for child in children).count("srch-1") == 3, "a run per rung, linked"
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp_path, started):
+    marker = owner_marker()
+    project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"), **{"train.epochs": 1})
+    command = [
+        *SEARCH,
+        "-S",
+        "train.learning_rate=tag(log, interval(0.0005, 0.005))",
+        "--trials",
+        "2",
+        "--sampler",
+        "random",
+        "--max-concurrent",
+        "1",
+        "-n",
+        "ctl",
+    ]
+    env = search_env() | marker
+    first = started(command, project, env=env)
+    seen = read_until(first, r"^ctl-1 finished")
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C, to the driver's whole process group
+    seen += first.stdout.read()
+    assert first.wait(timeout=300) == 130, seen
+    landed_first = run(["dvc", "exp", "list", "--names-only"], project).stdout.split()
+    assert "ctl-1" in landed_first, seen
+
+    again = run(command, project, check=False, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    kept = re.search(r"^kept from before: (.*) \(landed", again.stdout, re.MULTILINE)
+    assert kept and set(kept[1].split(", ")) == set(landed_first), again.stdout
+    study = optuna.load_study(study_name="ctl", storage=f"sqlite:///{project / search.SEARCH_STORE}")
+    ended = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(ended) == 2, "two trials count, the cancelled one not"
+    names = sorted(t.user_attrs["experiment"] for t in ended)
+    assert sorted(run(["dvc", "exp", "list", "--names-only"], project).stdout.split()) == names
+    first_lr = {t.params["train.learning_rate"] for t in ended if t.user_attrs["experiment"] in landed_first}
+    later_lr = {t.params["train.learning_rate"] for t in ended if t.user_attrs["experiment"] not in landed_first}
+    assert not first_lr & later_lr, "the sampler went on, not over the first run's points again"
+    left = [
+        p.cmdline() for p in processes_started_with(marker) if re.search(r"dvc exp run|raylet", " ".join(p.cmdline()))
+    ]
+    assert not left, left
