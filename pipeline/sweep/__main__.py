@@ -3,8 +3,9 @@ of the grid as a DVC experiment, run as a Ray task, and logged as an MLflow run 
 sweep's run. On this machine (no RAY_ADDRESS) the trials clone this repository, share its DVC
 cache and MLflow store and land here; on the Ray cluster RAY_ADDRESS names, they clone from the git
 remote and push to the git and DVC remotes. With `--together N`, a task trains a group of up to N
-trials in one process, each still its own experiment. Everything that can be refused is refused
-before any trial starts.
+trials in one process, each still its own experiment. With `--trials N`, the -S give a space that
+Optuna samples and prunes (search.py, space.py). Everything that can be refused is refused before
+any trial starts.
 
 In parts: the plan and its refusals (plan.py), the tasks on Ray (cluster.py), one trial on its
 worker (trial.py), trials trained together (groups.py, together.py), and what the sweep leaves in

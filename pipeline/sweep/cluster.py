@@ -4,8 +4,9 @@ cancelling the rest on Ctrl-C.
 
 Ray tasks, not Ray Tune's trials: a task whose node was lost runs again elsewhere, with whatever
 of it had not landed yet, and a task that raised is not run again, which is the rule a sweep wants
-(a lost node reruns its trials, a diverged trial is reported once). The grid is DVC's, so Tune's
-search spaces add nothing; the concurrency limit and the reruns are a few lines here."""
+(a lost node reruns its trials, a diverged trial is reported once). The grid is DVC's and a
+search's sampler and pruner are Optuna's (search.py); the concurrency limit and the reruns are a
+few lines here."""
 
 from __future__ import annotations
 
