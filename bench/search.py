@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,24 +23,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from clones import clone, experiment_refs, run  # the sibling module
 
 from pipeline.history import OBJECTIVE
 from pipeline.idx import FILES, read_idx, write_idx
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 SPACE = [  # 4 x 2 x 2 = 16 configurations
     "train.learning_rate=0.0003,0.001,0.003,0.01",
     "train.beta=1,4",
     "model.latent_dim=2,8",
 ]
-
-
-def run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
 
 
 def part_of(mirror: Path, dest: Path, train_images: int, test_images: int) -> Path:
@@ -57,32 +48,14 @@ def part_of(mirror: Path, dest: Path, train_images: int, test_images: int) -> Pa
     return dest
 
 
-def clone(dest: Path, settings: dict) -> Path:
-    """This repository's HEAD with `settings` in params.yaml and the data split, committed."""
-    run(["git", "clone", "--quiet", str(ROOT), str(dest)], dest.parent)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for dotted, value in settings.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro", "--quiet", "split"], dest)
-    run(["git", "commit", "--quiet", "-am", "bench settings, the data split"], dest)
-    return dest
-
-
 def landed(project: Path) -> dict[str, dict]:
     """Each experiment's searched params, epochs and objective, from its commit."""
     trials = {}
-    for ref in run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).split():
-        if ref.startswith("refs/exps/exec/"):
-            continue
+    for name, ref in experiment_refs(project).items():
         params = yaml.safe_load(run(["git", "show", f"{ref}:params.yaml"], project))
         metrics = json.loads(run(["git", "show", f"{ref}:metrics/train.json"], project))
         config = (params["train"]["learning_rate"], params["train"]["beta"], params["model"]["latent_dim"])
-        trials[ref.rsplit("/", 1)[-1]] = {"config": config, "epochs": metrics["epochs"], OBJECTIVE: metrics[OBJECTIVE]}
+        trials[name] = {"config": config, "epochs": metrics["epochs"], OBJECTIVE: metrics[OBJECTIVE]}
     return trials
 
 

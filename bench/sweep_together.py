@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,45 +24,18 @@ from pathlib import Path
 
 import torch
 import yaml
+from clones import clone, experiment_refs, run  # the sibling module
 
 from pipeline.sweep import grid
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-
-def run(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
-
-
-def clone(dest: Path, settings: dict[str, str]) -> Path:
-    """This repository's HEAD with `settings` in params.yaml and the data split, committed."""
-    run(["git", "clone", "--quiet", str(ROOT), str(dest)], dest.parent)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for dotted, value in settings.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = yaml.safe_load(value)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro", "--quiet", "split"], dest)
-    run(["git", "commit", "--quiet", "-am", "bench settings, the data split"], dest)
-    return dest
 
 
 def model_md5s(project: Path) -> dict[str, str]:
     """Experiment name -> the md5 its dvc.lock records for models/model.pt."""
     md5s = {}
-    for ref in run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).split():
-        if ref.startswith("refs/exps/exec/"):  # DVC's own refs of the run in progress, not experiments
-            continue
+    for name, ref in experiment_refs(project).items():
         lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project))
         [out] = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.pt"]
-        md5s[ref.rsplit("/", 1)[-1]] = out["md5"]
+        md5s[name] = out["md5"]
     return md5s
 
 
@@ -76,7 +47,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params every trial shares")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
-    settings = dict(s.split("=", 1) for s in args.set)
+    settings = {key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in args.set)}
     settings |= {"data.dataset": args.dataset, "data.mirror": str(args.mirror.resolve())}
     trials = grid.expand(args.sets, "bench")
 

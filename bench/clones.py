@@ -1,0 +1,45 @@
+"""What the benchmarks that run the pipeline as a user does share: a fresh clone of this
+repository's HEAD with their params, its commands run as a user's shell runs them, and the
+experiments it holds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def clone(dest: Path, settings: dict) -> Path:
+    """This repository's HEAD with `settings` (dotted key -> value) in params.yaml and the data
+    split, committed: every way a benchmark compares starts from the same place."""
+    run(["git", "clone", "--quiet", str(ROOT), str(dest)], dest.parent)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for dotted, value in settings.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "--quiet", "split"], dest)
+    run(["git", "commit", "--quiet", "-am", "bench settings, the data split"], dest)
+    return dest
+
+
+def experiment_refs(project: Path) -> dict[str, str]:
+    """Experiment name -> its git ref (not DVC's own refs of a run in progress)."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).split()
+    return {ref.rsplit("/", 1)[-1]: ref for ref in refs if not ref.startswith("refs/exps/exec/")}
