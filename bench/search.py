@@ -1,6 +1,7 @@
 """A search with pruning against the exhaustive grid of the same space, both in one invocation,
 each as `python -m pipeline.sweep` in a fresh clone of this repository's HEAD on the same part of
-an IDX mirror: the trial-epochs trained, the wall time (every trial's clone, rungs, landing,
+an IDX mirror: the trial-epochs of the trials that landed (a failed trial's are left out, and it
+is listed), the wall time (every trial's clone, rungs, landing,
 evaluate and visualize counted), the best objective (val_neg_elbo of a trial trained to every
 epoch) and where the search's best ranks in the grid.
 
@@ -16,6 +17,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -93,13 +95,15 @@ def main() -> None:
         for way, command in ways.items():
             project = clone(Path(folder) / way, settings)
             started = time.monotonic()
-            run(command, project)
+            said = run(command, project, ok=(0, 1))  # 1: a trial failed (a diverged loss), the others landed
             seconds = time.monotonic() - started
             trials = landed(project)
+            failed = re.findall(r"^(\S+) failed: (.*)$", said, re.MULTILINE)
             full = [t for t in trials.values() if t["epochs"] == args.epochs]
             best = min(full, key=lambda t: t[OBJECTIVE])
             results[way] = {
                 "trials": len(trials),
+                "failed": [f"{name}: {why}" for name, why in failed],  # their epochs are not in trial_epochs
                 "trial_epochs": sum(t["epochs"] for t in trials.values()),
                 "wall_seconds": round(seconds, 1),
                 "best_objective": best[OBJECTIVE],
