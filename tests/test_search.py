@@ -190,10 +190,10 @@ class Searched:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Searched:
-    """A 4-epoch search of 2 trials, rungs at 1 and 2 epochs, one trial at a time; then the pruned
-    trial's params trained alone for 1 and for 4 epochs, and the pruned trial continued to 4."""
+    """A 2-epoch search of 2 trials, a rung at 1 epoch, one trial at a time; then the pruned trial's
+    params trained alone for 1 and for 2 epochs, and the pruned trial continued to 2."""
     tmp = tmp_path_factory.mktemp("search")
-    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 4})
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = search_env()
     output = run(
         [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, "--max-concurrent", "1", "-n", "srch"],
@@ -210,13 +210,13 @@ def searched(tmp_path_factory) -> Searched:
     for trained in ("models/model.pt", "models/state.pt"):
         (project / trained).unlink()  # from scratch, not on from alone-1
     run(
-        ["dvc", "exp", "run", "-n", "alone-4", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=4"],
+        ["dvc", "exp", "run", "-n", "alone-2", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=2"],
         project,
         env=alone,
     )
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "exp", "apply", "srch-2"], project, env=env)
-    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=4"], project, env=alone)
+    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=2"], project, env=alone)
     run(["git", "checkout", "--", "."], project)
     return Searched(project, output, env)
 
@@ -239,18 +239,18 @@ def experiment_ref(project: Path, name: str) -> str:
 def test_a_pruned_trial_is_the_experiment_of_its_epochs_and_continues_bit_for_bit(searched):
     output = searched.output.stdout
     assert searched.output.returncode == 0, output + searched.output.stderr
-    assert "pruned at epochs 1, 2 (reduction factor 2)" in output
+    assert "pruned at epochs 1 (reduction factor 2)" in output
     assert re.search(r"^srch-2 pruned at epoch 1, landed", output, re.MULTILINE), output
-    assert re.search(r"^srch-1 +FINISHED +4 .*<- best", output, re.MULTILINE), output
+    assert re.search(r"^srch-1 +FINISHED +2 .*<- best", output, re.MULTILINE), output
     assert re.search(r"^srch-2 +PRUNED +1 ", output, re.MULTILINE), output
 
     pruned, alone = train_outputs(searched.project, "srch-2"), train_outputs(searched.project, "alone-1")
     assert pruned["epochs"] == 1, "the experiment's train.epochs is the epochs it reached"
     assert pruned["models/model.pt"] == alone["models/model.pt"]
     assert pruned["metrics/history.csv"] == alone["metrics/history.csv"]
-    more, alone = train_outputs(searched.project, "srch-2-more"), train_outputs(searched.project, "alone-4")
-    assert more["models/model.pt"] == alone["models/model.pt"], "continued, it is the bytes of a run of 4 alone"
-    assert train_outputs(searched.project, "srch-1")["epochs"] == 4
+    more, alone = train_outputs(searched.project, "srch-2-more"), train_outputs(searched.project, "alone-2")
+    assert more["models/model.pt"] == alone["models/model.pt"], "continued, it is the bytes of a run of 2 alone"
+    assert train_outputs(searched.project, "srch-1")["epochs"] == 2
 
 
 @pytest.mark.slow
@@ -258,16 +258,16 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
     client = mlflow.MlflowClient(f"sqlite:///{searched.project / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
     parent = client.search_runs([experiment], filter_string="attributes.run_name = 'srch'")[0]
-    assert parent.data.params["sweep.rungs"] == "1 2 4" and parent.data.params["sweep.objective"] == OBJECTIVE
+    assert parent.data.params["sweep.rungs"] == "1 2" and parent.data.params["sweep.objective"] == OBJECTIVE
     assert parent.data.tags["best_trial"] == "srch-1"
-    assert parent.data.metrics["trial_epochs"] == 4 + 1
+    assert parent.data.metrics["trial_epochs"] == 2 + 1
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} >= {
         "search/history.json",
         "search/optimization_history.png",
     }
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
-    assert (rows["srch-1"]["epochs"], rows["srch-1"]["pruned"]) == (4, False)
+    assert (rows["srch-1"]["epochs"], rows["srch-1"]["pruned"]) == (2, False)
     assert (rows["srch-2"]["epochs"], rows["srch-2"]["pruned"]) == (1, True)
 
     children = client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
@@ -276,8 +276,8 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
     assert landed["srch-2"].data.tags["state"] == "PRUNED" and landed["srch-2"].data.tags["pruned_at_epoch"] == "1"
     assert landed["srch-1"].data.tags["state"] == "COMPLETE"
     steps = [m.step for m in client.get_metric_history(landed["srch-1"].info.run_id, OBJECTIVE)]
-    assert sorted(steps) == [1, 2, 3, 4], "a promoted trial's last run holds every one of its epochs"
-    assert sorted(child.info.run_name for child in children).count("srch-1") == 3, "a run per rung, linked"
+    assert sorted(steps) == [1, 2], "a promoted trial's last run holds every one of its epochs"
+    assert sorted(child.info.run_name for child in children).count("srch-1") == 2, "a run per rung, linked"
 
 
 @pytest.mark.slow
