@@ -235,7 +235,13 @@ def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what:
     interrupts it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
     proc = subprocess.Popen(
-        tied_to_this_process(args), cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        tied_to_this_process(args),
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, for _interrupt (POSIX; elsewhere ignored)
     )
     try:
         for line in proc.stdout:
@@ -282,16 +288,45 @@ def reason_from_output(lines: list[str], returncode: int, what: str = "`dvc exp 
 
 
 def _interrupt(proc: subprocess.Popen) -> None:
-    """SIGINT to `dvc exp run` and the stage it runs, SIGKILL to what is left after the grace."""
-    with contextlib.suppress(psutil.Error):
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for process in tree:
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(signal.SIGINT)
-        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+    """SIGINT, once each, to every process of the command's group: `dvc exp run` and the stages it
+    runs, also a stage DVC starts as the signal comes (it would not be in a list made before);
+    SIGKILL to the group after the grace. Where there are no process groups, to its tree."""
+    if os.name != "posix":
+        with contextlib.suppress(psutil.Error):
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for process in tree:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGINT)
+            _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        return
+    deadline, interrupted = time.monotonic() + STOP_GRACE_SECONDS, set()
+    while time.monotonic() < deadline:
+        proc.poll()  # reaped once it exits, so the group can empty
+        members = _group(proc.pid)
+        if not members:
+            break
+        for process in members:
+            if process.pid not in interrupted:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGINT)
+                interrupted.add(process.pid)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group `pgid`."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+    return members
 
 
 def fail_lost_attempts(sweep: Sweep, names: list[str]) -> None:
