@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
 from pipeline.params import Params
 from pipeline.sweep import report, search, space
+from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.cluster import Outcome
 from pipeline.sweep.trial import Sweep
 from tests.processes import owner_marker, processes_started_with, read_until
@@ -72,12 +73,23 @@ def search_env() -> dict[str, str]:
         (["-S", "train.beta=1,4", "--trials", "3", "--sampler", "grid"], "more than the 2 points of the grid"),
     ],
 )
-@pytest.mark.slow
-def test_a_bad_search_is_refused_in_one_line_before_any_work(refusing_project, args, said):
-    refused = run([*SEARCH, *args, "--name", "bad"], refusing_project, check=False, env=search_env())
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert said in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert "ray:" not in refused.stdout, "refused before Ray started"
+def test_a_bad_search_is_refused_in_one_line_before_any_work(refusing_project, args, said, monkeypatch, capsys):
+    """The command's own entry point, in the project, as `python -m pipeline.sweep` runs it (in this
+    process: a new interpreter per case would only add its start)."""
+    monkeypatch.chdir(refusing_project)
+    for name, value in search_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    environ, tracking_uri = dict(os.environ), mlflow.get_tracking_uri()
+    try:
+        assert sweep_main([*args, "--name", "bad"]) == 2
+    finally:  # what the sweep sets for the process it thinks it is: not for the tests after this one
+        for name in os.environ.keys() - environ.keys():
+            del os.environ[name]
+        mlflow.set_tracking_uri(tracking_uri)
+    printed = capsys.readouterr()
+    assert said in printed.err and len(printed.err.strip().splitlines()) == 1, printed.err
+    assert "ray:" not in printed.out, "refused before Ray started"
     assert not (refusing_project / search.SEARCH_STORE).exists(), "no study was started"
 
 
