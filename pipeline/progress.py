@@ -1,16 +1,25 @@
 """Progress of the long loops (a training epoch, the evaluation): what runs, how far along it is,
 and the time left. A terminal gets tqdm's live bar; a log (CI, `dvc exp run --queue`) gets a plain
-line every PIPELINE_PROGRESS_SECONDS (30 by default), where a bar would be carriage returns."""
+line every PIPELINE_PROGRESS_SECONDS (30 by default), where a bar would be carriage returns.
+
+For programs, not people: where PIPELINE_PROGRESS_FILE names a file, every stage appends its
+progress there as JSON lines (`record`): a stage's start, a loop's advance, an epoch's losses. A
+sweep's driver follows its trials by that file (`Follower`), never by what they print."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tqdm import tqdm
+
+PROGRESS_FILE_VARIABLE = "PIPELINE_PROGRESS_FILE"
+RECORD_EVERY_SECONDS = 1.0  # a loop's advance is recorded at most this often
 
 
 def seconds_between_lines() -> float:
@@ -45,6 +54,48 @@ class _Lines:
         pass
 
 
+def stage_name() -> str:
+    """The stage this process runs: DVC's name for it, else the module's (`python -m pipeline.x`)."""
+    return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
+
+
+def record(event: str, **fields) -> None:
+    """One JSON line appended to the file PIPELINE_PROGRESS_FILE names (nothing where it is unset):
+    {"event", "stage", "time", **fields}. One write of one line, so a follower never reads half."""
+    path = os.environ.get(PROGRESS_FILE_VARIABLE)
+    if path:
+        line = json.dumps({"event": event, "stage": stage_name(), "time": time.time(), **fields}) + "\n"
+        with open(path, "a") as file:
+            file.write(line)
+
+
+class Follower:
+    """The events a progress file gains, read as it grows (complete lines only)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def new(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            read = file.read()
+        self.offset += len(read)
+        *lines, self.partial = (self.partial + read).split(b"\n")
+        return [json.loads(line) for line in lines if line]
+
+
+def describe(event: dict) -> str:
+    """An event in a few words, as a sweep shows what a trial is doing."""
+    trial = f"{event['trial']} " if event.get("trial") else ""
+    if event["event"] == "advance":
+        return f"{event['stage']} {event['doing']} ({event['done'] / event['total']:.0%})"
+    if event["event"] == "epoch":
+        return f"{event['stage']} {trial}epoch {event['epoch']}/{event['epochs']} done"
+    return f"{event['stage']}"
+
+
 @contextlib.contextmanager
 def progress(
     total: int, desc: str, unit: str, leave: bool = True, shown: bool = True
@@ -59,7 +110,17 @@ def progress(
         if sys.stderr.isatty()
         else _Lines(total, desc, unit)
     )
+    done, recorded = 0, time.monotonic()
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, recorded
+        bar.update(n)
+        done += n
+        if time.monotonic() - recorded >= RECORD_EVERY_SECONDS and done < total:
+            recorded = time.monotonic()
+            record("advance", doing=desc, done=done, total=total)
+
     try:
-        yield bar.update
+        yield advance
     finally:
         bar.close()

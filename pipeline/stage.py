@@ -1,6 +1,6 @@
-"""The entry point of every stage: a mistake reported in one line with exit status 2 (under
-torchrun, written for the launcher to relay once), Ctrl-C with the shell's 130, and a stage whose
-`dvc` is gone stopped as Ctrl-C stops it."""
+"""The entry point of every stage: its start recorded in the progress file (progress.record), a
+mistake reported in one line with exit status 2 (under torchrun, written for the launcher to relay
+once), Ctrl-C with the shell's 130, and a stage whose `dvc` is gone stopped as Ctrl-C stops it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.dvc_process import (
     stop_when_orphaned,
 )
 from pipeline.errors import PipelineError
+from pipeline.progress import record
 
 # Under torchrun, where each rank writes its error instead of printing it: the launcher reports
 # the first rank's once, in one line, instead of every rank's line and torchrun's failure dump.
@@ -24,6 +25,8 @@ RANK_ERRORS_VARIABLE = "PIPELINE_RANK_ERRORS"
 def run_stage(main: Callable[[], None]) -> None:
     if DVC_STAGE_VARIABLE in os.environ:
         stop_when_orphaned([process.pid for process in lineage_up_to_dvc()] or [os.getppid()])
+    if os.environ.get("RANK", "0") == "0":  # once, under torchrun too
+        record("start")
     try:
         main()
     except PipelineError as exc:

@@ -24,6 +24,7 @@ from pipeline.device import (
     resolve_device,
     resolve_precision,
 )
+from pipeline.epoch_report import report_epoch
 from pipeline.errors import PipelineError
 from pipeline.history import EpochLosses
 from pipeline.losses import dataset_loss
@@ -205,19 +206,6 @@ def run_epoch(
     if not ranks.writer:
         return None
     return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
-
-
-def report_epoch(
-    tracked: tracking.TrackedRun, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor, epochs: int
-) -> None:
-    """The epoch to MLflow (`TrackedRun.log_epoch`) and one line to the terminal."""
-    tracked.log_epoch(row, seconds, model, validation)
-    print(
-        f"epoch {row.epoch}/{epochs}  "
-        + "  ".join(f"{k} {v:.3f}" for k, v in row.metrics.items())
-        + f"  ({seconds:.1f} s)",
-        flush=True,
-    )
 
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:

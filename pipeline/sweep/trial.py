@@ -16,14 +16,15 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import mlflow
 import psutil
@@ -32,7 +33,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.history import EPOCHS, OBJECTIVE, split_train_metrics
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.progress import PROGRESS_FILE_VARIABLE, Follower, describe
 from pipeline.provenance import PARENT_RUN_VARIABLE
+from pipeline.sweep.grid import at_epochs
 from pipeline.sweep.interrupts import uninterrupted
 
 STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
@@ -76,12 +79,16 @@ class TrialResult:
 
 @dataclasses.dataclass(frozen=True)
 class Rungs:
-    """A search's trial: its number in the study, the actor that holds the study, and the epochs at
-    which it may be pruned, then its full epochs."""
+    """A search's task: the actor that holds the study, the epochs at which a trial may be pruned
+    and then its full epochs, and each trial's number in the study, by name."""
 
-    number: int
     search: object  # the Ray actor pipeline.sweep.search.Search
     epochs: tuple[int, ...]
+    numbers: dict[str, int]
+
+    def report(self, name: str, epochs: int, objective: float) -> bool:
+        """The trial's objective after `epochs` told to the study; whether it is pruned there."""
+        return ray.get(self.search.report.remote(self.numbers[name], epochs, objective))
 
 
 class TrialFailed(Exception):
@@ -122,15 +129,14 @@ def climb(
     """Train rung by rung, each `dvc exp run train` continuing the last with more `train.epochs`,
     and ask the search after each whether to go on. Returns the overrides of the epochs reached
     and whether the search pruned the trial there."""
-    overrides = tuple(o for o in overrides if not o.startswith("train.epochs="))
     for epochs in rungs.epochs[:-1]:
-        at_rung = (*overrides, f"train.epochs={epochs}")
+        at_rung = at_epochs(overrides, epochs)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
         _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
         objective = json.loads((repo / TRAIN_METRICS).read_text())[OBJECTIVE]
-        if ray.get(rungs.search.report.remote(rungs.number, epochs, objective)):
+        if rungs.report(name, epochs, objective):
             return at_rung, True
-    return (*overrides, f"train.epochs={rungs.epochs[-1]}"), False
+    return at_epochs(overrides, rungs.epochs[-1]), False
 
 
 def set_params(overrides: tuple[str, ...]) -> list[str]:
@@ -159,7 +165,7 @@ def push_and_report(
         result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned)
         if rungs is not None:
             landed = {"experiment": name, "epochs": epochs, "mlflow_run_id": run_id, "metrics": metrics}
-            ray.get(rungs.search.tell.remote(rungs.number, metrics[OBJECTIVE], pruned, landed))
+            ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics[OBJECTIVE], pruned, landed))
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
 
@@ -223,34 +229,47 @@ def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
         raise TrialFailed(name, reason)
 
 
-_STAGE = re.compile(r"Running stage '(\w+)'")
-# An epoch's end ("epoch 2/10  train_...", or a trial's of a group: "lr-1 epoch 2/10  val_..."), or
-# its progress line ("epoch 2/10: ... (40%)").
-_EPOCH = re.compile(r"^(?:\S+ )?epoch (\d+)/(\d+)(?:  \w+_|: .*\((\d+%)\))")
-
-
-def run_watched(args: list[str], label: str, repo: Path, env: dict, board, what: str = "`dvc exp run`") -> None:
-    """A trial's command (`dvc exp run`, a group's process), its output read as it comes for the
-    stage and epoch it is at. A cancelled task (Ctrl-C on the driver)
-    interrupts it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed."""
+def run_watched(
+    args: list[str],
+    label: str,
+    repo: Path,
+    env: dict,
+    board,
+    what: str = "`dvc exp run`",
+    on_event: Callable[[dict, IO[str]], None] | None = None,
+) -> None:
+    """A trial's command (`dvc exp run`, a group's process), followed by the progress file its
+    stages write (pipeline.progress): the board shows what it is doing, and `on_event` hears each
+    event with the command's stdin to answer on. A cancelled task (Ctrl-C on the driver) interrupts
+    it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed, with the
+    reason its output gave."""
+    events = repo.parent / "progress.jsonl"
+    events.unlink(missing_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=60)
     proc = subprocess.Popen(
         tied_to_this_process(args),
         cwd=repo,
-        env=env,
+        env=env | {PROGRESS_FILE_VARIABLE: str(events)},
+        stdin=subprocess.PIPE if on_event else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # a process group of its own, for _interrupt (POSIX; elsewhere ignored)
     )
+    reader = threading.Thread(target=tail.extend, args=(proc.stdout,), daemon=True)  # its last lines, for why
+    reader.start()
+    follower = Follower(events)
     try:
-        for line in proc.stdout:
-            tail.append(line)
-            if stage := _STAGE.search(line):
-                board.doing.remote(label, stage[1])
-            elif epoch := _EPOCH.match(line):
-                board.doing.remote(label, f"train epoch {epoch[1]}/{epoch[2]}" + (f" ({epoch[3]})" if epoch[3] else ""))
-        proc.wait()
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.25)
+            for event in follower.new():
+                board.doing.remote(label, describe(event))
+                if on_event is not None:
+                    on_event(event, proc.stdin)
+            if proc.returncode is not None:
+                break
+        reader.join()
     except BaseException:  # KeyboardInterrupt: Ray cancelled the task
         _interrupt(proc)
         raise
