@@ -137,8 +137,7 @@ def proposals(store: Path, seed: int, count: int = 14) -> list[dict]:
     study = search.SearchStudy("s", parsed, options, f"sqlite:///{store}")
     asked = []
     for _ in range(count):
-        trial = study.ask()
-        number = int(trial.name.rsplit("-", 1)[1]) - 1
+        number, trial = study.ask()
         values = dict(o.split("=") for o in trial.overrides)
         asked.append(values)
         study.tell(number, float(values["train.learning_rate"]) * 1000 + float(values["train.beta"]), False, {})
@@ -165,8 +164,7 @@ def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
     parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
     study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, True, 1, 3), "sqlite://")
     for _ in range(6):
-        trial = study.ask()
-        number = int(trial.name.rsplit("-", 1)[1]) - 1
+        number, trial = study.ask()
         values = dict(o.split("=") for o in trial.overrides)
         objective = float(values["train.learning_rate"]) * 1000
         attrs = {"epochs": 3, "mlflow_run_id": None, "metrics": {OBJECTIVE: objective}}
@@ -197,13 +195,15 @@ def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
 class Searched:
     project: Path
     output: subprocess.CompletedProcess
+    together: subprocess.CompletedProcess  # the same search, its trials trained together
     env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Searched:
-    """A 2-epoch search of 2 trials, a rung at 1 epoch, one trial at a time; then the pruned trial's
-    params trained alone for 1 and for 2 epochs, and the pruned trial continued to 2."""
+    """A 2-epoch search of 2 trials, a rung at 1 epoch, one trial at a time, and the same search
+    with its trials trained together; then the pruned trial's params trained alone for 1 and for 2
+    epochs, and the pruned trial continued to 2."""
     tmp = tmp_path_factory.mktemp("search")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = search_env()
@@ -214,6 +214,12 @@ def searched(tmp_path_factory) -> Searched:
         env=env,
     )
     alone = env | {"OMP_NUM_THREADS": "1"}  # the threads Ray gives a trial of one CPU
+    together = run(  # a group has the driver's threads: those of a run alone
+        [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, "--together", "2", "-n", "grp"],
+        project,
+        check=False,
+        env=alone,
+    )
     run(
         ["dvc", "exp", "run", "-n", "alone-1", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=1"],
         project,
@@ -230,7 +236,7 @@ def searched(tmp_path_factory) -> Searched:
     run(["dvc", "exp", "apply", "srch-2"], project, env=env)
     run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=2"], project, env=alone)
     run(["git", "checkout", "--", "."], project)
-    return Searched(project, output, env)
+    return Searched(project, output, together, env)
 
 
 def train_outputs(project: Path, experiment: str) -> dict[str, str]:
@@ -290,6 +296,30 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
     steps = [m.step for m in client.get_metric_history(landed["srch-1"].info.run_id, OBJECTIVE)]
     assert sorted(steps) == [1, 2], "a promoted trial's last run holds every one of its epochs"
     assert sorted(child.info.run_name for child in children).count("srch-1") == 2, "a run per rung, linked"
+
+
+@pytest.mark.slow
+def test_a_search_together_prunes_inside_its_group_and_lands_the_same_bytes(searched):
+    """Both trials train in one process; at the rung the worse leaves the group, and lands as the
+    experiment of its one epoch; the better trains on. Each is the bytes of the search one by one."""
+    output = searched.together.stdout
+    assert searched.together.returncode == 0, output + searched.together.stderr
+    assert re.search(r"^grp-2 pruned at epoch 1, landed", output, re.MULTILINE), output
+    assert re.search(r"^grp-1 +FINISHED +2 .*<- best", output, re.MULTILINE), output
+    assert train_outputs(searched.project, "grp-2") == train_outputs(searched.project, "alone-1")
+    assert train_outputs(searched.project, "grp-1") == train_outputs(searched.project, "srch-1")
+
+    client = mlflow.MlflowClient(f"sqlite:///{searched.project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
+    parent = client.search_runs([experiment], filter_string="attributes.run_name = 'grp'")[0]
+    children = client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    runs = {child.info.run_name: child for child in children}
+    assert len(children) == 2, "one run a trial: a promoted trial's epochs all in it"
+    assert runs["grp-2"].data.params["train.epochs"] == "1", "its params are those of the experiment it landed as"
+    assert runs["grp-1"].data.params["train.epochs"] == "2"
+    assert runs["grp-2"].data.tags["pruned_at_epoch"] == "1"
+    steps = [m.step for m in client.get_metric_history(runs["grp-1"].info.run_id, OBJECTIVE)]
+    assert sorted(steps) == [1, 2]
 
 
 @pytest.mark.slow

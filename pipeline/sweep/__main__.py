@@ -21,11 +21,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import optuna
 import ray
 from dvc.repo.experiments.utils import gen_random_name
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
+from pipeline.git import git
+from pipeline.params import PARAMS_FILE
 from pipeline.sweep import cluster, report, search
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
@@ -110,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     with ctrl_c_as_flag() as ctrl_c:  # read between steps: no trial is ever half-recorded
         try:
             plan = prepare(args)
-            if plan.space is not None:
+            study = None
+            if plan.space is not None:  # a search: refused here if its study was started otherwise
                 search.check_against_space(search.options_from(args), plan.space, plan.params[0].train.epochs)
-                search.open_study(args.name, plan.space, search.options_from(args), search.storage_url())
+                study = search.open_study(args.name, plan.space, search.options_from(args), search.storage_url())
             cluster.start_ray(args)
             if ctrl_c.is_set():
                 print("interrupted before any trial started", file=sys.stderr)
                 return 130
-            return sweep_trials(plan, args, ctrl_c, started)
+            return sweep_trials(plan, args, ctrl_c, started, study)
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -125,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
-def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, started: float) -> int:
-    """The plan's trials run, their parent run opened and finished; the sweep's exit status."""
+def sweep_trials(
+    plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, started: float, study: optuna.Study | None
+) -> int:
+    """The plan's trials (or the `study`'s proposals) run, their parent run opened and finished;
+    the sweep's exit status."""
     trials = plan.trials
     if plan.local_cache:  # a trial that is an experiment here already is kept: the same sweep again resumes it
         kept = experiments_here(plan.trials)
@@ -144,10 +151,11 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
         actor = search.Search.options(scheduling_strategy=here).remote(
             args.name, plan.space, options, search.storage_url()
         )
-        proposals = search.Proposals(actor, args.name, plan.space, options, plan.params[0].train.epochs)
+        params_text = git("show", f"{plan.commit}:{PARAMS_FILE}")
+        proposals = search.Proposals(actor, args.name, options, plan.params[0].train.epochs, args.together, params_text)
         # Each proposal waits for room, so the sampler sees every result that came before it.
         args.max_concurrent = min(args.max_concurrent or cluster.capacity(args), cluster.capacity(args))
-        kept = search.landed_before(search.open_study(args.name, plan.space, options, search.storage_url()))
+        kept = search.landed_before(study)
         if kept:
             print(f"kept from before: {', '.join(kept)} (landed by this search before)", flush=True)
         print(
@@ -197,11 +205,8 @@ def sweep_trials(plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, 
     if proposals is not None:
         proposals.settle(outcome)
         outcome.kept = {name: result for name, (_, result) in kept.items()}
-        asked = [task.trials[0] for task in proposals.tasks]
-        trials = [trial for trial, _ in kept.values()] + asked
-        report.log_search(
-            client, sweep, search.open_study(args.name, plan.space, options, search.storage_url()), outcome
-        )
+        trials = [trial for trial, _ in kept.values()] + proposals.trials()
+        report.log_search(client, sweep, study, outcome)
     decoders = {params.train.reconstruction for params in plan.params}
     summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started, len(decoders) == 1)
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already

@@ -72,7 +72,7 @@ class Task:
     trials: tuple[grid.Trial, ...]
     together: bool
     attempt: int = 1
-    rungs: Rungs | None = None  # a search's trial: where it may be pruned
+    rungs: Rungs | None = None  # a search's trials: where they may be pruned
 
 
 def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
@@ -208,7 +208,7 @@ def run_sweep(
             }  # a lost node's task runs again from here, less what it had landed
             cpu_only = args.gpus_per_trial == 0
             running[
-                group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only)
+                group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only, task.rungs)
                 if task.together
                 else trial_task.options(**options).remote(
                     sweep, task.label, task.trials[0].overrides, board, cpu_only, task.rungs

@@ -33,6 +33,11 @@ class Trial:
         return {key.lstrip("+~"): value for key, _, value in (o.partition("=") for o in self.overrides)}
 
 
+def at_epochs(overrides: tuple[str, ...], epochs: int) -> tuple[str, ...]:
+    """The overrides, with `train.epochs` set to `epochs` (a search's trial at a rung)."""
+    return (*(o for o in overrides if not o.startswith("train.epochs=")), f"train.epochs={epochs}")
+
+
 def overrides_from_file(path: Path) -> list[str]:
     """`key: [v1, v2]` (or `key: v`) lines of a YAML file as `-S key=v1,v2` overrides."""
     try:

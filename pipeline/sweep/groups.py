@@ -2,7 +2,9 @@
 a process, and a group as the Ray task a trial otherwise is (trial.py): in a temporary clone at the
 sweep's commit, one process trains the group (together.py), then each trial lands as its own DVC
 experiment by `dvc exp run`, whose train stage finds the trial's finished checkpoint and only
-finishes (evaluate and visualize run as usual), and is pushed as a trial is."""
+finishes (evaluate and visualize run as usual), and is pushed as a trial is. A search's group
+trains on with the trials its study does not prune at each rung; a pruned one lands as the
+experiment of the epochs it reached, as a search's trial alone does."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import ray
 
@@ -21,6 +24,7 @@ from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
 from pipeline.sweep.together import group_key
 from pipeline.sweep.trial import (
+    Rungs,
     Sweep,
     TrialFailed,
     TrialResult,
@@ -42,10 +46,12 @@ def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
 
 
 def run_group(
-    sweep: Sweep, label: str, trials: list[grid.Trial], board, cpu_only: bool
+    sweep: Sweep, label: str, trials: list[grid.Trial], board, cpu_only: bool, rungs: Rungs | None = None
 ) -> dict[str, TrialResult | str]:
     """The Ray task: the group trained, then each trained trial landed and pushed. Returns each
-    trial's result, or why it has none; each landed trial is on the board as soon as it lands."""
+    trial's result, or why it has none; each landed trial is on the board as soon as it lands. A
+    search's group (`rungs`) asks the study at each rung which trials stop there; those land as
+    the experiments of the epochs they reached."""
     started = time.monotonic()
     board.start.remote(label, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [trial.name for trial in trials])
@@ -54,24 +60,61 @@ def run_group(
         subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
         out = repo.parent / "trained"
         out.mkdir()
-        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board)
+        pruned_at: dict[str, int] = {}  # a search's trial -> the rung it was pruned at
+        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board, rungs, pruned_at)
         share = (time.monotonic() - started) / len(trials)  # each trial's part of the clone and the training
         for trial in trials:
             if trial.name not in ended:
-                ended[trial.name] = _land(sweep, label, trial, repo, out, env, board, share)
+                epochs = pruned_at.get(trial.name)
+                landing = grid.Trial(trial.name, grid.at_epochs(trial.overrides, epochs)) if epochs else trial
+                ended[trial.name] = _land(sweep, label, landing, repo, out, env, board, share, rungs, pruned_at)
     return ended
 
 
-def _train(label: str, trials: list[grid.Trial], repo: Path, out: Path, env: dict, board) -> dict[str, str]:
-    """Run the group's process; returns why each trial that did not train did not."""
+def _train(
+    label: str,
+    trials: list[grid.Trial],
+    repo: Path,
+    out: Path,
+    env: dict,
+    board,
+    rungs: Rungs | None,
+    pruned_at: dict[str, int],
+) -> dict[str, str]:
+    """Run the group's process, and answer it at each rung of a search; returns why each trial that
+    did not train did not."""
     spec = out / "group.json"
     spec.write_text(
-        json.dumps({"trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials], "out": str(out)})
+        json.dumps(
+            {
+                "trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials],
+                "out": str(out),
+                "rungs": list(rungs.epochs[:-1]) if rungs else [],
+            }
+        )
     )
+
+    def decide(event: dict, answer: IO[str]) -> None:
+        """At a rung, the group's objectives told to the study best first (each then meets the
+        better ones of its group as well as every earlier trial); the trials it prunes stop."""
+        if event["event"] != "rung":
+            return
+        ordered = sorted(event["objectives"].items(), key=lambda item: item[1])
+        stop = [name for name, objective in ordered if rungs.report(name, event["epoch"], objective)]
+        pruned_at.update(dict.fromkeys(stop, event["epoch"]))
+        answer.write(json.dumps({"stop": stop}) + "\n")
+        answer.flush()
+
     board.doing.remote(label, "training together")
     try:
         run_watched(
-            [sys.executable, "-m", "pipeline.sweep.together", str(spec)], label, repo, env, board, "its group's process"
+            [sys.executable, "-m", "pipeline.sweep.together", str(spec)],
+            label,
+            repo,
+            env,
+            board,
+            "its group's process",
+            decide if rungs else None,
         )
         why_not = ""
     except TrialFailed as exc:
@@ -87,10 +130,20 @@ def _train(label: str, trials: list[grid.Trial], repo: Path, out: Path, env: dic
 
 
 def _land(
-    sweep: Sweep, label: str, trial: grid.Trial, repo: Path, out: Path, env: dict, board, share: float
+    sweep: Sweep,
+    label: str,
+    trial: grid.Trial,
+    repo: Path,
+    out: Path,
+    env: dict,
+    board,
+    share: float,
+    rungs: Rungs | None,
+    pruned_at: dict[str, int],
 ) -> TrialResult | str:
-    """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params, from its
-    finished checkpoint (its MLflow run goes on in the same run)."""
+    """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params (a pruned
+    trial's `train.epochs` those it reached), from its finished checkpoint (its MLflow run goes on
+    in the same run)."""
     board.doing.remote(label, f"landing {trial.name}")
     subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", sweep.commit], cwd=repo, check=True)
     (repo / CHECKPOINT_FILE).parent.mkdir(exist_ok=True)
@@ -105,6 +158,8 @@ def _land(
             board,
         )
         started = run_started - share  # its share of the group's clone and training counts as its own
-        return push_and_report(sweep, trial.name, repo, env, board, started, time.monotonic() - run_started)
+        run_seconds = time.monotonic() - run_started
+        pruned = trial.name in pruned_at
+        return push_and_report(sweep, trial.name, repo, env, board, started, run_seconds, rungs, pruned)
     except TrialFailed as exc:
         return exc.reason

@@ -53,8 +53,6 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     if args.trials is not None:
         search.check_options(search.options_from(args))
-    if args.trials is not None and args.together:
-        raise PipelineError("a search (--trials) trains its trials one by one for now: drop --together")
     sets, trials, commit, checked, searched = _grid_at_head(args)
     if args.together and any(params.train.num_processes > 1 for params in checked):
         raise PipelineError(

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from pipeline.errors import PipelineError
 from pipeline.sweep import grid
 from pipeline.sweep.cluster import CANCELLED, Outcome, Task
+from pipeline.sweep.groups import groups
 from pipeline.sweep.space import Space
 from pipeline.sweep.trial import Rungs, TrialResult
 
@@ -147,14 +148,15 @@ class SearchStudy:
     def counted(self) -> int:
         return len(counted(self.study))
 
-    def ask(self) -> grid.Trial:
-        """The next trial, named as DVC names a sweep's experiments, with the overrides that make it."""
+    def ask(self) -> tuple[int, grid.Trial]:
+        """The next trial's number in the study, and the trial, named as DVC names a sweep's
+        experiments, with the overrides that make it."""
         trial = self.study.ask(dict(self.space.dimensions))
         self.asked[trial.number] = trial
         proposed = grid.Trial(f"{self.name}-{trial.number + 1}", self.space.overrides(trial.params))
         trial.set_user_attr("experiment", proposed.name)
         trial.set_user_attr("overrides", list(proposed.overrides))
-        return proposed
+        return trial.number, proposed
 
     def report(self, number: int, epochs: int, value: float) -> bool:
         """The trial's objective after `epochs`; whether the pruner stops it there."""
@@ -189,24 +191,51 @@ Search = ray.remote(num_cpus=0)(SearchStudy)
 
 
 class Proposals:
-    """The search's next trials, asked of the study as room frees, until --trials count."""
+    """The search's next trials, asked of the study as room frees, until --trials count: a task
+    each, or with --together a task per group of up to that many that can train together."""
 
-    def __init__(self, search, name: str, space: Space, options: SearchOptions, epochs: int):
-        self.search, self.name, self.space = search, name, space
+    def __init__(
+        self, search, name: str, options: SearchOptions, epochs: int, together: int = 0, params_text: str = ""
+    ):
+        self.search, self.name, self.together, self.params_text = search, name, together, params_text
         self.rungs = options.rungs(epochs)
         self.left = max(options.trials - ray.get(search.counted.remote()), 0)
         self.asked: dict[str, int] = {}  # trial name -> its number in the study
         self.tasks: list[Task] = []
+        self.ready: list[Task] = []  # asked together, in groups of one key, not yet handed out
 
     def next(self) -> Task | None:
-        if self.left <= 0:
-            return None
-        self.left -= 1
-        trial = ray.get(self.search.ask.remote())
-        number = int(trial.name.rsplit("-", 1)[1]) - 1
-        self.asked[trial.name] = number
-        self.tasks.append(Task(trial.name, (trial,), False, rungs=Rungs(number, self.search, self.rungs)))
-        return self.tasks[-1]
+        if not self.ready:
+            self.ready = self._ask(min(max(self.together, 1), self.left))
+        return self.ready.pop(0) if self.ready else None
+
+    def _ask(self, count: int) -> list[Task]:
+        self.left -= count
+        numbers = {}
+        for _ in range(count):
+            number, trial = ray.get(self.search.ask.remote())
+            numbers[trial] = self.asked[trial.name] = number
+        trials = list(numbers)
+        if not self.together:
+            batches = [[trial] for trial in trials]
+        else:  # trials of another model shape, batch, ... cannot share a process
+            params = grid.check(trials, self.params_text)
+            batches = [[trials[i] for i in members] for members in groups(params, self.together)]
+        tasks = [
+            Task(
+                f"group {len(self.tasks) + i}" if self.together else batch[0].name,
+                tuple(batch),
+                bool(self.together),
+                rungs=Rungs(self.search, self.rungs, {trial.name: numbers[trial] for trial in batch}),
+            )
+            for i, batch in enumerate(batches, 1)
+        ]
+        self.tasks += tasks
+        return tasks
+
+    def trials(self) -> list[grid.Trial]:
+        """Every trial asked, in the order asked."""
+        return [trial for task in self.tasks for trial in task.trials]
 
     def settle(self, outcome: Outcome) -> None:
         """Each asked trial that did not land told to the study: failed on its own, or cancelled."""

@@ -8,8 +8,10 @@ bytes its own `dvc exp run` gives. What the group writes per trial is the checkp
 have written after its last epoch; `dvc exp run` of the trial then finds it and only finishes.
 
 Run by the sweep in its clone of the repository (the data split there), never by hand. SPEC is a
-JSON file: {"trials": [{"name", "overrides"}], "out": folder}. Writes, atomically, per trial,
-`<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not)."""
+JSON file: {"trials": [{"name", "overrides"}], "out": folder, "rungs": [epochs]}. Writes, atomically,
+per trial, `<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not). A search's group stops
+at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on stdin): the trials
+it prunes leave the group there, as the checkpoints of the epochs they reached."""
 
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from pipeline.device import (
     resolve_device,
     resolve_precision,
 )
+from pipeline.epoch_report import report_epoch
 from pipeline.history import OBJECTIVE, EpochLosses
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
+from pipeline.progress import record
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.stage import run_stage
 from pipeline.step import (
@@ -89,7 +93,9 @@ class Member:
         return rng | ({"cuda": self.noise.get_state()} if on_cuda else {})
 
 
-def train_group(trials: list[grid.Trial], out: Path) -> int:
+def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()) -> int:
+    """Train the trials together; a search's (`rungs`: the epochs at which it may prune them) asks
+    the sweep at each rung which of them stop there."""
     params_text = PARAMS_FILE.read_text()
     texts = [grid.applied(trial, params_text) for trial in trials]
     all_params = [parse_params(yaml.safe_load(text)) for text in texts]
@@ -103,7 +109,7 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
     experiment_id = tracking.connect(all_params[0].mlflow)
     compiles = compiles_forward(cfg.compile, device, 1)
     members = [
-        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation)
+        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation, bool(rungs))
         for trial, params, text in zip(trials, all_params, texts)
     ]
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
@@ -135,28 +141,56 @@ def train_group(trials: list[grid.Trial], out: Path) -> int:
                     )
                 seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
                 for member in active:
-                    row = member.history[-1]
-                    member.tracked.log_epoch(row, seconds, member.model, validation)
-                    print(
-                        f"{member.trial.name} epoch {epoch}/{cfg.epochs}  {OBJECTIVE} {row.metrics[OBJECTIVE]:.3f}"
-                        f"  ({seconds:.1f} s for the group)",
-                        flush=True,
+                    report_epoch(
+                        member.tracked,
+                        member.history[-1],
+                        seconds,
+                        member.model,
+                        validation,
+                        cfg.epochs,
+                        member.trial.name,
                     )
+                if epoch in rungs:
+                    for member in _pruned_at_rung(active, epoch):
+                        _save(member, out, params_text, rungs)
+                        active.remove(member)
     except BaseException:
         for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
             member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
-    for member in active:  # the run stays RUNNING: the trial's `dvc exp run` resumes it and ends it
-        model_files.save_checkpoint(
-            member.fingerprint,
-            member.model,
-            member.step.optimizer,
-            [member.random_states()],
-            history.to_saved(member.history),
-            member.tracked.run_id,
-            path=out / f"{member.trial.name}.pt",
-        )
+    for member in active:
+        _save(member, out, params_text, rungs)
     return 0
+
+
+def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
+    """The group's objectives at a rung to the sweep (the progress file), and the members its answer
+    (a line of JSON on stdin) prunes there."""
+    record("rung", epoch=epoch, objectives={m.trial.name: m.history[-1].metrics[OBJECTIVE] for m in active})
+    answer = sys.stdin.readline()
+    if not answer:
+        raise RuntimeError(f"the sweep gave no answer at the rung of epoch {epoch}")
+    stop = set(json.loads(answer)["stop"])
+    return [member for member in active if member.trial.name in stop]
+
+
+def _save(member: Member, out: Path, params_text: str, rungs: tuple[int, ...]) -> None:
+    """The checkpoint the trial's run alone would have left after its last epoch, for the trial's
+    `dvc exp run` to find; its MLflow run stays RUNNING, for that `dvc exp run` to resume and end.
+    A search's trial first gets the `train.epochs` it reached, with the params.yaml it lands with."""
+    if rungs:
+        reached = grid.Trial(member.trial.name, grid.at_epochs(member.trial.overrides, len(member.history)))
+        text = grid.applied(reached, params_text)
+        tracking.log_epochs_reached(member.tracked, parse_params(yaml.safe_load(text)), text)
+    model_files.save_checkpoint(
+        member.fingerprint,
+        member.model,
+        member.step.optimizer,
+        [member.random_states()],
+        history.to_saved(member.history),
+        member.tracked.run_id,
+        path=out / f"{member.trial.name}.pt",
+    )
 
 
 def _start(
@@ -169,8 +203,10 @@ def _start(
     experiment_id: str | None,
     train_images: torch.Tensor,
     validation: torch.Tensor,
+    epochs_later: bool = False,
 ) -> Member:
-    """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial."""
+    """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial
+    (for a search's, without the `train.epochs` it has yet to reach)."""
     model, optimizer, order = seeded_start(params, device)
     noise = copy_of_default_generator(device)
     step = TrainStep.from_params(
@@ -186,6 +222,7 @@ def _start(
             precision,
             {"train": train_images, "validation": validation},
             params_text=params_text,
+            epochs_later=epochs_later,
         )
     finally:
         del os.environ["DVC_EXP_NAME"]
@@ -206,7 +243,7 @@ def _start(
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     trials = [grid.Trial(t["name"], tuple(t["overrides"])) for t in spec["trials"]]
-    sys.exit(train_group(trials, Path(spec["out"])))
+    sys.exit(train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ()))))
 
 
 if __name__ == "__main__":

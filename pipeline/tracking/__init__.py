@@ -5,6 +5,7 @@ reports results and changes none: editing it reruns no stage."""
 from pipeline.tracking.link import (
     dvc_tags,
     log_data,
+    log_epochs_reached,
     model_tags,
     record_trained_model,
     run_for_stage,
@@ -19,6 +20,7 @@ __all__ = [
     "connect",
     "dvc_tags",
     "log_data",
+    "log_epochs_reached",
     "model_tags",
     "record_trained_model",
     "run_for_stage",

@@ -38,6 +38,8 @@ from pipeline.provenance import (
 )
 from pipeline.tracking.run import TrackedRun
 
+EPOCHS_PARAM = "train.epochs"  # as MLflow's params name it
+
 
 @dataclasses.dataclass(frozen=True)
 class Record:
@@ -92,11 +94,14 @@ def training_run(
     datasets: dict[str, torch.Tensor],
     continues_run_id: str | None = None,
     params_text: str | None = None,
+    epochs_later: bool = False,
 ) -> TrackedRun:
     """The run to train into: the interrupted run again when training resumes, otherwise this
     execution's new run, with its data (`datasets`: context -> uint8 images) as inputs, the
     precision it trains in (`train.precision` resolved) and the finished run it continues, if
-    any, as tags. `params_text`: the params.yaml a trial of a sweep would have (default: the file)."""
+    any, as tags. `params_text`: the params.yaml a trial of a sweep would have (default: the file).
+    `epochs_later`: a search's trial in a group, whose `train.epochs` is the rung it is pruned at
+    or the last, logged with params.yaml once known (`log_epochs_reached`)."""
     if experiment_id is None:
         return TrackedRun(None)
     tracked = None
@@ -110,7 +115,7 @@ def training_run(
                 file=sys.stderr,
             )
     if tracked is None:
-        tracked = _new_run(experiment_id, params, "train", device, params_text)
+        tracked = _new_run(experiment_id, params, "train", device, params_text, epochs_later)
         tracked.set_tags(
             {PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {})
         )
@@ -199,18 +204,34 @@ def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | No
 
 
 def _new_run(
-    experiment_id: str, params: Params, stage: str, device: torch.device, params_text: str | None = None
+    experiment_id: str,
+    params: Params,
+    stage: str,
+    device: torch.device,
+    params_text: str | None = None,
+    epochs_later: bool = False,
 ) -> TrackedRun:
     """A new run of this execution, named and labelled: its params, params.yaml and the packages
     it ran with, where it comes from (MLflow's source and git tags), where it runs."""
     source = provenance.source()
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=provenance.run_name(params, source))
     tracked = TrackedRun(run.info.run_id)
-    tracked.log_params(provenance.flat_yaml(params))
+    flat = provenance.flat_yaml(params)
+    if epochs_later:
+        del flat[EPOCHS_PARAM]
+    else:
+        tracked.log_text(params_text or PARAMS_FILE.read_text(), PARAMS_FILE.name)
+    tracked.log_params(flat)
     tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags())
-    tracked.log_text(params_text or PARAMS_FILE.read_text(), PARAMS_FILE.name)
     tracked.log_text(provenance.environment(), "environment/requirements.txt")
     return tracked
+
+
+def log_epochs_reached(tracked: TrackedRun, params: Params, params_text: str) -> None:
+    """What `training_run(..., epochs_later=True)` held back: `train.epochs` and params.yaml, those
+    of the experiment the trial lands as."""
+    tracked.log_params({EPOCHS_PARAM: provenance.flat_yaml(params)[EPOCHS_PARAM]})
+    tracked.log_text(params_text, PARAMS_FILE.name)
 
 
 def runtime_tags(device: torch.device) -> dict[str, str]:
