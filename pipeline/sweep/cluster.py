@@ -262,10 +262,14 @@ def run_sweep(
         collect(done)
         submit()
         progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
-    if running or waiting:  # Ctrl-C came before they ended
+    unproposed = 0
+    if proposals is not None:  # a search's: those asked but not started, and those never asked
+        waiting += proposals.ready
+        proposals.ready, unproposed = [], proposals.left
+    if running or waiting or unproposed:  # Ctrl-C came before they ended (or started)
         print(
-            f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting])} unfinished trial(s); "
-            "the finished ones stay pushed and logged",
+            f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting]) + unproposed} unfinished "
+            "trial(s); the finished ones stay pushed and logged",
             flush=True,
         )
         failed.update({trial.name: CANCELLED for task in waiting for trial in task.trials})
