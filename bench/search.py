@@ -73,11 +73,15 @@ def main() -> None:
     parser.add_argument("--sampler", default="grid", help="the search's sampler (default grid: each point once)")
     parser.add_argument("--min-epochs", type=int, default=1)
     parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--together", type=int, default=0, help="both ways: trials trained together (default 0)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
 
     space = args.space or SPACE
-    sweep = [sys.executable, "-m", "pipeline.sweep", *(a for s in space for a in ("-S", s))]
+    sweep = [
+        *(sys.executable, "-m", "pipeline.sweep", "--together", str(args.together)),
+        *(a for s in space for a in ("-S", s)),
+    ]
     search = [
         *("--trials", str(args.trials), "--sampler", args.sampler, "--sampler-seed", "0"),
         *("--min-epochs", str(args.min_epochs), "--reduction-factor", str(args.reduction_factor)),
@@ -123,6 +127,7 @@ def main() -> None:
         "settings": {k: v for k, v in settings.items() if k != "data.mirror"},
         "train_images": args.train_images,
         "search_options": search,
+        "together": args.together,
         "grid": results["grid"],
         "search": results["search"],
         "rank_of_search_best": rank,

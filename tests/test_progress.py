@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.progress import progress
+from pipeline.history import OBJECTIVE
+from pipeline.progress import PROGRESS_FILE_VARIABLE, progress
 from tests.projects import make_project, project_env, run, stages_run
 
 
@@ -61,8 +63,25 @@ def test_dvc_repro_shows_a_live_bar_on_a_terminal_and_plain_lines_in_a_log(tmp_p
     project = make_project(
         tmp_path / "p", mirror, **{"train.epochs": 2, "evaluate.iw_samples": 300, "mlflow.enabled": False}
     )
-    status, screen = read_terminal(["dvc", "repro", "evaluate"], project, project_env())
+    events = tmp_path / "progress.jsonl"
+    status, screen = read_terminal(
+        ["dvc", "repro", "evaluate"], project, project_env() | {PROGRESS_FILE_VARIABLE: str(events)}
+    )
     assert status == 0, screen
+    recorded = [json.loads(line) for line in events.read_text().splitlines()]
+    assert (
+        [e["stage"] for e in recorded if e["event"] == "start"]
+        == stages_run(screen)
+        == [
+            "download",
+            "split",
+            "train",
+            "evaluate",
+        ]
+    )
+    epochs = [e for e in recorded if e["event"] == "epoch"]
+    assert [(e["epoch"], e["epochs"]) for e in epochs] == [(1, 2), (2, 2)], "the file a program follows"
+    assert set(epochs[-1]["metrics"]) >= {"val_total", OBJECTIVE} and epochs[-1]["stage"] == "train"
     assert re.search(r"epoch 1/2: +\d+%\|", screen), "a bar for each epoch"
     assert re.search(r"evaluate: importance-weighted log-likelihood: +\d+%\|.*decodes/s", screen), screen[-2000:]
     assert "\r" in screen, "the bar is redrawn in place"

@@ -215,7 +215,18 @@ def searched(tmp_path_factory) -> Searched:
     )
     alone = env | {"OMP_NUM_THREADS": "1"}  # the threads Ray gives a trial of one CPU
     together = run(  # a group has the driver's threads: those of a run alone
-        [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, "--together", "2", "-n", "grp"],
+        [
+            *SEARCH,
+            "-S",
+            f"train.learning_rate={KEPT_LR},{PRUNED_LR}",
+            "-S",
+            "mlflow.registered_model=vae",
+            *PRUNING,
+            "--together",
+            "2",
+            "-n",
+            "grp",
+        ],
         project,
         check=False,
         env=alone,
@@ -301,7 +312,8 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
 @pytest.mark.slow
 def test_a_search_together_prunes_inside_its_group_and_lands_the_same_bytes(searched):
     """Both trials train in one process; at the rung the worse leaves the group, and lands as the
-    experiment of its one epoch; the better trains on. Each is the bytes of the search one by one."""
+    experiment of its one epoch; the better trains on. Each is the bytes of the search one by one.
+    With a registered model, the alias `best` ends on the best trial's version."""
     output = searched.together.stdout
     assert searched.together.returncode == 0, output + searched.together.stderr
     assert re.search(r"^grp-2 pruned at epoch 1, landed", output, re.MULTILINE), output
@@ -320,6 +332,11 @@ def test_a_search_together_prunes_inside_its_group_and_lands_the_same_bytes(sear
     assert runs["grp-2"].data.tags["pruned_at_epoch"] == "1"
     steps = [m.step for m in client.get_metric_history(runs["grp-1"].info.run_id, OBJECTIVE)]
     assert sorted(steps) == [1, 2]
+    registered = {v.tags["dvc.exp_name"] for v in client.search_model_versions("name = 'vae'")}
+    assert registered == {"grp-1", "grp-2"}, "each trial evaluated and registered, the pruned one too"
+    best = client.get_model_version_by_alias("vae", "best")
+    assert best.tags["dvc.exp_name"] == "grp-1", "the alias best is the best trial's version"
+    assert parent.data.tags["best_model_version"] == f"vae/{best.version}"
 
 
 @pytest.mark.slow

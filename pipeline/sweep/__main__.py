@@ -208,7 +208,15 @@ def sweep_trials(
         trials = [trial for trial, _ in kept.values()] + proposals.trials()
         report.log_search(client, sweep, study, outcome)
     decoders = {params.train.reconstruction for params in plan.params}
-    summary = report.finish(client, sweep, trials, outcome, time.monotonic() - started, len(decoders) == 1)
+    summary = report.finish(
+        client,
+        sweep,
+        trials,
+        outcome,
+        time.monotonic() - started,
+        len(decoders) == 1,
+        plan.tracking.registered_model,
+    )
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""

@@ -33,6 +33,8 @@ from pipeline.sweep.cluster import Outcome
 from pipeline.sweep.plan import Plan
 from pipeline.sweep.trial import Sweep, TrialResult
 
+BEST_ALIAS = "best"  # of the registered model: the version of a sweep's best trial
+
 
 def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Namespace) -> str:
     """The sweep's run: the grid, the commit, the trial count and the resources a trial gets."""
@@ -98,9 +100,11 @@ def finish(
     outcome: Outcome,
     wall_seconds: float,
     comparable: bool = True,
+    registered_model: str | None = None,
 ) -> Summary:
     """Everything a sweep leaves once its trials have ended, on the parent run and on screen. Where
-    the trials are not `comparable` (their decoders differ), none is named best."""
+    the trials are not `comparable` (their decoders differ), none is named best. With a
+    `registered_model`, its alias `best` points at the best trial's version."""
     summary = summarize(outcome, wall_seconds, comparable)
     configurations = repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
@@ -109,6 +113,8 @@ def finish(
     settle_trial_runs(client, sweep, outcome)
     log_summary(client, sweep, trials, outcome, summary)
     print_table(trials, outcome, summary)
+    if registered_model and summary.best is not None:
+        point_best_alias(client, sweep, registered_model, summary.best.name)
     if not comparable:
         print(
             f"\nno trial is named best: the grid varies train.reconstruction, and {OBJECTIVE} is in the "
@@ -256,6 +262,20 @@ def log_summary(
     client.set_terminated(
         sweep.parent_run_id, "KILLED" if outcome.cancelled else "FAILED" if outcome.failed else "FINISHED"
     )
+
+
+def point_best_alias(client: mlflow.MlflowClient, sweep: Sweep, registered_model: str, best: str) -> None:
+    """The alias `best` of the registered model moved to the version the best trial's evaluate
+    registered (tagged with its experiment's name; the newest, if the name was evaluated again),
+    and that version on the parent run. `candidate` stays the newest evaluated version."""
+    versions = client.search_model_versions(f"name = '{registered_model}' and tags.`dvc.exp_name` = '{best}'")
+    if not versions:
+        print(f"warning: no version of registered model {registered_model} is {best}'s: alias best not set")
+        return
+    version = max(versions, key=lambda v: int(v.version)).version
+    client.set_registered_model_alias(registered_model, BEST_ALIAS, version)
+    client.set_tag(sweep.parent_run_id, "best_model_version", f"{registered_model}/{version}")
+    print(f"registered model {registered_model}: alias {BEST_ALIAS} -> version {version} ({best})", flush=True)
 
 
 def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) -> None:
