@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import optuna
 import psutil
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -312,6 +313,33 @@ def test_a_group_trained_together_is_one_task_on_the_cluster_and_lands_on_the_re
         assert child.data.metrics["val_total"] == pytest.approx(
             shown[child.info.run_name]["metrics"]["val_total"], rel=1e-6
         )
+
+
+def test_a_search_on_the_cluster_prunes_and_lands_on_the_remotes_its_study_with_the_driver(cluster, sweep_project):
+    """The search of test_search.py on the cluster: its study an actor on the driver's node, its
+    storage in the driver's project, its trials clone from the remote, climb their rungs on the
+    cluster's node, and land on the remotes, the worse one pruned at its first rung."""
+    done = run(
+        sweep_command(
+            *("-S", "train.learning_rate=0.002,0.000001", "--trials", "2", "--sampler", "grid", "--sampler-seed", "1"),
+            *("--min-epochs", "1", "--reduction-factor", "2", "--name", "srch"),
+        ),
+        sweep_project,
+        env=sweep_env(cluster),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^srch-2 pruned at epoch 1, landed", done.stdout, re.MULTILINE), done.stdout
+    assert experiments_on_remote(sweep_project) == ["srch-1", "srch-2"]
+    shown = exp_show(sweep_project)
+    assert {name: shown[name]["params"]["train.epochs"] for name in shown} == {"srch-1": 2, "srch-2": 1}
+    study = optuna.load_study(study_name="srch", storage=f"sqlite:///{sweep_project / 'mlruns' / 'optuna.db'}")
+    assert sorted((t.user_attrs["experiment"], t.state.name) for t in study.trials) == [
+        ("srch-1", "COMPLETE"),
+        ("srch-2", "PRUNED"),
+    ]
+    _, parent, _ = nested_runs(cluster.tracking_uri, "srch")
+    assert parent.data.params["sweep.rungs"] == "1 2" and parent.data.tags["best_trial"] == "srch-1"
 
 
 def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_finished(tmp_path, started):
