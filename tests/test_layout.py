@@ -11,10 +11,20 @@ from pipeline.losses import LOSS_PARAMS
 from tests.projects import ROOT
 
 STAGES = {"check", "download", "split", "train", "evaluate", "visualize"}
-# Shared modules that cannot change a stage's outputs: reporting to MLflow and progress on screen,
-# the params file's parsing, paths, atomic writes, the error type, the stage's entry point and its
-# watch on DVC. Editing one reruns nothing.
-NOT_SHAPING = {"tracking", "progress", "params", "paths", "atomic", "errors", "stage", "dvc_process"}
+# Shared modules that cannot change a stage's outputs: reporting to MLflow, an epoch's report and
+# progress on screen, the params file's parsing, paths, atomic writes, the error type, the stage's
+# entry point and its watch on DVC. Editing one reruns nothing.
+NOT_SHAPING = {
+    "tracking",
+    "epoch_report",
+    "progress",
+    "params",
+    "paths",
+    "atomic",
+    "errors",
+    "stage",
+    "dvc_process",
+}
 
 
 def pipeline_imports(path: Path) -> set[str]:

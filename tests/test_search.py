@@ -203,7 +203,8 @@ class Searched:
 def searched(tmp_path_factory) -> Searched:
     """A 2-epoch search of 2 trials, a rung at 1 epoch, one trial at a time, and the same search
     with its trials trained together; then the pruned trial's params trained alone for 1 and for 2
-    epochs, and the pruned trial continued to 2."""
+    epochs, and the pruned trial continued to 2 (these three the train stage alone: its outputs are
+    what the tests compare)."""
     tmp = tmp_path_factory.mktemp("search")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = search_env()
@@ -232,20 +233,42 @@ def searched(tmp_path_factory) -> Searched:
         env=alone,
     )
     run(
-        ["dvc", "exp", "run", "-n", "alone-1", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=1"],
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "alone-1",
+            "-S",
+            f"train.learning_rate={PRUNED_LR}",
+            "-S",
+            "train.epochs=1",
+            "train",
+        ],
         project,
         env=alone,
     )
     for trained in ("models/model.pt", "models/state.pt"):
         (project / trained).unlink()  # from scratch, not on from alone-1
     run(
-        ["dvc", "exp", "run", "-n", "alone-2", "-S", f"train.learning_rate={PRUNED_LR}", "-S", "train.epochs=2"],
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "alone-2",
+            "-S",
+            f"train.learning_rate={PRUNED_LR}",
+            "-S",
+            "train.epochs=2",
+            "train",
+        ],
         project,
         env=alone,
     )
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "exp", "apply", "srch-2"], project, env=env)
-    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=2"], project, env=alone)
+    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=2", "train"], project, env=alone)
     run(["git", "checkout", "--", "."], project)
     return Searched(project, output, together, env)
 
@@ -316,6 +339,7 @@ def test_a_search_together_prunes_inside_its_group_and_lands_the_same_bytes(sear
     With a registered model, the alias `best` ends on the best trial's version."""
     output = searched.together.stdout
     assert searched.together.returncode == 0, output + searched.together.stderr
+    assert re.search(r"^group 1: grp-1, grp-2$", output, re.MULTILINE), output
     assert re.search(r"^grp-2 pruned at epoch 1, landed", output, re.MULTILINE), output
     assert re.search(r"^grp-1 +FINISHED +2 .*<- best", output, re.MULTILINE), output
     assert train_outputs(searched.project, "grp-2") == train_outputs(searched.project, "alone-1")

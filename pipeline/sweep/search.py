@@ -231,6 +231,8 @@ class Proposals:
             for i, batch in enumerate(batches, 1)
         ]
         self.tasks += tasks
+        for task in tasks if self.together else []:
+            print(f"{task.label}: {', '.join(trial.name for trial in task.trials)}", flush=True)
         return tasks
 
     def trials(self) -> list[grid.Trial]:
