@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.dvc_process import DVC_STAGE_VARIABLE
+
 PROGRESS_FILE_VARIABLE = "PIPELINE_PROGRESS_FILE"
 RECORD_EVERY_SECONDS = 1.0  # a loop's advance is recorded at most this often
 
@@ -56,7 +58,7 @@ class _Lines:
 
 def stage_name() -> str:
     """The stage this process runs: DVC's name for it, else the module's (`python -m pipeline.x`)."""
-    return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
+    return os.environ.get(DVC_STAGE_VARIABLE) or Path(sys.argv[0]).stem
 
 
 def record(event: str, **fields) -> None:

@@ -27,8 +27,6 @@ from dvc.repo.experiments.utils import gen_random_name
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
-from pipeline.git import git
-from pipeline.params import PARAMS_FILE
 from pipeline.sweep import cluster, report, search
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
@@ -151,8 +149,9 @@ def sweep_trials(
         actor = search.Search.options(scheduling_strategy=here).remote(
             args.name, plan.space, options, search.storage_url()
         )
-        params_text = git("show", f"{plan.commit}:{PARAMS_FILE}")
-        proposals = search.Proposals(actor, args.name, options, plan.params[0].train.epochs, args.together, params_text)
+        proposals = search.Proposals(
+            actor, args.name, options, plan.params[0].train.epochs, args.together, plan.params_text
+        )
         # Each proposal waits for room, so the sampler sees every result that came before it.
         args.max_concurrent = min(args.max_concurrent or cluster.capacity(args), cluster.capacity(args))
         kept = search.landed_before(study)

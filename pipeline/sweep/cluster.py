@@ -264,8 +264,8 @@ def run_sweep(
         progress.show(ray.get(board.snapshot.remote())[0], list(running.values()), len(finished), len(failed))
     unproposed = 0
     if proposals is not None:  # a search's: those asked but not started, and those never asked
-        waiting += proposals.ready
-        proposals.ready, unproposed = [], proposals.left
+        withdrawn, unproposed = proposals.withdraw()
+        waiting += withdrawn
     if running or waiting or unproposed:  # Ctrl-C came before they ended (or started)
         print(
             f"cancelling the {sum(len(t.trials) for t in [*running.values(), *waiting]) + unproposed} unfinished "

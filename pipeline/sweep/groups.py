@@ -67,7 +67,7 @@ def run_group(
             if trial.name not in ended:
                 epochs = pruned_at.get(trial.name)
                 landing = grid.Trial(trial.name, grid.at_epochs(trial.overrides, epochs)) if epochs else trial
-                ended[trial.name] = _land(sweep, label, landing, repo, out, env, board, share, rungs, pruned_at)
+                ended[trial.name] = _land(sweep, label, landing, repo, out, env, board, share, rungs, bool(epochs))
     return ended
 
 
@@ -139,7 +139,7 @@ def _land(
     board,
     share: float,
     rungs: Rungs | None,
-    pruned_at: dict[str, int],
+    pruned: bool,
 ) -> TrialResult | str:
     """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params (a pruned
     trial's `train.epochs` those it reached), from its finished checkpoint (its MLflow run goes on
@@ -159,7 +159,6 @@ def _land(
         )
         started = run_started - share  # its share of the group's clone and training counts as its own
         run_seconds = time.monotonic() - run_started
-        pruned = trial.name in pruned_at
         return push_and_report(sweep, trial.name, repo, env, board, started, run_seconds, rungs, pruned)
     except TrialFailed as exc:
         return exc.reason

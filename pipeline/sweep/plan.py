@@ -30,6 +30,7 @@ class Plan:
     experiment_id: str | None  # None: tracking off (mlflow.enabled: false)
     tracking: MlflowParams
     params: list[Params]  # each trial's, checked; a search's: its shared overrides' alone
+    params_text: str  # params.yaml at `commit`, which every trial's overrides apply to
     space: space.Space | None = None  # a search's (--trials), whose trials are proposed as it goes
 
 
@@ -53,7 +54,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     if args.trials is not None:
         search.check_options(search.options_from(args))
-    sets, trials, commit, checked, searched = _grid_at_head(args)
+    sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
     if args.together and any(params.train.num_processes > 1 for params in checked):
         raise PipelineError(
             "train.num_processes above 1 (torchrun) cannot train beside other trials: set it to 1, or drop --together"
@@ -61,7 +62,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     tracking = checked[0].mlflow
     if os.environ.get("RAY_ADDRESS"):
         git_url = _check_cluster(args, trials, commit, tracking)
-        return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked, searched)
+        return Plan(sets, trials, commit, git_url, None, connect(tracking), tracking, checked, params_text, searched)
     if not tracking.enabled:
         raise PipelineError(
             "mlflow.enabled is false, and a sweep reports its trials under one MLflow run: "
@@ -76,6 +77,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         connect(tracking),
         tracking,
         checked,
+        params_text,
         searched,
     )
 
@@ -125,7 +127,7 @@ def experiments_here(trials: list[grid.Trial]) -> list[str]:
 
 def _grid_at_head(
     args: argparse.Namespace,
-) -> tuple[list[str], list[grid.Trial], str, list[Params], space.Space | None]:
+) -> tuple[list[str], list[grid.Trial], str, str, list[Params], space.Space | None]:
     """The grid's trials of the commit the workspace is at, each checked, all logging to one place;
     or for a search (--trials), its space, with the params its shared overrides give."""
     sets = args.sets + (grid.overrides_from_file(args.grid) if args.grid else [])
@@ -152,7 +154,7 @@ def _grid_at_head(
             f"the workspace has uncommitted changes, and trials run the commit, not the workspace: {commit_them}, "
             "or stash them"
         )
-    return sets, trials, commit, checked, searched
+    return sets, trials, commit, params_text, checked, searched
 
 
 def _on_remote(commit: str, remote: str) -> bool:

@@ -194,9 +194,7 @@ class Proposals:
     """The search's next trials, asked of the study as room frees, until --trials count: a task
     each, or with --together a task per group of up to that many that can train together."""
 
-    def __init__(
-        self, search, name: str, options: SearchOptions, epochs: int, together: int = 0, params_text: str = ""
-    ):
+    def __init__(self, search, name: str, options: SearchOptions, epochs: int, together: int, params_text: str):
         self.search, self.name, self.together, self.params_text = search, name, together, params_text
         self.rungs = options.rungs(epochs)
         self.left = max(options.trials - ray.get(search.counted.remote()), 0)
@@ -208,6 +206,12 @@ class Proposals:
         if not self.ready:
             self.ready = self._ask(min(max(self.together, 1), self.left))
         return self.ready.pop(0) if self.ready else None
+
+    def withdraw(self) -> tuple[list[Task], int]:
+        """Stop proposing: the tasks asked but not handed out, and the count of trials never asked."""
+        withdrawn, unasked = self.ready, self.left
+        self.ready, self.left = [], 0
+        return withdrawn, unasked
 
     def _ask(self, count: int) -> list[Task]:
         self.left -= count

@@ -108,8 +108,9 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
     train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
     experiment_id = tracking.connect(all_params[0].mlflow)
     compiles = compiles_forward(cfg.compile, device, 1)
+    searched = bool(rungs)  # a search's trials learn their train.epochs when they stop
     members = [
-        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation, bool(rungs))
+        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation, searched)
         for trial, params, text in zip(trials, all_params, texts)
     ]
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
@@ -152,14 +153,14 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                     )
                 if epoch in rungs:
                     for member in _pruned_at_rung(active, epoch):
-                        _save(member, out, params_text, rungs)
+                        _save(member, out, params_text, searched)
                         active.remove(member)
     except BaseException:
         for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
             member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
         raise
     for member in active:
-        _save(member, out, params_text, rungs)
+        _save(member, out, params_text, searched)
     return 0
 
 
@@ -174,11 +175,12 @@ def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
     return [member for member in active if member.trial.name in stop]
 
 
-def _save(member: Member, out: Path, params_text: str, rungs: tuple[int, ...]) -> None:
+def _save(member: Member, out: Path, params_text: str, epochs_later: bool) -> None:
     """The checkpoint the trial's run alone would have left after its last epoch, for the trial's
     `dvc exp run` to find; its MLflow run stays RUNNING, for that `dvc exp run` to resume and end.
-    A search's trial first gets the `train.epochs` it reached, with the params.yaml it lands with."""
-    if rungs:
+    A search's trial (`epochs_later`) first gets the `train.epochs` it reached, with the params.yaml
+    it lands with."""
+    if epochs_later:
         reached = grid.Trial(member.trial.name, grid.at_epochs(member.trial.overrides, len(member.history)))
         text = grid.applied(reached, params_text)
         tracking.log_epochs_reached(member.tracked, parse_params(yaml.safe_load(text)), text)
