@@ -151,7 +151,9 @@ class PipelineLoop:
 
     def epoch(self) -> float:
         parts, _ = train_epoch(self.step, self.generator)
-        val = dataset_loss(self.model, self.val_images, self.variant.channels_last, batch_size=self.variant.val_batch)
+        val = dataset_loss(
+            self.model, self.val_images, self.variant.channels_last, batch_size=self.variant.val_batch
+        ).parts
         return parts[2].item(), val[2].item()
 
 

@@ -27,7 +27,7 @@ def report_epoch(
     print(
         (f"{trial} " if trial else "")
         + f"epoch {row.epoch}/{epochs}  "
-        + "  ".join(f"{k} {v:.3f}" for k, v in row.metrics.items())
+        + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.metrics.items())
         + f"  ({seconds:.1f} s{' for the group' if trial else ''})",
         flush=True,
     )

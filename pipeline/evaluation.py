@@ -19,12 +19,10 @@ import torch
 from pipeline.device import standard_normal
 from pipeline.idx import NUM_CLASSES
 from pipeline.loss_names import LOSS_NAMES
-from pipeline.losses import kl_divergence, loss_function, reconstruction_error
+from pipeline.losses import active_units, kl_divergence, loss_function, reconstruction_error
 from pipeline.model import EVAL_BATCH_SIZE, VAE, latent_means, to_input
 from pipeline.params import Params
 from pipeline.progress import progress
-
-ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def log_likelihood(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
@@ -106,7 +104,7 @@ def evaluate(model: VAE, test_images, test_labels, train_images, train_labels, p
     metrics |= {f"test_kl_dim{i}": v for i, v in enumerate(kl_dims.tolist())}
 
     test_z = torch.cat(means)
-    metrics["active_units"] = int((test_z.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item())
+    metrics["active_units"] = int(active_units(test_z).item())
     with progress(len(train_images), "evaluate: latent means of the training images", "images") as advance:
         train_z = latent_means(model, train_images, channels_last, advance)
     metrics["test_knn_accuracy"] = knn_accuracy(  # k is evaluate.knn_neighbours

@@ -19,44 +19,74 @@ COLUMNS = tuple(f"{split}_{name}" for split in ("train", "val") for name in LOSS
 # does not: a smaller beta lowers it without modelling the data any better). Its units are those
 # of `train.reconstruction`'s decoder, so it compares trials of one decoder only.
 OBJECTIVE = "val_neg_elbo"
+# Each epoch, how much of the latent space the model uses on the validation images: a posterior
+# collapsing shows here as training goes, not only in evaluate's active_units at the end.
+ACTIVE_UNITS = "val_active_units"
+DIMENSION = "dimension"  # metrics/latent.csv: a row per epoch and latent dimension, with its KL
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochLosses:
     epoch: int
     losses: dict[str, float]  # by COLUMNS: train_reconstruction ... val_total
+    kl_per_dim: tuple[float, ...]  # the validation KL of each latent dimension
+    active_units: int  # of the validation images' posterior means
 
     @property
     def metrics(self) -> dict[str, float]:
-        """The losses and the OBJECTIVE, as the epoch is logged and written."""
-        return self.losses | {OBJECTIVE: self.losses["val_reconstruction"] + self.losses["val_kl"]}
+        """The losses, the OBJECTIVE and the ACTIVE_UNITS, as the epoch is logged and written."""
+        objective = self.losses["val_reconstruction"] + self.losses["val_kl"]
+        return self.losses | {OBJECTIVE: objective, ACTIVE_UNITS: self.active_units}
+
+    @property
+    def run_metrics(self) -> dict[str, float]:
+        """What the MLflow run logs at the epoch's step: the metrics and each latent dimension's KL
+        (too many for train.json's table where model.latent_dim is large)."""
+        return self.metrics | {f"val_kl_dim{dim}": kl for dim, kl in enumerate(self.kl_per_dim)}
 
     @classmethod
-    def of(cls, epoch: int, train_parts: torch.Tensor, val_parts: torch.Tensor) -> EpochLosses:
-        return cls(epoch, dict(zip(COLUMNS, train_parts.tolist() + val_parts.tolist())))
+    def of(cls, epoch: int, train_parts: torch.Tensor, validation) -> EpochLosses:
+        """The epoch's row from its training loss parts and its validation, a `losses.DatasetLoss`
+        (not imported: what only reads the history does not depend on the loss's arithmetic)."""
+        losses = dict(zip(COLUMNS, train_parts.tolist() + validation.parts.tolist()))
+        return cls(epoch, losses, tuple(validation.kl_per_dim.tolist()), int(validation.active_units))
 
 
 def to_saved(history: list[EpochLosses]) -> list[list[float]]:
     """The history as a checkpoint holds it: a row of numbers per epoch, the epoch first. Numbers
     pickle to the same bytes however the rows were made; dicts do not (the pickle's memo follows
     which key strings are shared, and those loaded from a checkpoint are)."""
-    return [[row.epoch, *(row.losses[c] for c in COLUMNS)] for row in history]
+    return [[row.epoch, *(row.losses[c] for c in COLUMNS), row.active_units, *row.kl_per_dim] for row in history]
 
 
 def from_saved(saved: list[list[float]]) -> list[EpochLosses]:
-    return [EpochLosses(int(epoch), dict(zip(COLUMNS, losses))) for epoch, *losses in saved]
+    rows = []
+    for epoch, *numbers in saved:
+        losses, (active_units, *kl_per_dim) = numbers[: len(COLUMNS)], numbers[len(COLUMNS) :]
+        rows.append(EpochLosses(int(epoch), dict(zip(COLUMNS, losses)), tuple(kl_per_dim), int(active_units)))
+    return rows
 
 
 def to_csv(history: list[EpochLosses]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([EPOCH, *COLUMNS, OBJECTIVE])
+    writer.writerow([EPOCH, *COLUMNS, OBJECTIVE, ACTIVE_UNITS])
     writer.writerows([row.epoch, *row.metrics.values()] for row in history)
     return out.getvalue()
 
 
+def latent_to_csv(history: list[EpochLosses]) -> str:
+    """metrics/latent.csv: each epoch's validation KL of each latent dimension, a row each (the
+    long form, so one chart draws a line per dimension whatever model.latent_dim is)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([EPOCH, DIMENSION, "kl"])
+    writer.writerows([row.epoch, dim, kl] for row in history for dim, kl in enumerate(row.kl_per_dim))
+    return out.getvalue()
+
+
 def train_metrics(history: list[EpochLosses]) -> dict[str, float]:
-    """metrics/train.json: the epochs trained, then the last epoch's losses and OBJECTIVE."""
+    """metrics/train.json: the epochs trained, then the last epoch's losses, OBJECTIVE and ACTIVE_UNITS."""
     return {EPOCHS: history[-1].epoch} | {c: round(v, 6) for c, v in history[-1].metrics.items()}
 
 

@@ -1,5 +1,6 @@
-"""The VAE's loss and its named parts (reconstruction, KL, total), shared by training, validation,
-evaluation and the logs, so every number with one of these names is computed one way."""
+"""The VAE's loss and its named parts (reconstruction, KL, total), and how much each latent
+dimension is used (its KL, active units): shared by training, validation, evaluation and the logs,
+so every number with one of these names is computed one way."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES
 # The train params the loss reads (`loss_function`): each is an evaluate param too (dvc.yaml; the
 # layout test holds it), and trials trained together may differ in each (pipeline.sweep.together).
 LOSS_PARAMS = ("beta", "reconstruction")
+# A latent dimension is active when its posterior mean varies across images, Cov_x E[z|x] above
+# this (Burda et al., 2016): the ones below it carry no information about the image.
+ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def _pixel_loss(x: torch.Tensor, reconstruction: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
@@ -35,6 +39,12 @@ def reconstruction_error(x: torch.Tensor, reconstruction: torch.Tensor, kind: st
 def kl_divergence(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || N(0, I)) per image and latent dimension."""
     return -0.5 * (1 + log_var - mean.square() - log_var.exp())
+
+
+def active_units(means: torch.Tensor) -> torch.Tensor:
+    """How many latent dimensions are active, from the posterior means of a set of images (a
+    device tensor)."""
+    return (means.var(0) > ACTIVE_UNIT_THRESHOLD).sum()
 
 
 def vae_loss(
@@ -61,6 +71,14 @@ def loss_function(cfg: TrainParams):
     return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction)
 
 
+class DatasetLoss(NamedTuple):
+    """A dataset's mean loss parts per image and its latent dimensions' use, on the device."""
+
+    parts: torch.Tensor  # reconstruction, KL and total (LOSS_NAMES)
+    kl_per_dim: torch.Tensor  # the KL of each latent dimension: they sum to the KL part
+    active_units: torch.Tensor  # `active_units` of the images' posterior means
+
+
 @torch.no_grad()
 def dataset_loss(
     model: VAE,
@@ -69,14 +87,20 @@ def dataset_loss(
     loss=vae_loss,
     batch_size: int = EVAL_BATCH_SIZE,
     noise_generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Mean reconstruction, KL and total over all `images`, as one device tensor (read it when you
-    must). The reparameterisation noise comes from `noise_generator` (default: the device's own)."""
+) -> DatasetLoss:
+    """Mean loss parts over all `images`, with each latent dimension's KL and the active units,
+    from one pass (read them when you must). The reparameterisation noise comes from
+    `noise_generator` (default: the device's own); the latent statistics draw none."""
     model.eval()
     sums = torch.zeros(len(LOSS_NAMES), device=images.device)
+    kl_sums = torch.zeros(model.config["latent_dim"], device=images.device)
+    means = []
     for batch in images.split(batch_size):
         x = to_input(batch, channels_last)
         noise = torch.randn(len(batch), model.config["latent_dim"], device=x.device, generator=noise_generator)
-        sums += torch.stack(loss(x, *model(x, noise))) * len(batch)
+        reconstruction, mean, log_var = model(x, noise)
+        sums += torch.stack(loss(x, reconstruction, mean, log_var)) * len(batch)
+        kl_sums += kl_divergence(mean, log_var).sum(0)
+        means.append(mean)
     model.train()
-    return sums / len(images)
+    return DatasetLoss(sums / len(images), kl_sums / len(images), active_units(torch.cat(means)))

@@ -14,6 +14,7 @@ STATE_FILE = Path("models/state.pt")  # the finished run's last checkpoint: what
 DVC_FILE = Path("dvc.yaml")
 TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_HISTORY = Path("metrics/history.csv")
+TRAIN_LATENT = Path("metrics/latent.csv")  # each epoch's KL per latent dimension
 TEST_METRICS = Path("metrics/test.json")
 FIGURES_DIR = Path("figures")
 # Set by a sweep whose trials run in a clone of the user's repository: that repository. (DVC sets

@@ -35,6 +35,7 @@ from pipeline.paths import (
     MODEL_FILE,
     STATE_FILE,
     TRAIN_HISTORY,
+    TRAIN_LATENT,
     TRAIN_METRICS,
 )
 from pipeline.progress import progress
@@ -209,11 +210,12 @@ def run_epoch(
 
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:
-    """Write the DVC outputs (the model, the final metrics, the history), then log the model to the
+    """Write the DVC outputs (the model, the final metrics, the histories), then log the model to the
     run as a LoggedModel and describe the run."""
     model_files.save_model(state.model)
     atomic.write_text(TRAIN_METRICS, json.dumps(history.train_metrics(state.history), indent=2) + "\n")
     atomic.write_text(TRAIN_HISTORY, history.to_csv(state.history))
+    atomic.write_text(TRAIN_LATENT, history.latent_to_csv(state.history))
     if tracked.run_id is not None:
         tags = tracking.model_tags(MODEL_FILE)
         tracked.set_tags(tags)

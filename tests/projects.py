@@ -23,6 +23,7 @@ PROJECT_FILES = [
     "dvc.yaml",
     ".dvc/config",
     ".dvc/.gitignore",
+    ".dvc/plots",
     ".dvcignore",
     ".gitignore",
     "mlruns/.gitignore",

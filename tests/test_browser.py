@@ -159,10 +159,13 @@ def test_a_run_that_only_evaluated_links_to_its_model_and_training_run(partial_e
         screenshot(browser, "mlflow-logged-model.png")
 
 
-LOSS_CHARTS = {  # dvc.yaml's top-level plots of metrics/history.csv: the page's id -> its y axis and curves
+CHARTS = {  # dvc.yaml's top-level plots of metrics/*.csv: the page's id -> its y axis and legend entries
     "Total_loss_per_epoch": ("loss per image (reconstruction + KL)", "train_total", "val_total"),
     "Reconstruction_error_per_epoch": ("squared error per image", "train_reconstruction", "val_reconstruction"),
     "KL_divergence_per_epoch": ("KL divergence per image", "train_kl", "val_kl"),
+    "Active_latent_dimensions_per_epoch": ("active latent dimensions",),
+    # metrics/latent.csv in our own template: a line per latent dimension (2 by default) and revision
+    "KL_per_latent_dimension_per_epoch": ("validation KL per image (nats)", "latent dimension", "0", "1"),
 }
 FIGURES = ("reconstructions", "prior_samples", "latent_space", "manifold", "interpolation", "loss_curves")
 
@@ -181,13 +184,15 @@ def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once_offl
         browser.get((tmp_path / "online" / "index.html").as_uri())
         assert browser.execute_script("return typeof vegaEmbed") == "undefined", "DVC's page reached its CDN"
         browser.get((tmp_path / "plots" / "index.html").as_uri())
-        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".vega-embed svg")) >= 3)
+        WebDriverWait(browser, 60).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, ".vega-embed svg")) >= len(CHARTS)
+        )
     finally:
         browser.delete_network_conditions()
     screenshot(browser, "dvc-plots-diff.png")
     charts = {c.get_attribute("id"): c.text for c in browser.find_elements(By.CSS_SELECTOR, ".vega-embed")}
-    assert sorted(charts) == sorted(LOSS_CHARTS), "each loss chart drawn once"
-    for chart_id, (y_label, *curves) in LOSS_CHARTS.items():
+    assert sorted(charts) == sorted(CHARTS), "each chart drawn once"
+    for chart_id, (y_label, *curves) in CHARTS.items():
         text = set(charts[chart_id].splitlines())  # the title, the axes' titles, the legends' entries
         expected = {chart_id.replace("_", " "), "epoch", y_label, *names, *curves}
         assert expected <= text, f"{chart_id} lacks {sorted(expected - text)}: {sorted(text)}"

@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import history
 from pipeline.errors import PipelineError
+from pipeline.losses import DatasetLoss
 from pipeline.model import VAE
 from pipeline.model_files import load_checkpoint, random_states, save_checkpoint
 from pipeline.paths import CHECKPOINT_FILE
@@ -47,7 +48,7 @@ def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without
     monkeypatch.chdir(tmp_path)
     model = VAE()
     optimizer, rng = torch.optim.Adam(model.parameters()), [random_states(torch.Generator())]
-    epochs = [history.EpochLosses.of(epoch, torch.rand(3), torch.rand(3)) for epoch in (1, 2)]
+    epochs = [history.EpochLosses.of(epoch, torch.rand(3), validation(torch.rand(3))) for epoch in (1, 2)]
 
     save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None)
     uninterrupted = CHECKPOINT_FILE.read_bytes()
@@ -77,9 +78,28 @@ def test_one_gpu_for_several_processes_is_refused_before_any_starts(tmp_path):
 
 
 def test_the_objective_is_the_negative_elbo_whatever_beta_weighs_the_kl_by():
-    row = history.EpochLosses.of(3, torch.tensor([30.0, 4.0, 38.0]), torch.tensor([29.0, 4.5, 38.0]))  # beta 2
-    assert row.metrics[history.OBJECTIVE] == 29.0 + 4.5, "reconstruction + KL, not val_total"
+    row = history.EpochLosses.of(3, torch.tensor([30.0, 4.0, 38.0]), validation(torch.tensor([29.0, 4.5, 38.0])))
+    assert row.metrics[history.OBJECTIVE] == 29.0 + 4.5, "reconstruction + KL, not val_total (beta 2)"
     assert history.train_metrics([row])[history.OBJECTIVE] == 33.5
     header, line = history.to_csv([row]).splitlines()
-    assert header.split(",")[-1] == history.OBJECTIVE and line.split(",")[-1] == "33.5"
-    assert history.from_saved(history.to_saved([row])) == [row], "a checkpoint holds the losses alone"
+    assert header.split(",")[-2:] == [history.OBJECTIVE, history.ACTIVE_UNITS] and line.split(",")[-2:] == ["33.5", "1"]
+    assert history.from_saved(history.to_saved([row])) == [row], "a checkpoint holds every number of the row"
+
+
+def test_each_epoch_keeps_the_kl_of_each_latent_dimension_and_the_active_units():
+    rows = [history.EpochLosses.of(e, torch.rand(3), validation(torch.rand(3), [0.25, 0.5], 2)) for e in (1, 2)]
+    assert history.latent_to_csv(rows).splitlines() == [
+        "epoch,dimension,kl",
+        "1,0,0.25",
+        "1,1,0.5",
+        "2,0,0.25",
+        "2,1,0.5",
+    ], "the long form: a line per dimension in one chart"
+    assert rows[1].run_metrics.items() >= {"val_kl_dim0": 0.25, "val_kl_dim1": 0.5, history.ACTIVE_UNITS: 2}.items()
+    assert "val_kl_dim0" not in history.train_metrics(rows), "train.json's table stays narrow for any latent_dim"
+    assert history.train_metrics(rows)[history.ACTIVE_UNITS] == 2
+
+
+def validation(parts: torch.Tensor, kl_per_dim=(0.5,), active_units: int = 1) -> DatasetLoss:
+    """What `dataset_loss` returns for a validation set of these numbers."""
+    return DatasetLoss(parts, torch.tensor(kl_per_dim), torch.tensor(active_units))

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.history import OBJECTIVE
+from pipeline.history import ACTIVE_UNITS, OBJECTIVE
 from tests.projects import LEARNING_RATES, make_project, project_env, run, stages_run
 
 pytestmark = pytest.mark.slow
@@ -103,6 +103,7 @@ def test_a_loss_part_added_by_its_name_is_trained_logged_and_evaluated(tmp_path,
         "epoch",
         *(f"{split}_{part}" for split in ("train", "val") for part in ("reconstruction", "kl", "total", "l1")),
         OBJECTIVE,  # reconstruction + KL alone: a part added to the loss does not change what the ELBO is
+        ACTIVE_UNITS,
     ]
     train_metrics = json.loads((project / "metrics/train.json").read_text())
     test_metrics = json.loads((project / "metrics/test.json").read_text())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.losses import dataset_loss, vae_loss
+from pipeline.losses import ACTIVE_UNIT_THRESHOLD, dataset_loss, kl_divergence, vae_loss
 from pipeline.model import VAE, to_input
 
 
@@ -75,8 +75,32 @@ def test_dataset_loss_weights_a_ragged_last_batch_by_its_size():
     torch.manual_seed(1)  # the same noise, batch by batch
     with torch.no_grad():
         full, rest = (torch.stack(vae_loss(x, *model(x))) for x in (to_input(images[:1024]), to_input(images[1024:])))
-    torch.testing.assert_close(result, (full * 1024 + rest * 76) / 1100)
-    torch.testing.assert_close(result[2], result[0] + result[1])
+    torch.testing.assert_close(result.parts, (full * 1024 + rest * 76) / 1100)
+    torch.testing.assert_close(result.parts[2], result.parts[0] + result.parts[1])
+
+
+def test_dataset_loss_splits_the_kl_by_latent_dimension_and_counts_the_active_ones_without_noise():
+    """Each dimension's KL sums to the KL part; a dimension whose mean is the same for every image is
+    not active. The latent statistics draw no random number, so a run's noise stays as it was."""
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3)
+    with torch.no_grad():  # dimensions 0 and 1 vary with the image; dimension 2's mean does not
+        model.to_mean.weight[:2] *= 100
+        model.to_mean.weight[2] = 0
+        model.to_mean.bias[2] = 0.5
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    torch.manual_seed(1)
+    result = dataset_loss(model, images, batch_size=128)
+    after = torch.randn(1)
+    torch.manual_seed(1)
+    torch.randn(300, 3)  # exactly the noise the loss itself drew, 128 + 128 + 44 rows
+    assert torch.equal(torch.randn(1), after), "only the reparameterisation noise was drawn"
+
+    with torch.no_grad():
+        mean, log_var = model.encode(to_input(images))
+    torch.testing.assert_close(result.kl_per_dim, kl_divergence(mean, log_var).mean(0))
+    torch.testing.assert_close(result.kl_per_dim.sum(), result.parts[1])
+    assert result.active_units.item() == int((mean.var(0) > ACTIVE_UNIT_THRESHOLD).sum()) == 2
 
 
 def test_importance_weighted_likelihood_tightens_the_elbo():

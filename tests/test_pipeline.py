@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.history import OBJECTIVE
+from pipeline.history import ACTIVE_UNITS, OBJECTIVE
 from pipeline.visualize import FIGURE_COUNT
 from tests.projects import EPOCHS, edit_params, run, stages_run
 
@@ -65,6 +65,15 @@ def test_every_output_is_written(reproduced):
         history = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in history] == list(range(1, EPOCHS + 1))
     assert float(history[-1]["train_total"]) < float(history[0]["train_total"]), "training should lower the loss"
+    assert history[-1][ACTIVE_UNITS] == str(train[ACTIVE_UNITS]) and 0 <= train[ACTIVE_UNITS] <= 2
+    with open(p / "metrics/latent.csv") as fh:
+        latent = list(csv.DictReader(fh))
+    assert [(int(r["epoch"]), int(r["dimension"])) for r in latent] == [
+        (epoch, dim) for epoch in range(1, EPOCHS + 1) for dim in (0, 1)
+    ], "a row per epoch and latent dimension"
+    for row in history:  # each epoch's dimensions add up to its validation KL
+        kl = sum(float(r["kl"]) for r in latent if r["epoch"] == row["epoch"])
+        assert kl == pytest.approx(float(row["val_kl"]), rel=1e-4)
 
     figures = sorted(f.name for f in (p / "figures").iterdir())
     assert len(figures) == FIGURE_COUNT, "the count its progress bar shows"
@@ -84,7 +93,10 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.params["train.learning_rate"] == "0.0005"
     assert mlrun.data.params["model.latent_dim"] == "2"
-    for name in ("train_reconstruction", "train_kl", "train_total", "val_reconstruction", "val_kl", "val_total"):
+    for name in (
+        *("train_reconstruction", "train_kl", "train_total", "val_reconstruction", "val_kl", "val_total"),
+        *(ACTIVE_UNITS, "val_kl_dim0", "val_kl_dim1"),  # the latent space's use, while it trains
+    ):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, name)] == list(range(1, EPOCHS + 1))
     objective = client.get_metric_history(mlrun.info.run_id, OBJECTIVE)
     assert [m.step for m in objective] == list(range(1, EPOCHS + 1)), "the search's objective, every epoch"

@@ -114,7 +114,7 @@ def train(precision: str, epochs: int = 2) -> tuple[VAE, list[tuple[float, float
     for _ in range(epochs):
         parts, first_bad_step = train_epoch(step, generator)
         assert first_bad_step.item() == -1
-        losses.append((parts[2].item(), dataset_loss(model, validation, True)[2].item()))
+        losses.append((parts[2].item(), dataset_loss(model, validation, True).parts[2].item()))
     return model, losses
 
 

@@ -330,13 +330,13 @@ def trial_epochs(
         if not together:  # alone: every epoch of this trial before the next trial starts
             for _ in range(epochs):
                 parts, _ = train_epoch(step, trials[-1][1])
-                val_parts = dataset_loss(model, val, True, step.loss)
+                val_parts = dataset_loss(model, val, True, step.loss).parts
                 trials[-1][2].append(parts.tolist() + val_parts.tolist())
     for _ in range(epochs if together else 0):
         results = train_together([step for step, _, _ in trials], [order for _, order, _ in trials])
         for (step, _, history), (parts, first_bad_step) in zip(trials, results):
             assert first_bad_step.item() == -1
-            val_parts = dataset_loss(step.model, val, True, step.loss, noise_generator=step.noise_generator)
+            val_parts = dataset_loss(step.model, val, True, step.loss, noise_generator=step.noise_generator).parts
             history.append(parts.tolist() + val_parts.tolist())
     return [(history, step.model.state_dict()) for step, _, history in trials]
 

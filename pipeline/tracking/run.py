@@ -122,7 +122,7 @@ class TrackedRun:
     def log_epoch(self, row: EpochLosses, seconds: float, model: VAE, validation: torch.Tensor) -> None:
         """The epoch's losses and time, and the reconstructions of the first WATCHED_IMAGES
         validation images, each at the epoch's step."""
-        self.log_metrics(row.metrics | {"epoch_seconds": seconds}, step=row.epoch)
+        self.log_metrics(row.run_metrics | {"epoch_seconds": seconds}, step=row.epoch)
         if self.run_id is not None:
             self.log_reconstructions(model, validation[:WATCHED_IMAGES], row.epoch)
 
@@ -171,7 +171,7 @@ class TrackedRun:
         last_logged = max(self.logged_steps("train_total"), default=0)
         for row in history:
             if row.epoch > last_logged:
-                self.log_metrics(row.metrics, step=row.epoch)
+                self.log_metrics(row.run_metrics, step=row.epoch)
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, tags: dict[str, str]) -> None:
         """The trained model as a LoggedModel of this run: a torch.export program, which loads back
