@@ -23,6 +23,10 @@ OBJECTIVE = "val_neg_elbo"
 # collapsing shows here as training goes, not only in evaluate's active_units at the end.
 ACTIVE_UNITS = "val_active_units"
 DIMENSION = "dimension"  # metrics/latent.csv: a row per epoch and latent dimension, with its KL
+# What early stopping watches and the best epoch is best by: the training loss on the validation
+# images, as Lightning's EarlyStopping and ModelCheckpoint would monitor it.
+BEST_BY = "val_total"
+BEST_EPOCH = "best_epoch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +89,42 @@ def latent_to_csv(history: list[EpochLosses]) -> str:
     return out.getvalue()
 
 
-def train_metrics(history: list[EpochLosses]) -> dict[str, float]:
-    """metrics/train.json: the epochs trained, then the last epoch's losses, OBJECTIVE and ACTIVE_UNITS."""
-    return {EPOCHS: history[-1].epoch} | {c: round(v, 6) for c, v in history[-1].metrics.items()}
+def best_row(history: list[EpochLosses], min_delta: float = 0.0) -> EpochLosses:
+    """The best epoch by BEST_BY: the last whose value was below every earlier epoch's best by more
+    than `min_delta` (`train.min_delta`), the one rule for early stopping and the kept epoch."""
+    best = history[0]
+    for row in history[1:]:
+        if row.losses[BEST_BY] < best.losses[BEST_BY] - min_delta:
+            best = row
+    return best
+
+
+def last_is_best(history: list[EpochLosses], min_delta: float = 0.0) -> bool:
+    return best_row(history, min_delta) is history[-1]
+
+
+def stops_early(history: list[EpochLosses], patience: int, min_delta: float = 0.0) -> bool:
+    """Whether a run with this history stops after its last epoch: `patience` epochs
+    (`train.early_stopping`, 0: never) without a best epoch."""
+    return patience > 0 and bool(history) and history[-1].epoch - best_row(history, min_delta).epoch >= patience
+
+
+def stopped_before_last(history: list[EpochLosses], patience: int, min_delta: float = 0.0) -> int | None:
+    """The epoch before the history's last at which this patience would have stopped the run (None
+    if none): such a history cannot be resumed or continued as a run of this patience."""
+    return next((n for n in range(1, len(history)) if stops_early(history[:n], patience, min_delta)), None)
+
+
+def train_metrics(history: list[EpochLosses], min_delta: float = 0.0) -> dict[str, float]:
+    """metrics/train.json: the epochs trained, the last epoch's losses, OBJECTIVE and ACTIVE_UNITS,
+    then the best epoch and its BEST_BY and OBJECTIVE (a runs table shows both, last and best)."""
+    best = best_row(history, min_delta)
+    return (
+        {EPOCHS: history[-1].epoch}
+        | {c: round(v, 6) for c, v in history[-1].metrics.items()}
+        | {BEST_EPOCH: best.epoch}
+        | {f"best_{name}": round(best.metrics[name], 6) for name in (BEST_BY, OBJECTIVE)}
+    )
 
 
 def split_train_metrics(metrics: dict[str, float]) -> tuple[int, dict[str, float]]:

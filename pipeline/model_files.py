@@ -52,9 +52,10 @@ def save_torch(obj, target: Path) -> None:
     atomic.write_bytes(target, buffer.getvalue())
 
 
-def save_model(model: VAE, path: Path = MODEL_FILE) -> None:
-    """The weights (on the CPU, contiguous) and the config that builds the model they fit."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_model(model: VAE, path: Path = MODEL_FILE, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The weights (on the CPU, contiguous) and the config that builds the model they fit: the
+    model's own, or other `weights` of it (an earlier epoch's)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
     save_torch({"config": model.config, "state_dict": state}, path)
 
 
@@ -72,9 +73,12 @@ def training_fingerprint(params: Params, precision: str, device_type: str) -> di
     the precision `train.precision` resolved to (a resume never mixes precisions), the kind of device
     it ran on (`train.device: auto` is a GPU on one machine and the CPU on another), the training
     code and the data. Not `train.epochs`: the first epochs do not depend on how many follow, so a
-    killed run can be resumed, and a finished one continued, with more epochs."""
+    killed run can be resumed, and a finished one continued, with more epochs. Nor when it stops
+    early or which epoch it keeps: neither changes any epoch's weights (`train.min_delta` does count:
+    it decides which epoch's weights a checkpoint holds as the best)."""
     train = dataclasses.asdict(params.train) | {"precision": precision}
-    del train["epochs"]
+    for when_to_stop_or_what_to_keep in ("epochs", "early_stopping", "keep_epoch"):
+        del train[when_to_stop_or_what_to_keep]
     return {
         "seed": params.seed,
         "model": dataclasses.asdict(params.model),
@@ -95,6 +99,14 @@ def training_code_sha256() -> str:
     return digest.hexdigest()
 
 
+def best_weights(model: VAE, is_best: bool, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The best epoch's weights once an epoch has trained: a copy of the model's if that epoch
+    `is_best` (`history.best_row`), else `best`, kept from an earlier epoch."""
+    if is_best or best is None:
+        return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return best
+
+
 def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
     """This process's random states: the CPU's, the data order's and the GPU's."""
     rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
@@ -110,15 +122,18 @@ def save_checkpoint(
     rng_by_rank: list[dict[str, torch.Tensor]],
     history: list[list[float]],
     run_id: str | None,
+    best_model: dict[str, torch.Tensor],
     path: Path = CHECKPOINT_FILE,
 ) -> None:
     """All a killed run needs to go on as if it had not stopped: weights, optimizer, every process's
-    random states (`random_states` of each rank, in rank order), the epochs' history (`history.to_saved`)
-    and the MLflow run. A sweep training trials together writes each trial's to a `path` of its own."""
+    random states (`random_states` of each rank, in rank order), the epochs' history (`history.to_saved`),
+    the best epoch's weights (`train.keep_epoch: best` keeps them) and the MLflow run. A sweep training
+    trials together writes each trial's to a `path` of its own."""
     save_torch(
         {
             "fingerprint": fingerprint,
             "model": model.state_dict(),
+            "best_model": best_model,
             "optimizer": optimizer.state_dict(),
             "rng": rng_by_rank,
             "history": history,

@@ -71,6 +71,9 @@ class TrainParams:
     deterministic: bool = False
     cuda_graph: bool = True
     compile: bool = True
+    early_stopping: int = field(default=0, metadata=_non_negative)  # patience in epochs; 0: off
+    min_delta: float = field(default=0.0, metadata=_non_negative)  # what counts as an improvement
+    keep_epoch: Literal["last", "best"] = "last"  # whose weights become models/model.pt
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,16 @@ def gather_to_writer(value, ranks: Ranks) -> list | None:
     return gathered
 
 
+def from_writer(value, ranks: Ranks):
+    """Rank 0's `value`, on every rank (what rank 0 alone can decide, as whether to stop); every
+    rank must call it."""
+    if ranks.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.world_size > 1:
         torch.distributed.barrier()

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,9 @@ from pipeline.progress import progress
 from pipeline.stage import run_stage
 from pipeline.step import TrainStep, divergence, seeded_start, train_epoch
 from pipeline.torchrun import Ranks
+
+KEPT_EPOCH_TAG = "kept_epoch"  # the epoch whose weights models/model.pt holds (train.keep_epoch)
+STOPPED_EARLY_TAG = "stopped_early"  # why the run stopped before train.epochs (train.early_stopping)
 
 
 class DivergedError(PipelineError):
@@ -86,22 +90,21 @@ def train(params: Params) -> None:
     try:
         with tracked.monitor_system(resumed=state.run_id is not None):
             for epoch in range(len(state.history) + 1, cfg.epochs + 1):
+                if torchrun.from_writer(ranks.writer and stops_early(state.history, cfg), ranks):
+                    break
                 started = time.perf_counter()
                 row = run_epoch(epoch, state, step, data, cfg, ranks)
                 rng_by_rank = torchrun.gather_to_writer(model_files.random_states(state.generator), ranks)
                 if ranks.writer:
                     state.history.append(row)
-                    model_files.save_checkpoint(
-                        fingerprint,
-                        state.model,
-                        state.optimizer,
-                        rng_by_rank,
-                        history.to_saved(state.history),
-                        tracked.run_id,
-                    )
+                    is_best = history.last_is_best(state.history, cfg.min_delta)
+                    state.best_model = model_files.best_weights(state.model, is_best, state.best_model)
+                    save_checkpoint(state, fingerprint, rng_by_rank, tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
-                finish(state, tracked, data.validation)
+                if not CHECKPOINT_FILE.exists():  # continued from models/state.pt with nothing to train
+                    save_checkpoint(state, fingerprint, [model_files.random_states(state.generator)], tracked.run_id)
+                finish(state, tracked, data.validation, cfg)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"  # MLflow's status for a run stopped by its user
@@ -115,6 +118,23 @@ def train(params: Params) -> None:
         # For the later stages of this execution.
         tracking.record_trained_model(tracked, model_files.file_sha256(MODEL_FILE))
         model_files.finish_checkpoint()
+
+
+def stops_early(rows: list[EpochLosses], cfg: TrainParams) -> bool:
+    """Whether `train.early_stopping` ends the run after these epochs (`history.stops_early`)."""
+    return history.stops_early(rows, cfg.early_stopping, cfg.min_delta)
+
+
+def save_checkpoint(state: Training, fingerprint: dict, rng_by_rank: list[dict], run_id: str | None) -> None:
+    model_files.save_checkpoint(
+        fingerprint,
+        state.model,
+        state.optimizer,
+        rng_by_rank,
+        history.to_saved(state.history),
+        run_id,
+        state.best_model,
+    )
 
 
 class Data(NamedTuple):
@@ -152,6 +172,7 @@ class Training:
     history: list[EpochLosses]  # a row per finished epoch
     run_id: str | None  # the MLflow run an interrupted run was logging into
     continued: bool = False  # from a finished run's state, with more epochs
+    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights (history.best_row)
 
 
 def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerprint: dict) -> Training:
@@ -176,21 +197,42 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     torchrun.barrier(ranks)
     if not ranks.writer:
         checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs)
-    if checkpoint is not None:
-        model_files.restore_checkpoint(checkpoint, model, optimizer, state.generator, ranks.rank)
-        state.history, state.run_id = history.from_saved(checkpoint["history"]), checkpoint["run_id"]
+    if checkpoint is not None and not (why_not := trained_past_its_stop(checkpoint, CHECKPOINT_FILE, cfg)):
+        restore(state, checkpoint, ranks)
+        state.run_id = checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
         return state
-    finished, why_not = model_files.load_finished(fingerprint, cfg.epochs)
-    if finished is not None:  # a new run (its record is the finished run's no more), with the epochs so far
-        model_files.restore_checkpoint(finished, model, optimizer, state.generator, ranks.rank)
-        state.history, state.continued = history.from_saved(finished["history"]), True
-        if ranks.writer:
-            print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
-    elif why_not and ranks.writer:
+    if checkpoint is None:
+        finished, why_not = model_files.load_finished(fingerprint, cfg.epochs)
+        if finished is not None:
+            why_not = trained_past_its_stop(finished, STATE_FILE, cfg)
+        if finished is not None and not why_not:  # a new run (the finished run's record is its own), from its epochs
+            restore(state, finished, ranks)
+            state.continued = True
+            if ranks.writer:
+                print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
+            return state
+    if why_not and ranks.writer:
         print(f"training from scratch: {why_not}")
     return state
+
+
+def restore(state: Training, checkpoint: dict, ranks: Ranks) -> None:
+    """The weights, optimizer, random states, history and best weights a checkpoint holds."""
+    model_files.restore_checkpoint(checkpoint, state.model, state.optimizer, state.generator, ranks.rank)
+    state.history = history.from_saved(checkpoint["history"])
+    device = next(state.model.parameters()).device  # where the best weights were when saved, as the model's
+    state.best_model = {name: tensor.to(device) for name, tensor in checkpoint["best_model"].items()}
+
+
+def trained_past_its_stop(checkpoint: dict, path: Path, cfg: TrainParams) -> str | None:
+    """Why a checkpoint cannot go on as this run: it trained past the epoch where this run's
+    `train.early_stopping` stops (None if it did not)."""
+    epoch = history.stopped_before_last(history.from_saved(checkpoint["history"]), cfg.early_stopping, cfg.min_delta)
+    if epoch is None:
+        return None
+    return f"{path} trained past epoch {epoch}, where train.early_stopping {cfg.early_stopping} stops this run"
 
 
 def run_epoch(
@@ -209,19 +251,40 @@ def run_epoch(
     return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
 
 
-def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor) -> None:
-    """Write the DVC outputs (the model, the final metrics, the histories), then log the model to the
-    run as a LoggedModel and describe the run."""
-    model_files.save_model(state.model)
-    atomic.write_text(TRAIN_METRICS, json.dumps(history.train_metrics(state.history), indent=2) + "\n")
+def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor, cfg: TrainParams) -> None:
+    """Write the DVC outputs (the model of the epoch `train.keep_epoch` keeps, the final metrics,
+    the histories), then log the model to the run as a LoggedModel and describe the run. A run that
+    stopped early says so, in a line and in its run."""
+    model_files.save_model(state.model, weights=state.best_model if cfg.keep_epoch == "best" else None)
+    metrics = history.train_metrics(state.history, cfg.min_delta)
+    atomic.write_text(TRAIN_METRICS, json.dumps(metrics, indent=2) + "\n")
     atomic.write_text(TRAIN_HISTORY, history.to_csv(state.history))
     atomic.write_text(TRAIN_LATENT, history.latent_to_csv(state.history))
+    kept = metrics[history.BEST_EPOCH] if cfg.keep_epoch == "best" else state.history[-1].epoch
+    stopped = early_stop_note(state.history, cfg) if stops_early(state.history, cfg) else None
+    if stopped:
+        print(stopped, flush=True)
     if tracked.run_id is not None:
-        tags = tracking.model_tags(MODEL_FILE)
+        tracked.log_metrics({k: v for k, v in metrics.items() if k.startswith("best_")}, step=state.history[-1].epoch)
+        tags = (
+            tracking.model_tags(MODEL_FILE)
+            | {KEPT_EPOCH_TAG: str(kept)}
+            | ({STOPPED_EARLY_TAG: stopped} if stopped else {})
+        )
         tracked.set_tags(tags)
         example = to_input(validation[:4]).cpu().numpy()
         tracked.log_model(Reconstructor(model_files.load_model(MODEL_FILE)), example, tags)
         tracked.describe()
+
+
+def early_stop_note(rows: list[EpochLosses], cfg: TrainParams) -> str:
+    """The one line that says why the run stopped before train.epochs."""
+    best = history.best_row(rows, cfg.min_delta)
+    return (
+        f"stopped early after epoch {rows[-1].epoch} of {cfg.epochs}: {history.BEST_BY} has not improved on "
+        f"epoch {best.epoch}'s {best.losses[history.BEST_BY]:.4f} by more than {cfg.min_delta:g} in "
+        f"{cfg.early_stopping} epochs (train.early_stopping)"
+    )
 
 
 def main() -> None:

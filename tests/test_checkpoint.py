@@ -19,7 +19,7 @@ from pipeline.model_files import load_checkpoint, random_states, save_checkpoint
 from pipeline.paths import CHECKPOINT_FILE
 from tests.projects import ROOT
 
-HISTORY = [[1, 30.0, 4.0, 34.0, 29.0, 4.5, 33.5]]
+HISTORY = [[1, 30.0, 4.0, 34.0, 29.0, 4.5, 33.5, 2, 2.0, 2.5]]  # the losses, the active units, the KL by dimension
 FINGERPRINT = {"seed": 42, "model": {}, "train": {"precision": "fp32"}, "device": "cuda", "data": "abc"}
 
 
@@ -27,7 +27,13 @@ def test_a_checkpoint_trained_on_cuda_is_refused_on_the_cpu_and_kept(tmp_path, m
     monkeypatch.chdir(tmp_path)
     model = VAE()
     save_checkpoint(
-        FINGERPRINT, model, torch.optim.Adam(model.parameters()), [random_states(torch.Generator())], HISTORY, None
+        FINGERPRINT,
+        model,
+        torch.optim.Adam(model.parameters()),
+        [random_states(torch.Generator())],
+        HISTORY,
+        None,
+        model.state_dict(),
     )
     saved = CHECKPOINT_FILE.read_bytes()
     with pytest.raises(PipelineError) as refused:
@@ -50,12 +56,12 @@ def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without
     optimizer, rng = torch.optim.Adam(model.parameters()), [random_states(torch.Generator())]
     epochs = [history.EpochLosses.of(epoch, torch.rand(3), validation(torch.rand(3))) for epoch in (1, 2)]
 
-    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None)
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None, model.state_dict())
     uninterrupted = CHECKPOINT_FILE.read_bytes()
-    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs[:1]), None)
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs[:1]), None, model.state_dict())
     resumed = history.from_saved(load_checkpoint(FINGERPRINT, epochs=2)["history"]) + epochs[1:]
     assert resumed == epochs
-    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(resumed), None)
+    save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(resumed), None, model.state_dict())
     assert CHECKPOINT_FILE.read_bytes() == uninterrupted
 
 
@@ -103,3 +109,33 @@ def test_each_epoch_keeps_the_kl_of_each_latent_dimension_and_the_active_units()
 def validation(parts: torch.Tensor, kl_per_dim=(0.5,), active_units: int = 1) -> DatasetLoss:
     """What `dataset_loss` returns for a validation set of these numbers."""
     return DatasetLoss(parts, torch.tensor(kl_per_dim), torch.tensor(active_units))
+
+
+def rows_of(val_totals: list[float]) -> list[history.EpochLosses]:
+    return [
+        history.EpochLosses(epoch, dict.fromkeys(history.COLUMNS, 1.0) | {history.BEST_BY: total}, (1.0,), 1)
+        for epoch, total in enumerate(val_totals, 1)
+    ]
+
+
+def test_the_best_epoch_is_the_last_to_improve_by_more_than_min_delta_and_patience_counts_from_it():
+    rows = rows_of([10.0, 9.0, 8.95, 9.5, 8.5, 8.6, 8.7])
+    assert history.best_row(rows).epoch == 5, "the lowest val_total"
+    assert history.best_row(rows[:2]).epoch == 2
+    assert history.best_row(rows, min_delta=0.1).epoch == 5, "8.5 < 9.0 - 0.1; 8.95 was not enough"
+    assert history.best_row(rows[:4], min_delta=0.1).epoch == 2
+    assert history.best_row(rows_of([5.0, 5.0])).epoch == 1, "a tie does not improve"
+
+    assert not history.stops_early(rows, patience=0), "0: never"
+    assert [n for n in range(1, 8) if history.stops_early(rows[:n], patience=2)] == [7], "epochs 6 and 7 after 5"
+    assert [n for n in range(1, 8) if history.stops_early(rows[:n], patience=2, min_delta=0.1)] == [4, 7]
+    assert history.stopped_before_last(rows, patience=2, min_delta=0.1) == 4, "a run of this rule ends at 4"
+    assert history.stopped_before_last(rows, patience=2) is None, "it ends at 7, its last epoch"
+    assert history.stopped_before_last(rows, patience=0) is None
+
+
+def test_train_json_gives_the_best_epoch_beside_the_last():
+    metrics = history.train_metrics(rows_of([10.0, 8.0, 9.0]))
+    assert (metrics["epochs"], metrics[history.BEST_BY]) == (3, 9.0), "the last epoch's"
+    assert (metrics[history.BEST_EPOCH], metrics[f"best_{history.BEST_BY}"]) == (2, 8.0)
+    assert metrics[f"best_{history.OBJECTIVE}"] == 2.0, "the best epoch's val_reconstruction + val_kl"

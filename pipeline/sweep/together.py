@@ -34,7 +34,7 @@ from pipeline.device import (
     resolve_precision,
 )
 from pipeline.epoch_report import report_epoch
-from pipeline.history import OBJECTIVE, EpochLosses
+from pipeline.history import OBJECTIVE, EpochLosses, last_is_best
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.progress import record
@@ -85,6 +85,7 @@ class Member:
     cpu_state: torch.Tensor  # on CUDA, the CPU's random state a run alone keeps from its start to its end
     tracked: tracking.TrackedRun
     history: list[EpochLosses] = dataclasses.field(default_factory=list)
+    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights, as its run alone keeps them
 
     def random_states(self) -> dict[str, torch.Tensor]:
         """What `model_files.random_states` gives at the end of the trial's run alone."""
@@ -140,6 +141,8 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                             ),
                         )
                     )
+                    is_best = last_is_best(member.history, cfg.min_delta)
+                    member.best_model = model_files.best_weights(member.model, is_best, member.best_model)
                 seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
                 for member in active:
                     report_epoch(
@@ -191,6 +194,7 @@ def _save(member: Member, out: Path, params_text: str, epochs_later: bool) -> No
         [member.random_states()],
         history.to_saved(member.history),
         member.tracked.run_id,
+        member.best_model,
         path=out / f"{member.trial.name}.pt",
     )
 
