@@ -18,7 +18,7 @@ from pipeline.params import TrainParams
 LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES])
 # The train params the loss reads (`loss_function`): each is an evaluate param too (dvc.yaml; the
 # layout test holds it), and trials trained together may differ in each (pipeline.sweep.together).
-LOSS_PARAMS = ("beta", "reconstruction")
+LOSS_PARAMS = ("beta", "reconstruction", "free_bits")
 # A latent dimension is active when its posterior mean varies across images, Cov_x E[z|x] above
 # this (Burda et al., 2016): the ones below it carry no information about the image.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -54,21 +54,33 @@ def vae_loss(
     log_var: torch.Tensor,
     beta: float = 1.0,
     kind: str = "mse",
+    free_bits: float = 0.0,
+    kl_weight: torch.Tensor | None = None,
 ) -> LossParts:
     """Reconstruction error summed over pixels plus beta x KL summed over latent dimensions. The
     pixel sum is one fused reduction here, the training step's hot path.
+
+    What is optimised differs from that total only with `free_bits` (lambda nats: each latent
+    dimension's KL, averaged over the batch, counts as at least lambda, so below it the KL gives
+    no gradient; Kingma et al., 2016) or a `kl_weight` (beta's warm-up factor, in [0, 1]).
 
     Takes the model's outputs in the order it returns them: `vae_loss(x, *model(x))`.
     """
     batch = x.shape[0]
     recon = _pixel_loss(x, reconstruction, kind, "sum") / batch
-    kl = kl_divergence(mean, log_var).sum() / batch
-    return LossParts(recon, kl, recon + beta * kl)
+    kl_per_image_and_dim = kl_divergence(mean, log_var)
+    kl = kl_per_image_and_dim.sum() / batch
+    total = optimised = recon + beta * kl  # the reference optimises its total
+    if free_bits or kl_weight is not None:
+        kl_optimised = kl_per_image_and_dim.mean(0).clamp(min=free_bits).sum() if free_bits else kl
+        optimised = recon + (beta if kl_weight is None else beta * kl_weight) * kl_optimised
+    return LossParts(recon, kl, total, optimised)
 
 
 def loss_function(cfg: TrainParams):
-    """The loss these train params select (LOSS_PARAMS: `train.beta`, `train.reconstruction`)."""
-    return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction)
+    """The loss these train params select (LOSS_PARAMS: `train.beta`, `train.reconstruction`,
+    `train.free_bits`); the training step adds beta's warm-up."""
+    return functools.partial(vae_loss, beta=cfg.beta, kind=cfg.reconstruction, free_bits=cfg.free_bits)
 
 
 class DatasetLoss(NamedTuple):

@@ -66,6 +66,8 @@ class TrainParams:
     num_processes: int = field(default=1, metadata=_positive)
     beta: float = field(default=1.0, metadata=_non_negative)
     reconstruction: Literal["mse", "bce"] = "mse"
+    kl_warmup_epochs: int = field(default=0, metadata=_non_negative)  # beta rises from 0 over these; 0: off
+    free_bits: float = field(default=0.0, metadata=_non_negative)  # nats per latent dimension; 0: off
     channels_last: bool = True
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     deterministic: bool = False

@@ -55,6 +55,7 @@ class TrainStep:
         precision: str = "fp32",
         compile: bool = False,
         noise_generator: torch.Generator | None = None,
+        kl_warmup_epochs: int = 0,
     ):
         device = images.device
         self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
@@ -65,6 +66,11 @@ class TrainStep:
         self.sums = torch.zeros(len(LOSS_NAMES), device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)
+        # KL warm-up: beta's factor rises linearly from 0 at the run's first step to 1 after
+        # kl_warmup_epochs; counted on the device, so a CUDA graph's replay reads the step it is at.
+        self.steps_per_epoch = -(-len(images) // batch_size)
+        self.kl_warmup_steps = kl_warmup_epochs * self.steps_per_epoch
+        self.run_steps = torch.zeros((), dtype=torch.long, device=device)  # steps since the run began
         self.uses_graph = cuda_graph and device.type == "cuda" and world_size == 1
         self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
         self.warmup_left = WARMUP_STEPS
@@ -106,7 +112,19 @@ class TrainStep:
             precision=precision,
             compile=compile,
             noise_generator=noise_generator,
+            kl_warmup_epochs=cfg.kl_warmup_epochs,
         )
+
+    def resume_after(self, epochs: int) -> None:
+        """Count the steps of `epochs` already trained (a resumed or continued run's), so beta's
+        warm-up goes on where it was."""
+        self.run_steps.fill_(epochs * self.steps_per_epoch)
+
+    def kl_weight(self) -> torch.Tensor | None:
+        """Beta's warm-up factor at this step (None: no warm-up, beta as it is)."""
+        if not self.kl_warmup_steps:
+            return None
+        return (self.run_steps / self.kl_warmup_steps).clamp(max=1.0)
 
     def start_epoch(self) -> None:
         self.sums.zero_()
@@ -149,7 +167,9 @@ class TrainStep:
             else contextlib.nullcontext()
         ):
             output = self.model(x, noise)
-        return self.loss(x, *(t.float() for t in output))  # the loss in fp32 whatever the forward's precision
+        kl_weight = self.kl_weight()
+        warmup = {} if kl_weight is None else {"kl_weight": kl_weight}
+        return self.loss(x, *(t.float() for t in output), **warmup)  # the loss in fp32 whatever the forward's precision
 
     def run(self, index: torch.Tensor, losses: Callable | None = None) -> None:
         """The step itself, as plain PyTorch (the forward compiled if asked)."""
@@ -165,14 +185,15 @@ class TrainStep:
         parts = (losses or self.compiled_losses or self.losses)(images, noise)
         self.optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
-            (parts.total * (len(images) * self.world_size / len(index))).backward()
+            (parts.optimised * (len(images) * self.world_size / len(index))).backward()
         else:
-            parts.total.backward()
+            parts.optimised.backward()
         self.optimizer.step()
         self.sums += torch.stack(parts).detach() * len(images)
         bad = ~torch.isfinite(parts.total.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
         self.steps += 1
+        self.run_steps += 1
 
 
 def seeded_start(params: Params, device: torch.device) -> tuple[VAE, torch.optim.Adam, torch.Generator]:

@@ -75,6 +75,13 @@ def train(params: Params) -> None:
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
+    step.resume_after(len(state.history))  # where beta's warm-up is
+    if ranks.writer and cfg.kl_warmup_epochs > cfg.epochs:
+        print(
+            f"note: train.kl_warmup_epochs {cfg.kl_warmup_epochs} is above train.epochs {cfg.epochs}: beta reaches "
+            f"{cfg.epochs / cfg.kl_warmup_epochs:.0%} of train.beta by the last epoch, never train.beta itself",
+            flush=True,
+        )
     continues_run_id = (
         tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE))
         if state.continued and experiment_id is not None and MODEL_FILE.exists()

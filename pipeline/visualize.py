@@ -99,11 +99,14 @@ def interpolation(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int
 
 
 def plot_loss_curves(history_file: Path):
-    """One panel per loss part, train and validation, as the history names them (train_<part>)."""
+    """One panel per loss part, train and validation, as the history names them (train_<part>); the
+    optimised loss only where it differs from the total."""
     with open(history_file) as fh:
         rows = list(csv.DictReader(fh))
     epochs = [int(r[EPOCH]) for r in rows]
     loss_names = [column.removeprefix("train_") for column in rows[0] if column.startswith("train_")]
+    if all(r["train_optimised"] == r["train_total"] for r in rows):  # neither free bits nor a warm-up
+        loss_names.remove("optimised")
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, len(loss_names))
     for ax, name in zip(axes, loss_names):

@@ -1,9 +1,11 @@
-"""Early stopping and the kept epoch (`train.early_stopping`, `train.min_delta`, `train.keep_epoch`)
-as a user meets them, through `dvc repro` and `dvc exp run`: where a run stops, which epoch's
-weights it keeps and evaluates, what more epochs do afterwards, and a killed run's resume."""
+"""Early stopping and the kept epoch (`train.early_stopping`, `train.min_delta`, `train.keep_epoch`),
+with the KL's warm-up and free bits, as a user meets them, through `dvc repro` and `dvc exp run`:
+where a run stops, which epoch's weights it keeps and evaluates, what more epochs do afterwards,
+and a killed run's resume."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -28,8 +30,10 @@ pytestmark = pytest.mark.slow
 NOTHING_IMPROVES_BY = 1e6
 # main before these params: with their defaults the model must be the bytes this commit trains.
 BEFORE_THESE_PARAMS = "afc00f39c3586dfb49698125e9df7f91e28ea7f4"
-NEW_TRAIN_PARAMS = ("early_stopping", "min_delta", "keep_epoch")
-KEPT_BEST = {"train.epochs": 3, "train.keep_epoch": "best", "train.min_delta": NOTHING_IMPROVES_BY}
+NEW_TRAIN_PARAMS = ("early_stopping", "min_delta", "keep_epoch", "kl_warmup_epochs", "free_bits")
+# A run that keeps its best epoch, with a KL warm-up that lasts past the kill and free bits.
+KL_TERM = {"train.kl_warmup_epochs": 2, "train.free_bits": 0.25}
+KEPT_BEST = {"train.epochs": 3, "train.keep_epoch": "best", "train.min_delta": NOTHING_IMPROVES_BY, **KL_TERM}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +99,12 @@ def test_a_run_whose_validation_loss_stops_improving_stops_after_its_patience_an
 def test_the_best_epoch_is_the_model_evaluated_and_more_epochs_keep_it_until_one_betters_it(
     tmp_path, mirror, kept_best
 ):
-    first = make_project(tmp_path / "first", mirror, **{"train.epochs": 1})
-    run(["dvc", "repro"], first)
+    first = make_project(tmp_path / "first", mirror, **{"train.epochs": 1, **KL_TERM})
+    said = run(["dvc", "repro"], first).stdout
+    assert (
+        "note: train.kl_warmup_epochs 2 is above train.epochs 1: beta reaches 50% of train.beta by the last "
+        "epoch, never train.beta itself"
+    ) in said, "a warm-up longer than the run trains as asked, and says so in one line"
     assert (kept_best / "models/model.pt").read_bytes() == (first / "models/model.pt").read_bytes(), (
         "the kept model is epoch 1's weights, byte for byte"
     )
@@ -109,10 +117,13 @@ def test_the_best_epoch_is_the_model_evaluated_and_more_epochs_keep_it_until_one
     )
     train = json.loads((kept_best / "metrics/train.json").read_text())
     assert (train["epochs"], train["best_epoch"]) == (3, 1)
-    first_row = (kept_best / "metrics/history.csv").read_text().splitlines()[1].split(",")
-    assert train["best_val_total"] == round(float(first_row[6]), 6), "epoch 1's val_total"
+    with open(kept_best / "metrics/history.csv") as fh:
+        first_epoch = next(csv.DictReader(fh))
+    assert train["best_val_total"] == round(float(first_epoch["val_total"]), 6), "epoch 1's val_total"
     _, [mlrun] = runs_of(kept_best)
     assert mlrun.data.tags["kept_epoch"] == "1" and "stopped_early" not in mlrun.data.tags
+    assert (mlrun.data.params["train.kl_warmup_epochs"], mlrun.data.params["train.free_bits"]) == ("2", "0.25")
+    assert mlrun.data.metrics["train_optimised"] != mlrun.data.metrics["train_total"], "free bits: another loss"
 
     project = Path(shutil.copytree(kept_best, tmp_path / "more", symlinks=True))
     more = run(["dvc", "exp", "run", "-S", "train.epochs=4", "train"], project)
@@ -156,7 +167,7 @@ def test_the_default_params_train_the_bytes_the_code_before_these_params_trained
         tar.extractall(before, filter="data")
     (before / "project.tar").unlink()
     params = yaml.safe_load((now / "params.yaml").read_text())
-    assert params["train"]["early_stopping"] == 0 and params["train"]["keep_epoch"] == "last", "the defaults"
+    assert [params["train"][key] for key in NEW_TRAIN_PARAMS] == [0, 0.0, "last", 0, 0.0], "the defaults"
     for key in NEW_TRAIN_PARAMS:  # the code before them refuses keys it does not know
         del params["train"][key]
     (before / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

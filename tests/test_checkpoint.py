@@ -19,7 +19,8 @@ from pipeline.model_files import load_checkpoint, random_states, save_checkpoint
 from pipeline.paths import CHECKPOINT_FILE
 from tests.projects import ROOT
 
-HISTORY = [[1, 30.0, 4.0, 34.0, 29.0, 4.5, 33.5, 2, 2.0, 2.5]]  # the losses, the active units, the KL by dimension
+# The losses (train's and val's reconstruction, KL, total, optimised), the active units, the KL by dimension.
+HISTORY = [[1, 30.0, 4.0, 34.0, 34.0, 29.0, 4.5, 33.5, 33.5, 2, 2.0, 2.5]]
 FINGERPRINT = {"seed": 42, "model": {}, "train": {"precision": "fp32"}, "device": "cuda", "data": "abc"}
 
 
@@ -54,7 +55,7 @@ def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without
     monkeypatch.chdir(tmp_path)
     model = VAE()
     optimizer, rng = torch.optim.Adam(model.parameters()), [random_states(torch.Generator())]
-    epochs = [history.EpochLosses.of(epoch, torch.rand(3), validation(torch.rand(3))) for epoch in (1, 2)]
+    epochs = [history.EpochLosses.of(epoch, torch.rand(4), validation(torch.rand(4))) for epoch in (1, 2)]
 
     save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None, model.state_dict())
     uninterrupted = CHECKPOINT_FILE.read_bytes()
@@ -84,7 +85,9 @@ def test_one_gpu_for_several_processes_is_refused_before_any_starts(tmp_path):
 
 
 def test_the_objective_is_the_negative_elbo_whatever_beta_weighs_the_kl_by():
-    row = history.EpochLosses.of(3, torch.tensor([30.0, 4.0, 38.0]), validation(torch.tensor([29.0, 4.5, 38.0])))
+    row = history.EpochLosses.of(
+        3, torch.tensor([30.0, 4.0, 38.0, 38.0]), validation(torch.tensor([29.0, 4.5, 38.0, 38.0]))
+    )
     assert row.metrics[history.OBJECTIVE] == 29.0 + 4.5, "reconstruction + KL, not val_total (beta 2)"
     assert history.train_metrics([row])[history.OBJECTIVE] == 33.5
     header, line = history.to_csv([row]).splitlines()
@@ -93,7 +96,7 @@ def test_the_objective_is_the_negative_elbo_whatever_beta_weighs_the_kl_by():
 
 
 def test_each_epoch_keeps_the_kl_of_each_latent_dimension_and_the_active_units():
-    rows = [history.EpochLosses.of(e, torch.rand(3), validation(torch.rand(3), [0.25, 0.5], 2)) for e in (1, 2)]
+    rows = [history.EpochLosses.of(e, torch.rand(4), validation(torch.rand(4), [0.25, 0.5], 2)) for e in (1, 2)]
     assert history.latent_to_csv(rows).splitlines() == [
         "epoch,dimension,kl",
         "1,0,0.25",

@@ -91,17 +91,22 @@ def test_a_loss_part_added_by_its_name_is_trained_logged_and_evaluated(tmp_path,
     then trains, and every table of the parts has it."""
     project = make_project(tmp_path / "project", mirror)
     names = project / "pipeline" / "loss_names.py"
-    names.write_text(names.read_text().replace('"kl", "total")', '"kl", "total", "l1")'))
+    assert '"total", "optimised")' in names.read_text(), "the docs' step 1 no longer fits loss_names.py"
+    names.write_text(names.read_text().replace('"total", "optimised")', '"total", "optimised", "l1")'))
     losses = project / "pipeline" / "losses.py"
-    returned = "    return LossParts(recon, kl, recon + beta * kl)\n"
+    returned = "    return LossParts(recon, kl, total, optimised)\n"
     assert returned in losses.read_text(), "the docs' step 2 no longer fits losses.py"
-    l1 = "    l1 = (reconstruction - x).abs().sum() / batch\n    return LossParts(recon, kl, recon + beta * kl, l1)\n"
+    l1 = "    l1 = (reconstruction - x).abs().sum() / batch\n    return LossParts(recon, kl, total, optimised, l1)\n"
     losses.write_text(losses.read_text().replace(returned, l1))
 
     assert stages_run(run(["dvc", "repro"], project).stdout)[-3:] == ["train", "evaluate", "visualize"]
     assert (project / "metrics/history.csv").read_text().splitlines()[0].split(",") == [
         "epoch",
-        *(f"{split}_{part}" for split in ("train", "val") for part in ("reconstruction", "kl", "total", "l1")),
+        *(
+            f"{split}_{part}"
+            for split in ("train", "val")
+            for part in ("reconstruction", "kl", "total", "optimised", "l1")
+        ),
         OBJECTIVE,  # reconstruction + KL alone: a part added to the loss does not change what the ELBO is
         ACTIVE_UNITS,
     ]

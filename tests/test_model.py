@@ -43,6 +43,34 @@ def test_loss_parts_are_per_image_sums_averaged_over_the_batch():
     torch.testing.assert_close(parts.total, expected_recon + expected_kl)
 
 
+def test_free_bits_and_the_warm_up_change_what_is_optimised_and_leave_the_reported_parts_true():
+    """The floor applies to each dimension's KL averaged over the batch (Kingma et al., 2016), not
+    per image; the warm-up weighs the KL by beta x its factor; kl and total stay the true ones."""
+    x, reconstruction = torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    mean = torch.tensor([[0.0, 2.0]] * 4)  # dimension 0 at the prior (KL 0), dimension 1 away from it (KL 2)
+    mean[0, 0] = 0.4  # one image's KL in dimension 0 is 0.08: averaged over 4 images, 0.02
+    log_var = torch.zeros(4, 2)
+    plain = vae_loss(x, reconstruction, mean, log_var, beta=2.0)
+    torch.testing.assert_close(plain.kl, torch.tensor(0.02 + 2.0))
+    assert plain.optimised is plain.total, "without either, the total is optimised"
+
+    floored = vae_loss(x, reconstruction, mean, log_var, beta=2.0, free_bits=0.5)
+    for name in ("reconstruction", "kl", "total"):
+        assert torch.equal(getattr(floored, name), getattr(plain, name)), f"{name} is reported as it is"
+    torch.testing.assert_close(floored.optimised, plain.reconstruction + 2.0 * (0.5 + 2.0), msg="0.02 counts as 0.5")
+    mean.requires_grad_(True)
+    vae_loss(x, reconstruction, mean, log_var, free_bits=0.5).optimised.backward()
+    assert torch.all(mean.grad[:, 0] == 0), "below the floor, the KL gives a dimension no gradient"
+    assert torch.all(mean.grad[:, 1] != 0), "above it, as before"
+
+    for weight in (0.0, 0.25, 1.0):
+        warming = vae_loss(x, reconstruction, mean, log_var, beta=2.0, kl_weight=torch.tensor(weight))
+        assert torch.equal(warming.total, plain.total)
+        torch.testing.assert_close(warming.optimised, plain.reconstruction + 2.0 * weight * plain.kl)
+    both = vae_loss(x, reconstruction, mean, log_var, beta=2.0, free_bits=0.5, kl_weight=torch.tensor(0.25))
+    torch.testing.assert_close(both.optimised, plain.reconstruction + 2.0 * 0.25 * (0.5 + 2.0))
+
+
 def test_loss_does_not_depend_on_batch_size():
     x, reconstruction = torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28)
     mean, log_var = torch.randn(3, 2), torch.randn(3, 2)

@@ -83,6 +83,12 @@ def test_flat_names_match_dvc_param_keys():
         ("train.learning_rate", float("inf"), "train.learning_rate: must be a finite number, got inf"),
         ("train.beta", float("nan"), "train.beta: must be a finite number, got nan"),
         ("model", [1, 2], "model: expected a mapping of keys, got [1, 2]"),
+        ("train.early_stopping", -1, "train.early_stopping: must be 0 or more, got -1"),
+        ("train.min_delta", -0.1, "train.min_delta: must be 0 or more, got -0.1"),
+        ("train.keep_epoch", "first", "train.keep_epoch: expected one of 'last', 'best', got 'first'"),
+        ("train.kl_warmup_epochs", -2, "train.kl_warmup_epochs: must be 0 or more, got -2"),
+        ("train.kl_warmup_epochs", 0.5, "train.kl_warmup_epochs: expected an integer, got 0.5"),
+        ("train.free_bits", -0.5, "train.free_bits: must be 0 or more, got -0.5"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(dotted, value, message):

@@ -49,6 +49,7 @@ def test_every_output_is_written(reproduced):
         "test_reconstruction",
         "test_kl",
         "test_total",
+        "test_optimised",
         "test_log_likelihood",
         "test_kl_dim0",
         "test_kl_dim1",
@@ -56,6 +57,7 @@ def test_every_output_is_written(reproduced):
         "test_knn_accuracy",
     } | {f"test_reconstruction_class{c}" for c in range(10)}
     assert test["test_total"] == pytest.approx(test["test_reconstruction"] + test["test_kl"], abs=1e-5)
+    assert test["test_optimised"] == test["test_total"], "neither free bits nor a warm-up: the total is optimised"
     assert test["test_kl"] == pytest.approx(test["test_kl_dim0"] + test["test_kl_dim1"], abs=1e-4)
     assert test["active_units"] in (0, 1, 2) and 0 <= test["test_knn_accuracy"] <= 1
     # The log-likelihood bound lies above the ELBO, -(total + the Gaussian's normaliser (784/2) log(pi)).

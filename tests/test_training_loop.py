@@ -8,7 +8,7 @@ import torch._inductor.async_compile
 import torch.nn.functional as F
 
 from pipeline.device import compiles_forward
-from pipeline.losses import dataset_loss
+from pipeline.losses import dataset_loss, vae_loss
 from pipeline.model import VAE
 from pipeline.params import TrainParams
 from pipeline.step import (
@@ -65,7 +65,8 @@ def test_our_loop_matches_the_plain_loop(channels_last):
     data = images()
     reference_losses, reference_model = plain_reference_epoch(data)
     parts, model = our_epoch(data, channels_last)
-    reconstruction, kl, total = parts.tolist()
+    reconstruction, kl, total, optimised = parts.tolist()
+    assert optimised == total, "without free bits or a warm-up, the total is what is optimised"
     assert total == pytest.approx(sum(reference_losses) / len(data), rel=1e-5)
     assert total == pytest.approx(reconstruction + kl, rel=1e-6)
     if channels_last:
@@ -119,6 +120,36 @@ def test_the_forward_is_compiled_in_one_cuda_process_on_a_gpu_triton_supports(ca
     assert capsys.readouterr().err == ""
 
 
+def test_the_warm_up_weighs_each_steps_kl_by_its_place_in_the_run_and_a_resume_goes_on_from_it():
+    """train.kl_warmup_epochs 2 of 2 steps an epoch: the loss gets beta's factor 0, 1/4, 1/2, 3/4,
+    then 1; a step that resumes after epoch 1 starts at 1/2, as the uninterrupted run was."""
+    weights = []
+
+    def recording_loss(*args, kl_weight=None):
+        weights.append(kl_weight.item())
+        return vae_loss(*args, beta=2.0, kl_weight=kl_weight)
+
+    def step_of(data: torch.Tensor) -> TrainStep:
+        model = VAE()
+        return TrainStep(
+            model, make_optimizer(model, 5e-4, data.device), data, batch_size=4, loss=recording_loss, kl_warmup_epochs=2
+        )
+
+    data = images(7)  # a full batch and a ragged one: 2 steps an epoch
+    step, order = step_of(data), torch.Generator().manual_seed(SEED)
+    epochs = [train_epoch(step, order)[0] for _ in range(3)]
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    for parts in epochs[2:]:  # past the warm-up what is optimised is the total again
+        torch.testing.assert_close(parts[3], parts[2])
+    assert epochs[0][3] < epochs[0][2], "during it, less of the KL counts"
+
+    weights.clear()
+    resumed = step_of(data)
+    resumed.resume_after(1)
+    train_epoch(resumed, torch.Generator().manual_seed(SEED))
+    assert weights == [0.5, 0.75]
+
+
 def test_same_seed_gives_bit_identical_weights_on_the_cpu():
     data = images()
     _, first = our_epoch(data, channels_last=True)
@@ -158,7 +189,12 @@ def test_cuda_loop_matches_the_cpu_loop():
 
 
 def cuda_epochs(
-    data: torch.Tensor, cuda_graph: bool, precision: str, epochs: int = 2, compile: bool = False
+    data: torch.Tensor,
+    cuda_graph: bool,
+    precision: str,
+    epochs: int = 2,
+    compile: bool = False,
+    kl_warmup_epochs: int = 0,
 ) -> tuple[list[list[float]], TrainStep]:
     """`epochs` epochs on the GPU in deterministic mode, the step captured as a CUDA graph or not,
     its forward compiled or not."""
@@ -175,6 +211,7 @@ def cuda_epochs(
             cuda_graph=cuda_graph,
             precision=precision,
             compile=compile,
+            kl_warmup_epochs=kl_warmup_epochs,
         )
         generator = torch.Generator("cuda").manual_seed(SEED)
         losses = [train_epoch(step, generator)[0].tolist() for _ in range(epochs)]
@@ -221,6 +258,22 @@ def test_the_compiled_cuda_graph_step_matches_the_eager_step(monkeypatch, precis
     tolerance = 1e-4 if precision == "fp32" else BF16_LOSS_TOLERANCE
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=tolerance, atol=tolerance)
     assert_within_adams_step_bound(compiled.model, eager.model, steps=21)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("compile_workers_stopped")
+def test_the_compiled_cuda_graph_step_reads_each_steps_warm_up_weight(monkeypatch):
+    """The graph is captured once, at one step of the warm-up; each replay must weigh the KL by its
+    own step's factor, as the eager step does, so what is optimised agrees over the warm-up."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    data = images(20 * BATCH + 7)
+    eager_losses, eager = cuda_epochs(data, cuda_graph=False, precision="fp32", kl_warmup_epochs=2)
+    graph_losses, graphed = cuda_epochs(data, cuda_graph=True, precision="fp32", compile=True, kl_warmup_epochs=2)
+    assert graphed.graph is not None, "the graph was not captured"
+    assert eager_losses[0][3] < eager_losses[0][2], "the first epoch is inside the warm-up"
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-4)
+    assert_within_adams_step_bound(graphed.model, eager.model, steps=42)
 
 
 def first_bad_steps_of_two_ranks(rank: int, init_file: str, cases: list[tuple[int, int]], results) -> None:
