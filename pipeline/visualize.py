@@ -5,6 +5,8 @@ prior_samples.png    decoded draws z ~ N(0, I)
 latent_space.png     test images' latent means, coloured by label
 manifold.png         decoded grid over the latent plane
 interpolation.png    decoded straight lines through latent space between pairs of test images
+traversals.png       a row per latent dimension: that one dimension swept from -3 to 3, the others
+                     held at a test image's posterior mean (any number of dimensions)
 loss_curves.png      train and validation losses per epoch
 
 A latent space of more than 2 dimensions is shown in the plane of its first two principal
@@ -34,7 +36,8 @@ from pipeline.stage import run_stage
 from pipeline.tiling import tile
 
 INTERPOLATED_PAIRS = 6
-FIGURE_COUNT = 6  # the figures `figures` draws
+TRAVERSAL_SPAN = 3.0  # a traversed dimension goes from -3 to 3: the prior's 3 standard deviations each way
+FIGURE_COUNT = 7  # the figures `figures` draws
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -98,6 +101,38 @@ def interpolation(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int
     return model.decode(z.reshape(-1, z.shape[-1]))
 
 
+@torch.no_grad()
+def traversals(model: VAE, image: torch.Tensor, steps: int) -> torch.Tensor:
+    """Decodings, a row per latent dimension i: the image's posterior mean with z[i] alone set to
+    each of `steps` values from -TRAVERSAL_SPAN to TRAVERSAL_SPAN."""
+    centre = model.encode(image)[0][0]
+    dims = len(centre)
+    z = centre.repeat(dims, steps, 1)
+    each = torch.arange(dims, device=centre.device)
+    z[each, :, each] = torch.linspace(-TRAVERSAL_SPAN, TRAVERSAL_SPAN, steps, device=centre.device)
+    return model.decode(z.reshape(-1, dims))
+
+
+def plot_traversals(decoded: torch.Tensor, steps: int):
+    """The traversals tiled a dimension to a row, each row named by its dimension."""
+    dims = len(decoded) // steps
+    grid = tile(decoded.cpu(), steps).numpy()
+    fig = Figure(figsize=(max(4.0, steps * 0.6) + 0.6, dims * 0.6 + 0.9))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    row = grid.shape[0] / dims
+    ax.set_yticks([row * (i + 0.5) for i in range(dims)], [f"z[{i}]" for i in range(dims)])
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(
+        f"Latent traversals of test image 0: each row sweeps one dimension\nfrom {-TRAVERSAL_SPAN:g} to "
+        f"{TRAVERSAL_SPAN:g}, the others at the image's posterior mean"
+    )
+    return fig
+
+
 def plot_loss_curves(history_file: Path):
     """One panel per loss part, train and validation, as the history names them (train_<part>); the
     optimised loss only where it differs from the total."""
@@ -156,6 +191,8 @@ def figures(
         "interpolation.png",
         image_grid(lines, cfg.interpolation_steps, "Interpolation between test images in latent space"),
     )
+    swept = traversals(model, to_input(images[:1], channels_last), cfg.interpolation_steps)
+    yield "traversals.png", plot_traversals(swept, cfg.interpolation_steps)
     yield "loss_curves.png", plot_loss_curves(TRAIN_HISTORY)
 
 

@@ -167,7 +167,15 @@ CHARTS = {  # dvc.yaml's top-level plots of metrics/*.csv: the page's id -> its 
     # metrics/latent.csv in our own template: a line per latent dimension (2 by default) and revision
     "KL_per_latent_dimension_per_epoch": ("validation KL per image (nats)", "latent dimension", "0", "1"),
 }
-FIGURES = ("reconstructions", "prior_samples", "latent_space", "manifold", "interpolation", "loss_curves")
+FIGURES = (
+    "reconstructions",
+    "prior_samples",
+    "latent_space",
+    "manifold",
+    "interpolation",
+    "traversals",
+    "loss_curves",
+)
 
 
 def test_dvc_plots_diff_of_two_experiments_draws_each_chart_and_figure_once_offline(experiments, browser, tmp_path):

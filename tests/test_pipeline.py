@@ -86,6 +86,7 @@ def test_every_output_is_written(reproduced):
         "manifold.png",
         "prior_samples.png",
         "reconstructions.png",
+        "traversals.png",
     ]
     assert all((p / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
@@ -131,7 +132,15 @@ def test_mlflow_run_holds_params_metrics_tags_and_images(reproduced):
     artifacts = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id, "figures"))
     assert artifacts == [
         f"figures/{n}.png"
-        for n in ("interpolation", "latent_space", "loss_curves", "manifold", "prior_samples", "reconstructions")
+        for n in (
+            "interpolation",
+            "latent_space",
+            "loss_curves",
+            "manifold",
+            "prior_samples",
+            "reconstructions",
+            "traversals",
+        )
     ]
     assert mlrun.info.artifact_uri.startswith(f"file://{reproduced}/mlruns/artifacts/")
 
@@ -218,6 +227,33 @@ def test_a_latent_space_above_two_dimensions_is_shown_in_its_principal_plane(pro
     test = json.loads((project / "metrics/test.json").read_text())
     assert [k for k in test if k.startswith("test_kl_dim")] == [f"test_kl_dim{i}" for i in range(5)]
     assert (project / "figures/latent_space.png").exists() and (project / "figures/manifold.png").exists()
+    with open(project / "metrics/latent.csv") as fh:
+        assert {row["dimension"] for row in csv.DictReader(fh)} == {str(i) for i in range(5)}, "each epoch's KL of each"
+    assert (project / "figures/traversals.png").exists()
+
+
+def test_a_traversal_sweeps_one_dimension_a_row_from_minus_to_plus_three_around_the_images_code():
+    import torch
+
+    from pipeline.model import VAE, to_input
+    from pipeline.visualize import plot_traversals, traversals
+
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3)
+    image = to_input(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))
+    with torch.no_grad():
+        centre = model.encode(image)[0][0]
+    decoded = []
+    model.decode = lambda z: decoded.append(z) or torch.zeros(len(z), 1, 28, 28)
+    assert traversals(model, image, steps=4).shape == (3 * 4, 1, 28, 28), "3 rows of 4"
+    [z] = decoded
+    sweep = torch.tensor([-3.0, -1.0, 1.0, 3.0])
+    for i, row in enumerate(z.view(3, 4, 3)):
+        torch.testing.assert_close(row[:, i], sweep)
+        others = [d for d in range(3) if d != i]
+        assert torch.equal(row[:, others], centre[others].expand(4, 2)), "the others at the image's mean"
+    labels = [t.get_text() for t in plot_traversals(torch.zeros(12, 1, 28, 28), 4).axes[0].get_yticklabels()]
+    assert labels == ["z[0]", "z[1]", "z[2]"]
 
 
 def test_latent_plane_is_the_axes_in_2d_and_orthonormal_principal_axes_above():
