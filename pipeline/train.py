@@ -109,8 +109,6 @@ def train(params: Params) -> None:
                     save_checkpoint(state, fingerprint, rng_by_rank, tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
-                if not CHECKPOINT_FILE.exists():  # continued from models/state.pt with nothing to train
-                    save_checkpoint(state, fingerprint, [model_files.random_states(state.generator)], tracked.run_id)
                 finish(state, tracked, data.validation, cfg)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -124,7 +122,8 @@ def train(params: Params) -> None:
     if ranks.writer:
         # For the later stages of this execution.
         tracking.record_trained_model(tracked, model_files.file_sha256(MODEL_FILE))
-        model_files.finish_checkpoint()
+        if CHECKPOINT_FILE.exists():  # none where a run continued from models/state.pt had no epoch to train
+            model_files.finish_checkpoint()
 
 
 def stops_early(rows: list[EpochLosses], cfg: TrainParams) -> bool:
