@@ -1,12 +1,12 @@
 """A search with pruning against the exhaustive grid of the same space, both in one invocation,
 each as `python -m pipeline.sweep` in a fresh clone of this repository's HEAD on the same part of
 an IDX mirror: the trial-epochs of the trials that landed (a failed trial's are left out, and it
-is listed), the wall time (every trial's clone, rungs, landing,
-evaluate and visualize counted), the best objective (val_neg_elbo of a trial trained to every
-epoch) and where the search's best ranks in the grid.
+is listed), the wall time (every trial's clone, rungs, landing, evaluate and visualize counted),
+the best objective (val_neg_elbo of a trial trained to every epoch) and where the search's best
+ranks in the grid.
 
-    python bench/search.py ../shared/data/fashion-mnist --train-images 12000 --epochs 9 \
-        --out bench/results/search-cpu-2core.json
+    python bench/search.py ../shared/data/fashion-mnist --train-images 6000 --test-images 1000
+        --epochs 27 --trials 16 --out bench/results/search-cpu-2core-27-epochs.json
 """
 
 from __future__ import annotations
