@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import (
 
 from pipeline.git import GitError, git
 from pipeline.params import PARAMS_FILE, Params, flatten
-from pipeline.paths import TEST_METRICS, TRAIN_HISTORY, TRAIN_METRICS, project_root
+from pipeline.paths import TEST_METRICS, TRAIN_HISTORY, TRAIN_LATENT, TRAIN_METRICS, project_root
 
 UNCOMMITTED_CODE_TAG = "git.uncommitted_code"  # MLflow's dirty flag also counts the params
 MODEL_SHA256_TAG = "model.sha256"  # the bytes of models/model.pt a run trained or evaluated
@@ -38,7 +38,7 @@ PRECISION_TAG = "train.precision_used"  # fp32 or bf16: what `train.precision` (
 PARENT_RUN_VARIABLE = "PIPELINE_PARENT_RUN_ID"
 # Tracked files that DVC writes (dvc.lock, the metrics kept in git, the .gitignore files naming its
 # outputs): they differ from the commit after nearly every run without the run differing.
-DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TEST_METRICS)}
+DVC_WRITES = {"dvc.lock", str(TRAIN_METRICS), str(TRAIN_HISTORY), str(TRAIN_LATENT), str(TEST_METRICS)}
 SETUP = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.lock && pip install --no-deps -e ."
 )

@@ -23,6 +23,7 @@ def repo(tmp_path, monkeypatch) -> Path:
         "metrics/train.json": "{}\n",
         "metrics/test.json": "{}\n",
         "metrics/history.csv": "epoch\n",
+        "metrics/latent.csv": "epoch,dimension,kl\n",
         "data/.gitignore": "/raw\n",
     }.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,8 @@ def repo(tmp_path, monkeypatch) -> Path:
 
 
 def test_what_dvc_writes_leaves_a_run_clean(repo):
-    for path in ("dvc.lock", "metrics/train.json", "metrics/test.json", "metrics/history.csv", "data/.gitignore"):
+    written = ("dvc.lock", "metrics/train.json", "metrics/test.json", "metrics/history.csv", "metrics/latent.csv")
+    for path in (*written, "data/.gitignore"):
         (repo / path).write_text("rewritten by DVC\n")
     assert provenance.source().dirty is False
 
