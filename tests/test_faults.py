@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.device import has_native_bf16
 from pipeline.idx import FILES, write_idx
+from pipeline.visualize import FIGURE_COUNT
 from tests.processes import epoch_ended, read_until, stage_process
 from tests.projects import (
     assert_kept,
@@ -580,7 +581,7 @@ def test_queued_experiments_run_in_parallel_into_the_projects_own_store(project)
         assert mlrun.info.run_name == mlrun.data.tags["dvc.exp_name"], "and is named after it"
         assert {"test_total", "val_total"} <= set(mlrun.data.metrics), "every stage logged into the one run"
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_total")] == [1], "nothing lost"
-        assert len(client.list_artifacts(mlrun.info.run_id, "figures")) == 6
+        assert len(client.list_artifacts(mlrun.info.run_id, "figures")) == FIGURE_COUNT
         [model] = client.search_logged_models(
             [mlrun.info.experiment_id], filter_string=f"source_run_id = '{mlrun.info.run_id}'"
         )

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+from pipeline.visualize import FIGURE_COUNT
 from tests.doc_blocks import doc_block
 from tests.processes import epoch_ended, read_until, stage_process
 from tests.projects import GIT_IDENTITY, edit_params, make_project, project_env, run, stages_run
@@ -146,7 +147,7 @@ def test_pipeline_logs_to_a_team_server_on_postgresql(tmp_path, mirror, postgres
         assert found["info"]["status"] == "FINISHED"
         assert {"train_total", "val_total", "test_total", "test_knn_accuracy"} <= set(metrics)
         artifacts = api(f"artifacts/list?run_id={found['info']['run_id']}&path=figures")["files"]
-        assert len(artifacts) == 6
+        assert len(artifacts) == FIGURE_COUNT
         assert (tmp_path / "artifacts").exists() and not (project / "mlruns/mlflow.db").exists()
 
 

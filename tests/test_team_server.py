@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from pipeline.visualize import FIGURE_COUNT
 from tests.doc_blocks import doc_block
 from tests.processes import stop_process_group
 from tests.projects import assert_kept, edit_params, make_project, outputs_of, project_env, run
@@ -180,7 +181,7 @@ def test_a_member_logs_a_complete_run_over_https_and_no_password_is_kept_anywher
         params={"run_id": run_id, "path": "figures"},
         auth=("alice", team_server.passwords["alice"]),
     )
-    assert len(figures.json()["files"]) == 6
+    assert len(figures.json()["files"]) == FIGURE_COUNT
     models = team_server.api("logged-models/search", experiment_ids=[logged["info"]["experiment_id"]])["models"]
     assert [m["info"]["source_run_id"] for m in models] == [run_id], "the trained model, logged"
     params = {p["key"]: p["value"] for p in logged["data"]["params"]}

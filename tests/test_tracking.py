@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from pipeline.visualize import FIGURE_COUNT
 from tests.processes import epoch_ended, read_until
 from tests.projects import EPOCHS, RERUNS, edit_params, make_project, project_env, run
 from tests.servers import runs_of, serve_mlflow, snapshot
@@ -75,7 +76,7 @@ def test_a_run_that_did_not_train_links_to_the_training_run_and_the_model(partia
             in note
         ), "the description links to the training run"
         assert f"(#/experiments/{trained.info.experiment_id}/models/{model_id})" in note
-    assert len(client.list_artifacts(runs["vis-only"].info.run_id, "figures")) == 6
+    assert len(client.list_artifacts(runs["vis-only"].info.run_id, "figures")) == FIGURE_COUNT
     assert not client.list_artifacts(runs["eval-only"].info.run_id, "figures"), "figures are visualize's"
 
     evaluations = {(m.run_id, m.key, m.dataset_name) for m in client.get_logged_model(model_id).metrics}
