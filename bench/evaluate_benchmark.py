@@ -69,7 +69,7 @@ def main() -> None:
 
     def one_epoch() -> None:
         train_epoch(step, generator)
-        dataset_loss(model, val_images, cfg.channels_last, step.loss).tolist()
+        dataset_loss(model, val_images, cfg.channels_last, step.loss).parts.tolist()
 
     epoch_s = seconds(one_epoch, device)
     print(

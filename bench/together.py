@@ -76,7 +76,7 @@ class Trial:
         self.val = val
 
     def validate(self) -> torch.Tensor:
-        return dataset_loss(self.model, self.val, True, noise_generator=self.noise)
+        return dataset_loss(self.model, self.val, True, noise_generator=self.noise).parts
 
 
 def alone(trials: list[Trial]) -> list[float]:
