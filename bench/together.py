@@ -41,6 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline.device import compiles_forward, configure_determinism, resolve_device
 from pipeline.idx import read_split
+from pipeline.loss_names import LOSS_NAMES
 from pipeline.losses import dataset_loss, vae_loss
 from pipeline.model import VAE, to_input
 from pipeline.step import (
@@ -112,7 +113,7 @@ class StackedTrials:
             self.params.values(), lr=LR, **({"capturable": True, "fused": True} if device.type == "cuda" else {})
         )
         self.train, self.val, self.device = train, val, device
-        self.sums = torch.zeros(len(seeds), 3, device=device)
+        self.sums = torch.zeros(len(seeds), len(LOSS_NAMES), device=device)
         self.batch = torch.empty(len(seeds), BATCH, dtype=torch.long, device=device)
         self.warmup_left, self.graph = 3, None
 
@@ -125,7 +126,7 @@ class StackedTrials:
         noise = torch.stack(
             [torch.randn(index.shape[1], 2, device=self.device, generator=t.noise) for t in self.trials]
         )
-        parts = vmap(self.losses, in_dims=(0, 0, 0), randomness="error")(self.params, images, noise)  # trials x 3
+        parts = vmap(self.losses, in_dims=(0, 0, 0), randomness="error")(self.params, images, noise)  # trials x parts
         self.optimizer.zero_grad(set_to_none=True)
         parts[:, 2].sum().backward()  # each trial's gradient is its own loss's
         self.optimizer.step()
