@@ -86,7 +86,7 @@ def loss_function(cfg: TrainParams):
 class DatasetLoss(NamedTuple):
     """A dataset's mean loss parts per image and its latent dimensions' use, on the device."""
 
-    parts: torch.Tensor  # reconstruction, KL and total (LOSS_NAMES)
+    parts: torch.Tensor  # by LOSS_NAMES: reconstruction, KL, total, optimised
     kl_per_dim: torch.Tensor  # the KL of each latent dimension: they sum to the KL part
     active_units: torch.Tensor  # `active_units` of the images' posterior means
 
