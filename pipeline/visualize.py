@@ -46,14 +46,23 @@ def save_figure(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
 
 
-def image_grid(images: torch.Tensor, cols: int, title: str):
-    """One figure of the images tiled `cols` to a row."""
+def image_grid(images: torch.Tensor, cols: int, title: str, row_labels: list[str] | None = None):
+    """One figure of the images tiled `cols` to a row, each row named by `row_labels` if given."""
     grid = tile(images.cpu(), cols)
     rows = -(-len(images) // cols)
-    fig = Figure(figsize=(max(4.0, cols * 0.6), rows * 0.6 + 0.5))
+    labelled = row_labels is not None
+    fig = Figure(figsize=(max(4.0, cols * 0.6) + 0.6 * labelled, rows * 0.6 + 0.5 + 0.4 * labelled))
     ax = fig.subplots()
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
+    if labelled:
+        height = grid.shape[0] / rows
+        ax.set_yticks([height * (i + 0.5) for i in range(rows)], row_labels)
+        ax.set_xticks([])
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    else:
+        ax.axis("off")
     ax.set_title(title)
     return fig
 
@@ -101,6 +110,16 @@ def interpolation(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int
     return model.decode(z.reshape(-1, z.shape[-1]))
 
 
+TRAVERSALS_TITLE = (
+    f"Latent traversals of test image 0: each row sweeps one dimension\nfrom {-TRAVERSAL_SPAN:g} to "
+    f"{TRAVERSAL_SPAN:g}, the others at the image's posterior mean"
+)
+
+
+def traversal_labels(model: VAE) -> list[str]:
+    return [f"z[{i}]" for i in range(model.config["latent_dim"])]
+
+
 @torch.no_grad()
 def traversals(model: VAE, image: torch.Tensor, steps: int) -> torch.Tensor:
     """Decodings, a row per latent dimension i: the image's posterior mean with z[i] alone set to
@@ -111,26 +130,6 @@ def traversals(model: VAE, image: torch.Tensor, steps: int) -> torch.Tensor:
     each = torch.arange(dims, device=centre.device)
     z[each, :, each] = torch.linspace(-TRAVERSAL_SPAN, TRAVERSAL_SPAN, steps, device=centre.device)
     return model.decode(z.reshape(-1, dims))
-
-
-def plot_traversals(decoded: torch.Tensor, steps: int):
-    """The traversals tiled a dimension to a row, each row named by its dimension."""
-    dims = len(decoded) // steps
-    grid = tile(decoded.cpu(), steps).numpy()
-    fig = Figure(figsize=(max(4.0, steps * 0.6) + 0.6, dims * 0.6 + 0.9))
-    ax = fig.subplots()
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    row = grid.shape[0] / dims
-    ax.set_yticks([row * (i + 0.5) for i in range(dims)], [f"z[{i}]" for i in range(dims)])
-    ax.set_xticks([])
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    ax.set_title(
-        f"Latent traversals of test image 0: each row sweeps one dimension\nfrom {-TRAVERSAL_SPAN:g} to "
-        f"{TRAVERSAL_SPAN:g}, the others at the image's posterior mean"
-    )
-    return fig
 
 
 def plot_loss_curves(history_file: Path):
@@ -192,7 +191,7 @@ def figures(
         image_grid(lines, cfg.interpolation_steps, "Interpolation between test images in latent space"),
     )
     swept = traversals(model, to_input(images[:1], channels_last), cfg.interpolation_steps)
-    yield "traversals.png", plot_traversals(swept, cfg.interpolation_steps)
+    yield "traversals.png", image_grid(swept, cfg.interpolation_steps, TRAVERSALS_TITLE, traversal_labels(model))
     yield "loss_curves.png", plot_loss_curves(TRAIN_HISTORY)
 
 

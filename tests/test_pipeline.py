@@ -236,7 +236,7 @@ def test_a_traversal_sweeps_one_dimension_a_row_from_minus_to_plus_three_around_
     import torch
 
     from pipeline.model import VAE, to_input
-    from pipeline.visualize import plot_traversals, traversals
+    from pipeline.visualize import image_grid, traversal_labels, traversals
 
     torch.manual_seed(0)
     model = VAE(latent_dim=3)
@@ -252,7 +252,8 @@ def test_a_traversal_sweeps_one_dimension_a_row_from_minus_to_plus_three_around_
         torch.testing.assert_close(row[:, i], sweep)
         others = [d for d in range(3) if d != i]
         assert torch.equal(row[:, others], centre[others].expand(4, 2)), "the others at the image's mean"
-    labels = [t.get_text() for t in plot_traversals(torch.zeros(12, 1, 28, 28), 4).axes[0].get_yticklabels()]
+    drawn = image_grid(torch.zeros(12, 1, 28, 28), 4, "traversals", traversal_labels(model))
+    labels = [t.get_text() for t in drawn.axes[0].get_yticklabels()]
     assert labels == ["z[0]", "z[1]", "z[2]"]
 
 
