@@ -127,6 +127,12 @@ def train_metrics(history: list[EpochLosses], min_delta: float = 0.0) -> dict[st
     )
 
 
+def kept_objective(metrics: dict[str, float], keep_epoch: str) -> float:
+    """From metrics/train.json, the OBJECTIVE of the epoch whose weights models/model.pt holds
+    (`train.keep_epoch`): what a sweep ranks its trials by, and a search prunes them by."""
+    return metrics[f"best_{OBJECTIVE}" if keep_epoch == "best" else OBJECTIVE]
+
+
 def split_train_metrics(metrics: dict[str, float]) -> tuple[int, dict[str, float]]:
     """metrics/train.json's epoch count, and its losses (as MLflow and the sweep log them)."""
     return metrics.get(EPOCHS, 0), {k: v for k, v in metrics.items() if k != EPOCHS}

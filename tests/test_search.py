@@ -26,7 +26,7 @@ from pipeline.params import Params
 from pipeline.sweep import report, search, space
 from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.cluster import Outcome
-from pipeline.sweep.trial import Sweep
+from pipeline.sweep.trial import Sweep, experiment_results
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
@@ -153,6 +153,20 @@ def test_the_same_seed_proposes_the_same_trials_and_another_seed_others(tmp_path
     first = proposals(tmp_path / "a.db", seed=7)
     assert proposals(tmp_path / "b.db", seed=7) == first
     assert proposals(tmp_path / "c.db", seed=8) != first
+
+
+@pytest.mark.parametrize("keep_epoch, ranked_by", [("last", 30.0), ("best", 25.0)])
+def test_a_trial_is_ranked_by_the_epoch_it_kept(tmp_path, keep_epoch, ranked_by):
+    params = yaml.safe_load(default_params_text())
+    params["train"]["keep_epoch"] = keep_epoch
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "metrics").mkdir()
+    train = {"epochs": 3, OBJECTIVE: 30.0, "best_epoch": 1, f"best_{OBJECTIVE}": 25.0}
+    (tmp_path / "metrics/train.json").write_text(json.dumps(train))
+    (tmp_path / "metrics/test.json").write_text(json.dumps({"test_total": 26.0}))
+    metrics, run_id = experiment_results(tmp_path)
+    assert metrics == {OBJECTIVE: ranked_by, "best_epoch": 1, f"best_{OBJECTIVE}": 25.0, "test_total": 26.0}
+    assert run_id is None, "no MLflow run file: tracking off"
 
 
 def test_a_search_run_again_is_refused_with_another_space(tmp_path):

@@ -34,7 +34,7 @@ from pipeline.device import (
     resolve_precision,
 )
 from pipeline.epoch_report import report_epoch
-from pipeline.history import OBJECTIVE, EpochLosses, last_is_best
+from pipeline.history import EpochLosses, kept_objective, last_is_best, train_metrics
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.progress import record
@@ -170,7 +170,11 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
 def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
     """The group's objectives at a rung to the sweep (the progress file), and the members its answer
     (a line of JSON on stdin) prunes there."""
-    record("rung", epoch=epoch, objectives={m.trial.name: m.history[-1].metrics[OBJECTIVE] for m in active})
+    objectives = {
+        m.trial.name: kept_objective(train_metrics(m.history, m.params.train.min_delta), m.params.train.keep_epoch)
+        for m in active
+    }
+    record("rung", epoch=epoch, objectives=objectives)
     answer = sys.stdin.readline()
     if not answer:
         raise RuntimeError(f"the sweep gave no answer at the rung of epoch {epoch}")

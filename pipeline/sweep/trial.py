@@ -31,7 +31,8 @@ import psutil
 import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.history import EPOCHS, OBJECTIVE, split_train_metrics
+from pipeline.history import EPOCHS, OBJECTIVE, kept_objective, split_train_metrics
+from pipeline.params import PARAMS_FILE, load_params
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.progress import PROGRESS_FILE_VARIABLE, Follower, describe
 from pipeline.provenance import PARENT_RUN_VARIABLE
@@ -69,7 +70,9 @@ class Sweep:
 @dataclasses.dataclass(frozen=True)
 class TrialResult:
     name: str
-    metrics: dict[str, float]  # metrics/train.json and metrics/test.json, as `dvc exp show` shows them
+    # metrics/train.json and metrics/test.json, as `dvc exp show` shows them, but OBJECTIVE: the
+    # kept epoch's (`train.keep_epoch`), as the test metrics are
+    metrics: dict[str, float]
     run_id: str | None
     seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
     run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
@@ -133,8 +136,7 @@ def climb(
         at_rung = at_epochs(overrides, epochs)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
         _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
-        objective = json.loads((repo / TRAIN_METRICS).read_text())[OBJECTIVE]
-        if rungs.report(name, epochs, objective):
+        if rungs.report(name, epochs, trial_objective(repo)):
             return at_rung, True
     return at_epochs(overrides, rungs.epochs[-1]), False
 
@@ -213,12 +215,19 @@ def push(sweep: Sweep, name: str, repo: Path, env: dict) -> None:
 
 def experiment_results(repo: Path) -> tuple[dict[str, float], str | None]:
     """What a trial's finished `dvc exp run` left in `repo`: its metrics, as `dvc exp show` shows
-    them, and its MLflow run (None with tracking off)."""
+    them but for the OBJECTIVE of its kept epoch, and its MLflow run (None with tracking off)."""
     metrics = {}
     for path in (TRAIN_METRICS, TEST_METRICS):
         metrics |= split_train_metrics(json.loads((repo / path).read_text()))[1]
+    metrics[OBJECTIVE] = trial_objective(repo)
     run_file = repo / RUN_FILE
     return metrics, json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+
+
+def trial_objective(repo: Path) -> float:
+    """The OBJECTIVE of the model the trial's run in `repo` kept."""
+    keep_epoch = load_params(repo / PARAMS_FILE).train.keep_epoch
+    return kept_objective(json.loads((repo / TRAIN_METRICS).read_text()), keep_epoch)
 
 
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
