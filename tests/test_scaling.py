@@ -184,6 +184,17 @@ def test_torchrun_trains_on_two_cpu_processes_and_rank_0_alone_writes(torchrun_r
     assert sorted(m.step for m in client.get_metric_history(only.info.run_id, "train_total")) == [1, 2, 3]
 
 
+def test_a_torchrun_run_that_stops_early_stops_every_rank_after_the_same_epoch(tmp_path, torchrun_mirror):
+    """Rank 0 alone decides (no epoch betters the first by 1e6, so a patience of 1 stops the run
+    after epoch 2), and every rank hears it: a rank training on would wait at its next all-reduce."""
+    stopping = {"train.early_stopping": 1, "train.min_delta": 1e6, "mlflow.enabled": False}
+    project = make_project(tmp_path / "p", torchrun_mirror, **TORCHRUN | stopping)
+    result = run(["dvc", "repro", "train"], project, timeout=600)
+    assert "stopped early after epoch 2 of 3" in result.stdout, result.stdout
+    with open(project / "metrics/history.csv") as fh:
+        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2"]
+
+
 def kill_whole_job(proc) -> None:
     """SIGKILL DVC, torchrun and the ranks at once, as a lost node or a job scheduler does: torchrun
     starts each rank in a session of its own, which a signal to DVC's process group does not reach."""
