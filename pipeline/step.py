@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.loss_names import LOSS_NAMES
 from pipeline.losses import LossParts, loss_function, vae_loss
 from pipeline.model import VAE, to_input
@@ -75,13 +76,16 @@ class TrainStep:
         self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
         self.warmup_left = WARMUP_STEPS
         self.graph: torch.cuda.CUDAGraph | None = None
-        # Off the default stream: where the warm-up runs (capture runs off it too), and where the step
-        # runs beside other trials. One per step: PyTorch hands out streams from a pool of 32.
+        # Off the default stream: where the warm-up runs, where the graph is captured and replayed,
+        # and where the step runs beside other trials. One per step, so no two trials' graphs
+        # share a stream, nor the cuBLAS workspace cuBLAS keeps per stream (`check_own_streams`).
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
         # gradients) and the loss; a full batch is always one shape, so it compiles once (and
         # once for every step of a process: the compiled code does not depend on the instance).
-        self.compiled_losses = torch.compile(self.losses) if compile else None
+        # A free function, not a bound method: the step holds it, and it must not hold the step,
+        # or the step and its graph would live until the garbage collector found the cycle.
+        self.compiled_losses = torch.compile(forward_losses) if compile else None
 
     @classmethod
     def from_params(
@@ -133,7 +137,7 @@ class TrainStep:
 
     def __call__(self, index: torch.Tensor) -> None:
         if len(index) < self.batch_size:
-            self.run(index, self.losses)  # the ragged last batch: eager, not a second compiled shape
+            self.run(index, compiled=False)  # the ragged last batch: eager, not a second compiled shape
             return
         if not self.uses_graph:
             self.run(index)
@@ -153,26 +157,12 @@ class TrainStep:
             self.graph = torch.cuda.CUDAGraph()
             if self.noise_generator is not None:  # the default generator is registered by the capture itself
                 self.graph.register_generator_state(self.noise_generator)
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.run(self.batch)
             self.graph.replay()  # capturing records the step without running it
 
-    def losses(self, images: torch.Tensor, noise: torch.Tensor) -> LossParts:
-        """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass."""
-        x = to_input(images, self.channels_last)
-        # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
-        with (
-            torch.autocast(x.device.type, self.autocast, cache_enabled=False)
-            if self.autocast
-            else contextlib.nullcontext()
-        ):
-            output = self.model(x, noise)
-        kl_weight = self.kl_weight()
-        warmup = {} if kl_weight is None else {"kl_weight": kl_weight}
-        return self.loss(x, *(t.float() for t in output), **warmup)  # the loss in fp32 whatever the forward's precision
-
-    def run(self, index: torch.Tensor, losses: Callable | None = None) -> None:
-        """The step itself, as plain PyTorch (the forward compiled if asked)."""
+    def run(self, index: torch.Tensor, compiled: bool = True) -> None:
+        """The step itself, as plain PyTorch (the forward compiled if the step compiles and `compiled`)."""
         images = self.images[index[self.rank :: self.world_size]]
         # Drawn here, outside what is compiled, so a compiled and an eager step see the same noise.
         noise = torch.randn(
@@ -182,7 +172,8 @@ class TrainStep:
             dtype=self.autocast or torch.float32,
             generator=self.noise_generator,
         )
-        parts = (losses or self.compiled_losses or self.losses)(images, noise)
+        forward = self.compiled_losses if compiled and self.compiled_losses else forward_losses
+        parts = forward(self.model, self.loss, images, noise, self.channels_last, self.autocast, self.kl_weight())
         self.optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:  # DDP averages over ranks; weighting by each rank's share gives the global mean
             (parts.optimised * (len(images) * self.world_size / len(index))).backward()
@@ -194,6 +185,25 @@ class TrainStep:
         self.first_bad_step.copy_(torch.where(bad, self.steps, self.first_bad_step))
         self.steps += 1
         self.run_steps += 1
+
+
+def forward_losses(
+    model: torch.nn.Module,
+    loss: Callable[..., LossParts],
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    channels_last: bool,
+    autocast: torch.dtype | None,
+    kl_weight: torch.Tensor | None,
+) -> LossParts:
+    """The loss parts of uint8 `images`, reparameterised with `noise`: the forward pass, in the
+    `autocast` dtype (None: fp32), with beta's warm-up factor `kl_weight` (None: none)."""
+    x = to_input(images, channels_last)
+    # No cast cache: each weight is used once per forward, and a CUDA graph must not keep a cached cast.
+    with torch.autocast(x.device.type, autocast, cache_enabled=False) if autocast else contextlib.nullcontext():
+        output = model(x, noise)
+    warmup = {} if kl_weight is None else {"kl_weight": kl_weight}
+    return loss(x, *(t.float() for t in output), **warmup)  # the loss in fp32 whatever the forward's precision
 
 
 def seeded_start(params: Params, device: torch.device) -> tuple[VAE, torch.optim.Adam, torch.Generator]:
@@ -279,6 +289,9 @@ def train_together(
     device = steps[0].images.device
     main = torch.cuda.current_stream(device) if device.type == "cuda" else None
     streams = [step.stream for step in steps]
+    if main is not None:
+        default_capture = torch.cuda.graph.default_capture_stream
+        check_own_streams([s.cuda_stream for s in streams], default_capture and default_capture.cuda_stream)
     orders = []
     for step, generator, stream in zip(steps, generators, streams):
         with on_stream(stream, after=main):
@@ -294,6 +307,20 @@ def train_together(
         if stream is not None:
             main.wait_stream(stream)
     return [(step.sums / len(step.images), step.first_bad_step.clone()) for step in steps]
+
+
+def check_own_streams(streams: list[int], default_capture: int | None) -> None:
+    """Refuse trials whose streams (CUDA stream handles) are not each their own, or one of which is
+    the stream `torch.cuda.graph` captures on when given none (`default_capture`). cuBLAS keeps a
+    workspace per stream and a captured GEMM keeps its address, so two graphs replayed at once on
+    one stream's workspace race on it. PyTorch hands out streams from a pool of 32 per priority."""
+    if len(set(streams)) < len(streams):
+        raise PipelineError(
+            f"{len(streams)} trials together on one GPU need as many CUDA streams of their own, and "
+            "PyTorch's pool of streams has 32: train at most 32 together (--together)"
+        )
+    if default_capture in streams:
+        raise PipelineError("a trial's stream is the one CUDA graphs are captured on by default: it must be its own")
 
 
 def on_stream(stream: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
