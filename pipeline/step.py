@@ -278,12 +278,13 @@ def copy_of_default_generator(device: torch.device) -> torch.Generator:
 
 
 def train_together(
-    steps: Sequence[TrainStep], generators: Sequence[torch.Generator]
+    steps: Sequence[TrainStep], generators: Sequence[torch.Generator], beat: Callable[[], None] | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of each step (a trial: its own model, optimizer and noise generator), with
     `generators[i]` drawing step i's data order: what `train_epoch` returns for each, each the
     same bytes as alone. The trials' batches are interleaved; on CUDA each trial runs on a stream
-    of its own, so the GPU runs their small kernels (or CUDA graphs) side by side."""
+    of its own, so the GPU runs their small kernels (or CUDA graphs) side by side. `beat()` is
+    called after each step (a StallGuard's heartbeat)."""
     if len(steps) > 1 and any(step.noise_generator is None for step in steps):
         raise ValueError("trials trained together each need their own noise_generator (copy_of_default_generator)")
     device = steps[0].images.device
@@ -303,6 +304,8 @@ def train_together(
             if start is not None:
                 with on_stream(stream):
                     step(order[start : start + step.batch_size])
+                if beat is not None:
+                    beat()
     for stream in streams:
         if stream is not None:
             main.wait_stream(stream)

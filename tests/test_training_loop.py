@@ -1,6 +1,9 @@
 """Our training loop (device-resident uint8 data, device-side sums, one read per epoch) against the
 plain loop anyone would write, fed the same batches: the speed-ups must not change the maths."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +11,13 @@ import torch._inductor.async_compile
 import torch.nn.functional as F
 
 from pipeline.device import compiles_forward
+from pipeline.errors import PipelineError
 from pipeline.losses import dataset_loss, vae_loss
 from pipeline.model import VAE
 from pipeline.params import TrainParams
 from pipeline.step import (
     TrainStep,
+    check_own_streams,
     copy_of_default_generator,
     earliest_over_ranks,
     make_optimizer,
@@ -423,3 +428,28 @@ def test_trials_together_refuse_to_share_the_default_generator():
     steps = [TrainStep(VAE(), torch.optim.Adam(VAE().parameters()), images(64), batch_size=BATCH) for _ in range(2)]
     with pytest.raises(ValueError, match="each need their own noise_generator"):
         train_together(steps, [torch.Generator().manual_seed(s) for s in (1, 2)])
+
+
+def test_a_compiling_step_dies_when_dropped_not_when_the_garbage_collector_runs():
+    """A step holds its CUDA graph, and a graph destroyed at the collector's whim can free a
+    workspace that live graphs still use: the step must hold no reference cycle."""
+    model = VAE()
+    gc.disable()
+    try:
+        step = TrainStep(
+            model, make_optimizer(model, 5e-4, torch.device("cpu")), images(64), batch_size=BATCH, compile=True
+        )
+        dropped = weakref.ref(step)
+        del step
+        assert dropped() is None, f"kept alive by {[type(r) for r in gc.get_referrers(dropped())]}"
+    finally:
+        gc.enable()
+
+
+def test_trials_together_refuse_streams_that_are_not_each_their_own():
+    check_own_streams([11, 12, 13], default_capture=None)
+    check_own_streams([11, 12, 13], default_capture=14)
+    with pytest.raises(PipelineError, match="33 trials together on one GPU need as many CUDA streams"):
+        check_own_streams([*range(32), 0], default_capture=None)
+    with pytest.raises(PipelineError, match="captured on by default"):
+        check_own_streams([11, 12, 13], default_capture=12)
