@@ -235,3 +235,68 @@ def test_a_sweep_together_is_refused_in_one_line_before_any_work(project):
     assert "mlflow.enabled is false" in refusal("--together", "2", "-S", "mlflow.enabled=false")
     edit_params(project, **{"train.epochs": 3})  # on one machine the trials clone this repository: no push
     assert "not the workspace: commit them, or stash them" in refusal("--together", "2")
+
+
+# A group's loop as the stall guard sees it: progress longer than the guard's limit, a wait for the
+# sweep's answer longer than it too, then a wait that never ends, as on a GPU that never finishes a step.
+STALLING_GROUP = """
+import sys, threading, time
+from pathlib import Path
+from pipeline.sweep.stall import StallGuard
+
+def stalled(reason, stacks):
+    Path(sys.argv[1]).write_text(reason)
+
+def busy(seconds, beat=lambda: None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        beat()
+
+with StallGuard(stalled, floor=1.0) as guard:
+    busy(3.0, guard.beat)
+    print("progressed", flush=True)
+    with guard.paused():
+        busy(3.0)
+    print("answered", flush=True)
+    threading.Event().wait()
+"""
+
+
+def test_a_group_that_stops_making_progress_stops_with_one_line_and_every_threads_stack(tmp_path):
+    from pipeline.sweep.stall import STALLED_EXIT
+
+    reason_file = tmp_path / "reason"
+    proc = subprocess.run(
+        [sys.executable, "-c", STALLING_GROUP, str(reason_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=project_env(),
+    )
+    assert proc.returncode == STALLED_EXIT, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["progressed", "answered"], "neither progress nor a paused wait is a stall"
+    reason = reason_file.read_text()
+    assert re.fullmatch(
+        r"its group made no progress for \d+ s, over its limit of 1 s \(at least 1 s\): "
+        r"stopped, with every thread's stack in its log",
+        reason,
+    ), reason
+    [said] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert said == f"error: {reason}"
+    stuck_at = STALLING_GROUP.splitlines().index("    threading.Event().wait()") + 1
+    assert f'File "<string>", line {stuck_at} in <module>' in proc.stderr, "the stuck main thread's stack"
+    assert "stall.py" in proc.stderr, "the guard's own thread's stack"
+
+
+def test_the_stall_limit_is_ten_first_epochs_and_never_under_its_floor():
+    from pipeline.sweep.stall import StallGuard
+
+    guard = StallGuard(lambda reason, stacks: None, floor=2.0)
+    assert guard.limit == 2.0, "before the first epoch ends: the floor"
+    guard.epoch_ended(0.5)
+    assert guard.limit == 5.0
+    guard.epoch_ended(30.0)
+    assert guard.limit == 5.0, "set by the first epoch alone"
+    short = StallGuard(lambda reason, stacks: None, floor=2.0)
+    short.epoch_ended(0.01)
+    assert short.limit == 2.0

@@ -48,6 +48,9 @@ from pipeline.step import (
     train_together,
 )
 from pipeline.sweep import grid
+from pipeline.sweep.stall import StallGuard
+
+STALL_STACKS = "stall-stacks.txt"  # a stalled group's every thread's stack, in each trial's MLflow run
 
 # What every trial of a group must share to train in one process: all but these are one for all
 # (each trial has its own Adam, and its own loss: every param the loss reads).
@@ -116,11 +119,21 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
     ]
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
     active = list(members)
+
+    def stalled(reason: str, stacks: str) -> None:
+        """Each trial still training fails with the reason; its MLflow run gets the stacks."""
+        for member in active:
+            atomic.write_text(out / f"{member.trial.name}.failed", reason)
+            member.tracked.log_text(stacks, STALL_STACKS)
+
     try:
-        with tracking.TrackedRun(os.environ.get(PARENT_RUN_VARIABLE)).monitor_system(resumed=True):
+        with (
+            tracking.TrackedRun(os.environ.get(PARENT_RUN_VARIABLE)).monitor_system(resumed=True),
+            StallGuard(stalled) as guard,
+        ):
             for epoch in range(1, cfg.epochs + 1):
                 started = time.perf_counter()
-                ends = train_together([m.step for m in active], [m.order for m in active])
+                ends = train_together([m.step for m in active], [m.order for m in active], guard.beat)
                 for member, (train_parts, first_bad_step) in zip(list(active), ends):
                     if why := divergence(first_bad_step.item(), epoch, member.params.train.learning_rate):
                         print(f"{member.trial.name} failed: {why}", flush=True)
@@ -141,9 +154,11 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                             ),
                         )
                     )
+                    guard.beat()
                     is_best = last_is_best(member.history, cfg.min_delta)
                     member.best_model = model_files.best_weights(member.model, is_best, member.best_model)
                 seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
+                guard.epoch_ended(seconds)
                 for member in active:
                     report_epoch(
                         member.tracked,
@@ -155,7 +170,9 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                         member.trial.name,
                     )
                 if epoch in rungs:
-                    for member in _pruned_at_rung(active, epoch):
+                    with guard.paused():
+                        pruned = _pruned_at_rung(active, epoch)
+                    for member in pruned:
                         _save(member, out, params_text, searched)
                         active.remove(member)
     except BaseException:
