@@ -48,6 +48,7 @@ from pipeline.step import (
     TrainStep,
     copy_of_default_generator,
     make_optimizer,
+    own_stream,
     train_together,
 )
 
@@ -116,6 +117,7 @@ class StackedTrials:
         self.sums = torch.zeros(len(seeds), len(LOSS_NAMES), device=device)
         self.batch = torch.empty(len(seeds), BATCH, dtype=torch.long, device=device)
         self.warmup_left, self.graph = 3, None
+        self.stream = own_stream(device, self) if device.type == "cuda" else None  # warm-up and capture
 
     def losses(self, params: dict, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         x = to_input(images)  # NCHW: vmap cannot batch a channels_last convolution
@@ -141,18 +143,17 @@ class StackedTrials:
             self.graph.replay()
         elif self.warmup_left > 0:
             self.warmup_left -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 self.run(index)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.stream)
         else:
             self.batch.copy_(index)
             self.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             for trial in self.trials:
                 self.graph.register_generator_state(trial.noise)
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.run(self.batch)
             self.graph.replay()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +22,8 @@ from pipeline.model import VAE, to_input
 from pipeline.params import Params, TrainParams
 
 WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (PyTorch's guidance for whole-step capture)
+STREAM_POOL_SIZE = 32  # PyTorch's streams of a device and priority, handed out round robin
+_streams_held: set[tuple[int, int]] = set()  # (device, stream) of this process's live steps (own_stream)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> the forward pass's autocast dtype
 
 
@@ -76,10 +79,9 @@ class TrainStep:
         self.batch = torch.empty(batch_size, dtype=torch.long, device=device)  # at one address, for the graph
         self.warmup_left = WARMUP_STEPS
         self.graph: torch.cuda.CUDAGraph | None = None
-        # Off the default stream: where the warm-up runs, where the graph is captured and replayed,
-        # and where the step runs beside other trials. One per step, so no two trials' graphs
-        # share a stream, nor the cuBLAS workspace cuBLAS keeps per stream (`check_own_streams`).
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Off the default stream: where the warm-up runs, where the graph is captured, and where the
+        # step runs beside other trials; no other live step's (`own_stream`).
+        self.stream = own_stream(device, self) if device.type == "cuda" else None
         # Inductor fuses the elementwise work around each convolution (bias, LeakyReLU, their
         # gradients) and the loss; a full batch is always one shape, so it compiles once (and
         # once for every step of a process: the compiled code does not depend on the instance).
@@ -290,9 +292,6 @@ def train_together(
     device = steps[0].images.device
     main = torch.cuda.current_stream(device) if device.type == "cuda" else None
     streams = [step.stream for step in steps]
-    if main is not None:
-        default_capture = torch.cuda.graph.default_capture_stream
-        check_own_streams([s.cuda_stream for s in streams], default_capture and default_capture.cuda_stream)
     orders = []
     for step, generator, stream in zip(steps, generators, streams):
         with on_stream(stream, after=main):
@@ -312,18 +311,24 @@ def train_together(
     return [(step.sums / len(step.images), step.first_bad_step.clone()) for step in steps]
 
 
-def check_own_streams(streams: list[int], default_capture: int | None) -> None:
-    """Refuse trials whose streams (CUDA stream handles) are not each their own, or one of which is
-    the stream `torch.cuda.graph` captures on when given none (`default_capture`). cuBLAS keeps a
-    workspace per stream and a captured GEMM keeps its address, so two graphs replayed at once on
-    one stream's workspace race on it. PyTorch hands out streams from a pool of 32 per priority."""
-    if len(set(streams)) < len(streams):
-        raise PipelineError(
-            f"{len(streams)} trials together on one GPU need as many CUDA streams of their own, and "
-            "PyTorch's pool of streams has 32: train at most 32 together (--together)"
-        )
-    if default_capture in streams:
-        raise PipelineError("a trial's stream is the one CUDA graphs are captured on by default: it must be its own")
+def own_stream(device: torch.device, holder: object) -> torch.cuda.Stream:
+    """A stream of `device` that no other live holder in this process has, nor `torch.cuda.graph`
+    when given none, held until `holder` is collected. A CUDA graph is captured on its step's
+    stream: cuBLAS keeps a workspace per stream and a captured GEMM keeps its address, so two graphs
+    of one stream replayed at once race on it, and destroying one can free it under the other.
+    PyTorch hands out streams round robin from a pool of STREAM_POOL_SIZE."""
+    default = torch.cuda.graph.default_capture_stream
+    for _ in range(STREAM_POOL_SIZE):
+        stream = torch.cuda.Stream(device)
+        held = (stream.device_index, stream.cuda_stream)
+        if held not in _streams_held and (default is None or default.cuda_stream != stream.cuda_stream):
+            _streams_held.add(held)
+            weakref.finalize(holder, _streams_held.discard, held)
+            return stream
+    raise PipelineError(
+        f"every CUDA stream of PyTorch's pool of {STREAM_POOL_SIZE} is held by a trial in this process: "
+        "train fewer together on one GPU (--together)"
+    )
 
 
 def on_stream(stream: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
