@@ -127,10 +127,12 @@ def train_metrics(history: list[EpochLosses], min_delta: float = 0.0) -> dict[st
     )
 
 
-def kept_objective(metrics: dict[str, float], keep_epoch: str) -> float:
-    """From metrics/train.json, the OBJECTIVE of the epoch whose weights models/model.pt holds
-    (`train.keep_epoch`): what a sweep ranks its trials by, and a search prunes them by."""
-    return metrics[f"best_{OBJECTIVE}" if keep_epoch == "best" else OBJECTIVE]
+def kept_epoch(metrics: dict[str, float], keep_epoch: str) -> tuple[int, float]:
+    """From metrics/train.json, the epoch whose weights models/model.pt holds (`train.keep_epoch`)
+    and its OBJECTIVE: what a sweep ranks its trials by, and a search prunes them by."""
+    if keep_epoch == "best":
+        return metrics[BEST_EPOCH], metrics[f"best_{OBJECTIVE}"]
+    return metrics[EPOCHS], metrics[OBJECTIVE]
 
 
 def split_train_metrics(metrics: dict[str, float]) -> tuple[int, dict[str, float]]:

@@ -164,9 +164,10 @@ def test_a_trial_is_ranked_by_the_epoch_it_kept(tmp_path, keep_epoch, ranked_by)
     train = {"epochs": 3, OBJECTIVE: 30.0, "best_epoch": 1, f"best_{OBJECTIVE}": 25.0}
     (tmp_path / "metrics/train.json").write_text(json.dumps(train))
     (tmp_path / "metrics/test.json").write_text(json.dumps({"test_total": 26.0}))
-    metrics, run_id = experiment_results(tmp_path)
+    metrics, run_id, kept = experiment_results(tmp_path)
     assert metrics == {OBJECTIVE: ranked_by, "best_epoch": 1, f"best_{OBJECTIVE}": 25.0, "test_total": 26.0}
     assert run_id is None, "no MLflow run file: tracking off"
+    assert kept == (1 if keep_epoch == "best" else 3)
 
 
 def test_a_search_run_again_is_refused_with_another_space(tmp_path):

@@ -288,6 +288,9 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         mark += "  (kept from before)" if trial.name in outcome.kept else ""
         print(f"{trial.name:<16}{status:<12}{epochs:>7}{score:>14}  {' '.join(trial.overrides)}{mark}")
+    earlier = [f"{r.name} epoch {r.kept_epoch}" for t in trials if (r := outcome.result(t.name)) and r.kept_epoch]
+    if earlier:
+        print(f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: {', '.join(earlier)}")
     print(
         f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
         f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "

@@ -264,7 +264,14 @@ def landed_before(study: optuna.Study) -> dict[str, tuple[grid.Trial, TrialResul
         attrs = trial.user_attrs
         name = attrs["experiment"]
         result = TrialResult(
-            name, attrs["metrics"], attrs["mlflow_run_id"], 0.0, 0.0, attrs["epochs"], trial.state == TrialState.PRUNED
+            name,
+            attrs["metrics"],
+            attrs["mlflow_run_id"],
+            0.0,
+            0.0,
+            attrs["epochs"],
+            trial.state == TrialState.PRUNED,
+            attrs.get("kept_epoch"),
         )
         landed[name] = (grid.Trial(name, tuple(attrs["overrides"])), result)
     return landed

@@ -34,7 +34,7 @@ from pipeline.device import (
     resolve_precision,
 )
 from pipeline.epoch_report import report_epoch
-from pipeline.history import EpochLosses, kept_objective, last_is_best, train_metrics
+from pipeline.history import EpochLosses, kept_epoch, last_is_best, train_metrics
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.progress import record
@@ -188,7 +188,7 @@ def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
     """The group's objectives at a rung to the sweep (the progress file), and the members its answer
     (a line of JSON on stdin) prunes there."""
     objectives = {
-        m.trial.name: kept_objective(train_metrics(m.history, m.params.train.min_delta), m.params.train.keep_epoch)
+        m.trial.name: kept_epoch(train_metrics(m.history, m.params.train.min_delta), m.params.train.keep_epoch)[1]
         for m in active
     }
     record("rung", epoch=epoch, objectives=objectives)

@@ -31,7 +31,7 @@ import psutil
 import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.history import EPOCHS, OBJECTIVE, kept_objective, split_train_metrics
+from pipeline.history import EPOCHS, OBJECTIVE, kept_epoch, split_train_metrics
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.progress import PROGRESS_FILE_VARIABLE, Follower, describe
@@ -78,6 +78,7 @@ class TrialResult:
     run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
     epochs: int = 0  # the epochs its model trained (a pruned trial's: fewer than the search's)
     pruned: bool = False
+    kept_epoch: int | None = None  # the epoch its model is, where not its last (`train.keep_epoch: best`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def climb(
         at_rung = at_epochs(overrides, epochs)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
         _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
-        if rungs.report(name, epochs, trial_objective(repo)):
+        if rungs.report(name, epochs, kept_model(repo)[1]):
             return at_rung, True
     return at_epochs(overrides, rungs.epochs[-1]), False
 
@@ -162,11 +163,13 @@ def push_and_report(
     after it, so a pushed trial is never reported cancelled."""
     with uninterrupted():
         push(sweep, name, repo, env)
-        metrics, run_id = experiment_results(repo)
+        metrics, run_id, kept = experiment_results(repo)
         epochs = json.loads((repo / TRAIN_METRICS).read_text())[EPOCHS]
-        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned)
+        kept = None if kept == epochs else kept
+        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned, kept)
         if rungs is not None:
             landed = {"experiment": name, "epochs": epochs, "mlflow_run_id": run_id, "metrics": metrics}
+            landed["kept_epoch"] = kept
             ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics[OBJECTIVE], pruned, landed))
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
@@ -213,21 +216,22 @@ def push(sweep: Sweep, name: str, repo: Path, env: dict) -> None:
     _step(["dvc", "exp", "push", *(["--no-cache"] if sweep.local_cache else []), "origin", name], name, repo, env)
 
 
-def experiment_results(repo: Path) -> tuple[dict[str, float], str | None]:
+def experiment_results(repo: Path) -> tuple[dict[str, float], str | None, int]:
     """What a trial's finished `dvc exp run` left in `repo`: its metrics, as `dvc exp show` shows
-    them but for the OBJECTIVE of its kept epoch, and its MLflow run (None with tracking off)."""
+    them but for the OBJECTIVE of its kept epoch, its MLflow run (None with tracking off), and the
+    epoch it kept."""
     metrics = {}
     for path in (TRAIN_METRICS, TEST_METRICS):
         metrics |= split_train_metrics(json.loads((repo / path).read_text()))[1]
-    metrics[OBJECTIVE] = trial_objective(repo)
+    kept, metrics[OBJECTIVE] = kept_model(repo)
     run_file = repo / RUN_FILE
-    return metrics, json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    return metrics, json.loads(run_file.read_text())["run_id"] if run_file.exists() else None, kept
 
 
-def trial_objective(repo: Path) -> float:
-    """The OBJECTIVE of the model the trial's run in `repo` kept."""
+def kept_model(repo: Path) -> tuple[int, float]:
+    """The epoch of the model the trial's run in `repo` kept, and its OBJECTIVE."""
     keep_epoch = load_params(repo / PARAMS_FILE).train.keep_epoch
-    return kept_objective(json.loads((repo / TRAIN_METRICS).read_text()), keep_epoch)
+    return kept_epoch(json.loads((repo / TRAIN_METRICS).read_text()), keep_epoch)
 
 
 def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
