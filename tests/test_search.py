@@ -23,10 +23,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
 from pipeline.params import Params
-from pipeline.sweep import report, search, space
+from pipeline.sweep import grid, report, search, space
 from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.cluster import Outcome
-from pipeline.sweep.trial import Sweep, experiment_results
+from pipeline.sweep.trial import Sweep, TrialResult, experiment_results
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
@@ -168,6 +168,19 @@ def test_a_trial_is_ranked_by_the_epoch_it_kept(tmp_path, keep_epoch, ranked_by)
     assert metrics == {OBJECTIVE: ranked_by, "best_epoch": 1, f"best_{OBJECTIVE}": 25.0, "test_total": 26.0}
     assert run_id is None, "no MLflow run file: tracking off"
     assert kept == (1 if keep_epoch == "best" else 3)
+
+
+def test_the_trials_table_names_the_epoch_a_trial_kept_where_not_its_last(capsys):
+    trials = [grid.Trial("kb-1", ("seed=1",)), grid.Trial("kb-2", ("seed=2",))]
+    results = {
+        "kb-1": TrialResult("kb-1", {OBJECTIVE: 217.5}, None, 25.0, 23.0, epochs=2, kept_epoch=1),
+        "kb-2": TrialResult("kb-2", {OBJECTIVE: 171.0}, None, 25.0, 23.0, epochs=2),
+    }
+    outcome = Outcome(finished=results)
+    report.print_table(trials, outcome, report.summarize(outcome, 36.0))
+    said = capsys.readouterr().out
+    assert re.search(r"^kb-2 +FINISHED +2 +171\.0000  seed=2  <- best$", said, re.MULTILINE), said
+    assert f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: kb-1 epoch 1\n" in said
 
 
 def test_a_search_run_again_is_refused_with_another_space(tmp_path):
