@@ -266,7 +266,7 @@ def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tens
     atomic.write_text(TRAIN_METRICS, json.dumps(metrics, indent=2) + "\n")
     atomic.write_text(TRAIN_HISTORY, history.to_csv(state.history))
     atomic.write_text(TRAIN_LATENT, history.latent_to_csv(state.history))
-    kept = metrics[history.BEST_EPOCH] if cfg.keep_epoch == "best" else state.history[-1].epoch
+    kept = history.kept_epoch(metrics, cfg.keep_epoch)[0]
     stopped = early_stop_note(state.history, cfg) if stops_early(state.history, cfg) else None
     if stopped:
         print(stopped, flush=True)

@@ -32,7 +32,6 @@ class StallGuard:
         log=sys.stderr,
     ):
         self.on_stall, self.floor, self.factor, self.log = on_stall, floor, factor, log
-        self.limit = floor  # until the first epoch has ended
         self.first_epoch: float | None = None
         self.last_beat = time.monotonic()
         self.pauses = 0
@@ -48,14 +47,19 @@ class StallGuard:
         self.done.set()
         self.thread.join()
 
+    @property
+    def limit(self) -> float:
+        """The seconds without a beat that make a stall: `factor` times the first epoch's, at least
+        the floor (the floor alone until the first epoch has ended)."""
+        return self.floor if self.first_epoch is None else max(self.floor, self.factor * self.first_epoch)
+
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
     def epoch_ended(self, seconds: float) -> None:
-        """The epoch's seconds: the first sets the limit, STALL_FACTOR times it (at least the floor)."""
+        """The epoch's seconds: the first sets the limit."""
         if self.first_epoch is None:
             self.first_epoch = seconds
-            self.limit = max(self.floor, self.factor * seconds)
         self.beat()
 
     @contextlib.contextmanager

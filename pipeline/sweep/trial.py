@@ -168,8 +168,13 @@ def push_and_report(
         kept = None if kept == epochs else kept
         result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned, kept)
         if rungs is not None:
-            landed = {"experiment": name, "epochs": epochs, "mlflow_run_id": run_id, "metrics": metrics}
-            landed["kept_epoch"] = kept
+            landed = {
+                "experiment": name,
+                "epochs": epochs,
+                "kept_epoch": kept,
+                "mlflow_run_id": run_id,
+                "metrics": metrics,
+            }
             ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics[OBJECTIVE], pruned, landed))
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
