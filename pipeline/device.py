@@ -125,3 +125,12 @@ def configure_determinism(deterministic: bool) -> None:
     if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports Inductor: seconds
         torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def set_cpu_threads(threads: int) -> None:
+    """The threads of the CPU's kernels, where `train.num_threads` names them (0: PyTorch's own
+    count, the cores or OMP_NUM_THREADS). A CPU run is the same bytes again at the same count, and
+    other bytes at another: a sweep records the count its trial trained with, so the experiment
+    run again as typed trains with it too."""
+    if threads:
+        torch.set_num_threads(threads)

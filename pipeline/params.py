@@ -71,6 +71,7 @@ class TrainParams:
     channels_last: bool = True
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     deterministic: bool = False
+    num_threads: int = field(default=0, metadata=_non_negative)  # a CPU run's threads; 0: torch's default
     cuda_graph: bool = True
     compile: bool = True
     early_stopping: int = field(default=0, metadata=_non_negative)  # patience in epochs; 0: off

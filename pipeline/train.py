@@ -24,6 +24,7 @@ from pipeline.device import (
     configure_determinism,
     resolve_device,
     resolve_precision,
+    set_cpu_threads,
 )
 from pipeline.epoch_report import report_epoch
 from pipeline.errors import PipelineError
@@ -60,6 +61,7 @@ def train(params: Params) -> None:
     device = resolve_device(cfg.device, ranks.local_rank)
     precision = resolve_precision(cfg.precision, device, quiet=not ranks.writer)
     configure_determinism(cfg.deterministic)
+    set_cpu_threads(cfg.num_threads)
     data = load_data(params, ranks, device)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = model_files.training_fingerprint(params, precision, device.type)

@@ -32,6 +32,7 @@ from pipeline.device import (
     configure_determinism,
     resolve_device,
     resolve_precision,
+    set_cpu_threads,
 )
 from pipeline.epoch_report import report_epoch
 from pipeline.history import EpochLosses, kept_epoch, last_is_best, train_metrics
@@ -109,6 +110,7 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_determinism(cfg.deterministic)
+    set_cpu_threads(cfg.num_threads)
     train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
     experiment_id = tracking.connect(all_params[0].mlflow)
     compiles = compiles_forward(cfg.compile, device, 1)
