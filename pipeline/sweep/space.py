@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -47,10 +48,32 @@ class Space:
         return {key: list(d.choices) for key, d in self.dimensions.items()}
 
     def size(self) -> float:
-        """How many points the space has (inf with an interval)."""
-        return math.prod(
-            len(d.choices) if isinstance(d, CategoricalDistribution) else math.inf for d in self.dimensions.values()
-        )
+        """How many points the space has: inf where a dimension is a continuous interval."""
+        return math.prod(_count(d) for d in self.dimensions.values())
+
+    def point(self, params: dict) -> tuple:
+        """A proposal's values in dimension order: equal for the same point of the space."""
+        return tuple(params[key] for key in self.dimensions)
+
+    def latin_hypercube(self, count: int, rng: np.random.Generator) -> list[dict]:
+        """`count` points that cover the space: each dimension cut into `count` equal strata (its
+        choices dealt out in turn), one point in each, the strata of each dimension shuffled apart
+        (McKay, Beckman and Conover, 1979). A finite space's points are all different where it has
+        as many."""
+        columns = {key: _strata(d, count, rng) for key, d in self.dimensions.items()}
+        points = [{key: column[i] for key, column in columns.items()} for i in range(count)]
+        if self.size() < math.inf:  # a repeat where the strata coincide: an unused point in its place
+            seen: set[tuple] = set()
+            for i, values in enumerate(points):
+                while self.point(values) in seen and len(seen) < self.size():
+                    values = self.random_point(rng)
+                points[i] = values
+                seen.add(self.point(values))
+        return points
+
+    def random_point(self, rng: np.random.Generator) -> dict:
+        """A point drawn uniformly from each dimension (on a log scale where it is one)."""
+        return {key: _value_at(d, rng.random()) for key, d in self.dimensions.items()}
 
     def describe(self) -> str:
         """One line, stable across runs: what a search of this name was started with."""
@@ -158,3 +181,40 @@ def _check_values(space: Space, texts: dict[str, str], params_text: str) -> None
             except PipelineError as exc:
                 reason = str(exc).split("): ", 1)[-1]  # grid.check's own words, less its trial
                 raise PipelineError(f"-S '{texts[key]}': at {key}={yaml_value(value)}, {reason}") from None
+
+
+def _count(distribution: BaseDistribution) -> float:
+    """How many values a dimension has (inf for a continuous interval)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return len(distribution.choices)
+    step = getattr(distribution, "step", None)
+    if step is None:
+        return math.inf
+    return int(round((distribution.high - distribution.low) / step)) + 1
+
+
+def _strata(distribution: BaseDistribution, count: int, rng: np.random.Generator) -> list:
+    """A dimension's `count` values of a Latin hypercube, in shuffled order."""
+    if isinstance(distribution, CategoricalDistribution):
+        choices = list(distribution.choices)
+        start = int(rng.integers(len(choices)))  # which choices a count short of a multiple leaves out
+        dealt = [choices[(start + i) % len(choices)] for i in range(count)]
+        return [dealt[i] for i in rng.permutation(count)]
+    return [_value_at(distribution, (i + rng.random()) / count) for i in rng.permutation(count)]
+
+
+def _value_at(distribution: BaseDistribution, u: float):
+    """The value at quantile `u` of a dimension: uniform between its bounds, or on a log scale,
+    rounded to its step (a whole number for an integer param)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[min(int(u * len(distribution.choices)), len(distribution.choices) - 1)]
+    low, high = distribution.low, distribution.high
+    if distribution.log:
+        value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    else:
+        value = low + u * (high - low)
+    step = distribution.step or (1 if isinstance(distribution, IntDistribution) else None)
+    if step is not None:
+        value = low + round((value - low) / step) * step
+        value = round(min(max(value, low), high), 12)
+    return int(value) if isinstance(distribution, IntDistribution) else float(value)
