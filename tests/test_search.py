@@ -6,6 +6,7 @@ run again goes on from."""
 from __future__ import annotations
 
 import dataclasses
+import doctest
 import json
 import os
 import re
@@ -33,6 +34,24 @@ from tests.synthetic import write_mirror
 
 SEARCH = [sys.executable, "-m", "pipeline.sweep"]
 PRUNED_LR, KEPT_LR = "0.000001", "0.002"  # at one epoch the first is far worse: it is pruned at the first rung
+# A slow starter: behind KEPT_LR at one epoch, so pruned there, and ahead of the two worse ones after it.
+PROMOTED_LR, SLOWER_LR = "0.001", "0.0001"
+# The grid sampler with seed 5 proposes them in this order (Optuna's seeded order, one at a time):
+# srch-1 goes on; srch-2, srch-3 and srch-4 are pruned at epoch 1; once four have reached it, the
+# best ⌊4/2⌋ there are srch-1 and srch-2, and srch-2 is promoted before the fifth trial is asked;
+# no point is left for a fifth.
+PROMOTING = [
+    "--sampler",
+    "grid",
+    "--sampler-seed",
+    "5",
+    "--trials",
+    "5",
+    "--min-epochs",
+    "1",
+    "--reduction-factor",
+    "2",
+]
 # The grid sampler with seed 1 proposes the better one first (Optuna's seeded order), so the worse one
 # is pruned at its first rung: a trial promoted at a rung is one among the best 1/2 there.
 PRUNING = ["--sampler", "grid", "--sampler-seed", "1", "--trials", "2", "--min-epochs", "1", "--reduction-factor", "2"]
@@ -70,7 +89,7 @@ def search_env() -> dict[str, str]:
             ["-S", "train.learning_rate=interval(0, 0.01)", "--trials", "2"],
             "train.learning_rate: must be greater than 0",
         ),
-        (["-S", "train.beta=1,4", "--trials", "3", "--sampler", "grid"], "more than the 2 points of the grid"),
+        (["-S", "train.beta=1,4", "--trials", "3", "--pruner", "median"], "--pruner must be one of asha, hyperband"),
         (
             ["-S", "train.beta=1,4", "-S", "train.early_stopping=2", "--trials", "2"],
             "train.early_stopping ends a trial by itself",
@@ -138,11 +157,11 @@ def proposals(store: Path, seed: int, count: int = 14) -> list[dict]:
     parsed = space.parse(
         ["train.learning_rate=tag(log, interval(0.0001, 0.01))", "train.beta=0.5,1,2"], default_params_text()
     )
-    options = search.SearchOptions(count, "tpe", seed, True, 1, 3)
-    study = search.SearchStudy("s", parsed, options, f"sqlite:///{store}")
+    options = search.SearchOptions(count, "tpe", seed, "asha", 1, 3)
+    study = search.SearchStudy("s", parsed, options, f"sqlite:///{store}", 9)
     asked = []
     for _ in range(count):
-        number, trial = study.ask()
+        number, trial, _ = study.ask()
         values = dict(o.split("=") for o in trial.overrides)
         asked.append(values)
         study.tell(number, float(values["train.learning_rate"]) * 1000 + float(values["train.beta"]), False, {})
@@ -153,6 +172,131 @@ def test_the_same_seed_proposes_the_same_trials_and_another_seed_others(tmp_path
     first = proposals(tmp_path / "a.db", seed=7)
     assert proposals(tmp_path / "b.db", seed=7) == first
     assert proposals(tmp_path / "c.db", seed=8) != first
+
+
+HELD_OUT = ["train.learning_rate=0.0005,0.002,0.008", "train.beta=1,4", "model.latent_dim=2,8"]  # 12 points
+
+
+def search_study(sets: list[str], trials: int, seed: int = 0) -> search.SearchStudy:
+    """The default search's study (TPE, its start, successive halving) in memory."""
+    parsed = space.parse(sets, default_params_text())
+    return search.SearchStudy("s", parsed, search.SearchOptions(trials, "tpe", seed, "asha", 1, 3), "sqlite://", 9)
+
+
+def told_by_point(study: search.SearchStudy, asked) -> float:
+    """An objective of the point alone, told to the study as a trial's end."""
+    number, trial, _ = asked
+    values = dict(o.split("=") for o in trial.overrides)
+    objective = float(values["train.learning_rate"]) * 1000 + float(values["train.beta"])
+    study.tell(number, objective, False, {"epochs": 9, "metrics": {OBJECTIVE: objective}})
+    return objective
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_list_space_trains_each_point_once_and_the_search_ends_when_all_are_tried(seed):
+    study = search_study(HELD_OUT, trials=12, seed=seed)
+    trained, repeats = [], 0
+    while (asked := study.ask()) is not None:
+        trained.append(asked[1].overrides)
+        repeats += len(asked[2])
+        told_by_point(study, asked)
+    assert len(trained) == len(set(trained)) == 12, "every point once, then the end"
+    assert study.counted() == 12, "a repeated proposal does not count against --trials"
+    copies = [t for t in study.study.trials if search.SAME_AS_ATTR in t.user_attrs]
+    assert len(copies) == repeats
+    for copy in copies:
+        same = next(t for t in study.study.trials if t.user_attrs.get("experiment") == copy.user_attrs["same_as"])
+        assert (copy.state, copy.value, copy.params) == (same.state, same.value, same.params), "its result, known"
+
+
+def test_the_start_covers_every_value_of_every_list():
+    study = search_study(HELD_OUT, trials=12)  # a start of 4: a third of the budget
+    start = [dict(o.split("=") for o in study.ask()[1].overrides) for _ in range(4)]
+    assert sorted(p["train.beta"] for p in start) == ["1", "1", "4", "4"]
+    assert sorted(p["model.latent_dim"] for p in start) == ["2", "2", "8", "8"]
+    assert len({p["train.learning_rate"] for p in start}) == 3, "4 strata over 3 values: each at least once"
+
+
+def test_a_proposal_of_a_point_that_trains_now_takes_its_result_when_it_ends():
+    study = search_study(["train.beta=1,4"], trials=4)
+    first = study.ask()
+    study.study.enqueue_trial(study.study.trials[first[0]].params)  # the next proposal: the first's point
+    second = study.ask()
+    assert second is not None and set(second[2]) == {first[1].name}, "the repeats wait for the first trial"
+    assert study.ask() is None, "both points held: nothing is left to train"
+    copies = [t for t in study.study.trials if search.SAME_AS_ATTR in t.user_attrs]
+    assert copies and all(t.state == optuna.trial.TrialState.RUNNING for t in copies), "no result known yet"
+    study.report(first[0], 1, 30.0)
+    study.tell(first[0], 30.0, True, {"epochs": 1, "metrics": {OBJECTIVE: 30.0}})
+    for copy in copies:
+        told = study.study.trials[copy.number]
+        assert told.state == optuna.trial.TrialState.PRUNED and told.intermediate_values == {1: 30.0}
+    assert study.counted() == 1
+
+
+def test_a_paused_slow_starter_is_promoted_once_later_trials_rank_it_among_the_best_of_its_rung():
+    """ASHA's rule over Optuna's pruned trials: s-2 is pruned at epoch 1 behind s-1 alone; after
+    four worse trials reach that rung, it is among the best third of six, and goes on."""
+    study = search_study(["train.learning_rate=0.0005,0.001,0.002,0.004,0.008,0.016"], trials=6)
+    for objective in (32.0, 33.0, 40.0, 41.0, 42.0, 43.0):
+        number, trial, _ = study.ask()
+        pruned = study.report(number, 1, objective)
+        if objective < 43.0:
+            assert study.promote() is None, "no paused trial is among the best ⌊n/3⌋ yet"
+        study.tell(number, objective if not pruned else None, pruned, {"epochs": 1, "metrics": {OBJECTIVE: objective}})
+        assert pruned == (objective != 32.0)
+    number, trial, epochs = study.promote()
+    assert (trial.name, epochs) == ("s-2", 1)
+    continued = study.study.trials[number]
+    assert continued.intermediate_values == {1: 33.0} and continued.user_attrs["experiment"] == "s-2"
+    assert study.promote() is None, "promoted once: it is training now, not paused"
+    assert study.report(number, 3, 30.0) is False, "the pruner goes on from the rungs it had"
+    assert study.counted() == 6, "a promotion trains a point the budget has counted"
+
+
+@pytest.mark.parametrize(
+    ("trials", "start", "said"),
+    [
+        (1, 1, "random sampling: --trials 1 is within TPE's start of 1"),
+        (12, 4, "TPE, after a start that covers the space (a Latin hypercube of 4 trials)"),
+        (40, 10, "TPE, after a start that covers the space (a Latin hypercube of 10 trials)"),
+    ],
+)
+def test_the_start_fits_the_budget_and_says_what_the_search_is(trials, start, said):
+    options = search.SearchOptions(trials, "tpe", 0, "asha", 1, 3)
+    assert options.start_trials() == start
+    assert search.describe_sampling(options, start).startswith(said)
+
+
+def test_the_covering_start_example_runs():
+    from pipeline.sweep import covering_start
+
+    assert doctest.testmod(covering_start).failed == 0
+
+
+def test_importances_are_skipped_in_one_line_when_every_trial_has_the_same_objective(tmp_path, capsys):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("e")).info.run_id
+    study = search_study(["visualize.num_images=4,5,6"], trials=3)
+    for _ in range(3):
+        number, _, _ = study.ask()
+        study.tell(number, 25.0, False, {"epochs": 9, "mlflow_run_id": None, "metrics": {OBJECTIVE: 25.0}})
+    sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        report.log_search(client, sweep, study.study, Outcome())
+    finally:
+        mlflow.set_tracking_uri(before)
+    said = capsys.readouterr().out
+    assert (
+        said == f"no parameter importances: the 3 trials that trained every epoch all have {OBJECTIVE} 25.0000, "
+        "so no param explains a difference\n"
+    )
+    assert {a.path for a in client.list_artifacts(parent, "search")} == {
+        "search/history.json",
+        "search/optimization_history.png",
+    }
 
 
 @pytest.mark.parametrize("keep_epoch, ranked_by", [("last", 30.0), ("best", 25.0)])
@@ -185,19 +329,19 @@ def test_the_trials_table_names_the_epoch_a_trial_kept_where_not_its_last(capsys
 
 def test_a_search_run_again_is_refused_with_another_space(tmp_path):
     store = f"sqlite:///{tmp_path / 'optuna.db'}"
-    options = search.SearchOptions(2, "tpe", 0, True, 1, 3)
-    search.open_study("s", space.parse(["train.beta=1,4"], default_params_text()), options, store)
+    options = search.SearchOptions(2, "tpe", 0, "asha", 1, 3)
+    search.open_study("s", space.parse(["train.beta=1,4"], default_params_text()), options, store, 3)
     with pytest.raises(PipelineError, match="started with another space"):
-        search.open_study("s", space.parse(["train.beta=1,2"], default_params_text()), options, store)
+        search.open_study("s", space.parse(["train.beta=1,2"], default_params_text()), options, store, 3)
 
 
 def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.create_run(client.create_experiment("e")).info.run_id
     parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
-    study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, True, 1, 3), "sqlite://")
+    study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, "asha", 1, 3), "sqlite://", 3)
     for _ in range(6):
-        number, trial = study.ask()
+        number, trial, _ = study.ask()
         values = dict(o.split("=") for o in trial.overrides)
         objective = float(values["train.learning_rate"]) * 1000
         attrs = {"epochs": 3, "mlflow_run_id": None, "metrics": {OBJECTIVE: objective}}
@@ -229,25 +373,27 @@ class Searched:
     project: Path
     output: subprocess.CompletedProcess
     together: subprocess.CompletedProcess  # the same search, its trials trained together
+    same: subprocess.CompletedProcess  # the default search of two points that train the same model
     env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Searched:
-    """A 2-epoch search of 2 trials, a rung at 1 epoch, one trial at a time, and the same search
-    with its trials trained together; then the pruned trial's params trained alone for 1 and for 2
-    epochs, and the pruned trial continued to 2 (these three the train stage alone: its outputs are
-    what the tests compare)."""
+    """A 2-epoch search of 4 points with a budget of 5, a rung at 1 epoch, one trial at a time (Ray
+    gives each one thread), in which a pruned trial is promoted later; a search of 2 of those
+    points with its trials trained together on one thread; a default search of 3 trials over 2
+    points that differ only in a figure's param; then the last pruned trial's params trained alone
+    on one thread for 1 and for 2 epochs, the promoted one's for 2, and the last pruned trial
+    applied and continued to 2 as a user types it (these four the train stage alone: its outputs
+    are what the tests compare)."""
     tmp = tmp_path_factory.mktemp("search")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = search_env()
+    rates = f"train.learning_rate={KEPT_LR},{PROMOTED_LR},{SLOWER_LR},{PRUNED_LR}"
     output = run(
-        [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, "--max-concurrent", "1", "-n", "srch"],
-        project,
-        check=False,
-        env=env,
+        [*SEARCH, "-S", rates, *PROMOTING, "--max-concurrent", "1", "-n", "srch"], project, check=False, env=env
     )
-    alone = env | {"OMP_NUM_THREADS": "1"}  # the threads Ray gives a trial of one CPU
+    one_thread = env | {"OMP_NUM_THREADS": "1"}  # a driver on one thread: its groups train on one
     together = run(  # a group has the driver's threads: those of a run alone
         [
             *SEARCH,
@@ -263,47 +409,28 @@ def searched(tmp_path_factory) -> Searched:
         ],
         project,
         check=False,
-        env=alone,
+        env=one_thread,
     )
-    run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-n",
-            "alone-1",
-            "-S",
-            f"train.learning_rate={PRUNED_LR}",
-            "-S",
-            "train.epochs=1",
-            "train",
-        ],
+    same = run(
+        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "--pruner", "none", "-n", "same"],
         project,
-        env=alone,
+        check=False,
+        env=env,
     )
-    for trained in ("models/model.pt", "models/state.pt"):
-        (project / trained).unlink()  # from scratch, not on from alone-1
-    run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "-n",
-            "alone-2",
-            "-S",
-            f"train.learning_rate={PRUNED_LR}",
-            "-S",
-            "train.epochs=2",
-            "train",
-        ],
-        project,
-        env=alone,
-    )
+    # As a user's shell types them: no OMP_NUM_THREADS, so torch would take every core but for the
+    # threads the command (or the applied experiment) sets.
+    typed = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    alone_runs = (("alone-1", PRUNED_LR, 1), ("alone-2", PRUNED_LR, 2), ("promoted-alone", PROMOTED_LR, 2))
+    for name, rate, epochs in alone_runs:
+        for trained in ("models/model.pt", "models/state.pt"):
+            (project / trained).unlink(missing_ok=True)  # from scratch, not on from the last
+        alone = [f"train.learning_rate={rate}", f"train.epochs={epochs}", "train.num_threads=1"]
+        run(["dvc", "exp", "run", "-n", name, *(a for o in alone for a in ("-S", o)), "train"], project, env=typed)
     run(["git", "checkout", "--", "."], project)
-    run(["dvc", "exp", "apply", "srch-2"], project, env=env)
-    run(["dvc", "exp", "run", "-n", "srch-2-more", "-S", "train.epochs=2", "train"], project, env=alone)
+    run(["dvc", "exp", "apply", "srch-4"], project, env=env)
+    run(["dvc", "exp", "run", "-n", "srch-4-more", "-S", "train.epochs=2", "train"], project, env=typed)
     run(["git", "checkout", "--", "."], project)
-    return Searched(project, output, together, env)
+    return Searched(project, output, together, same, env)
 
 
 def train_outputs(project: Path, experiment: str) -> dict[str, str]:
@@ -324,18 +451,38 @@ def experiment_ref(project: Path, name: str) -> str:
 def test_a_pruned_trial_is_the_experiment_of_its_epochs_and_continues_bit_for_bit(searched):
     output = searched.output.stdout
     assert searched.output.returncode == 0, output + searched.output.stderr
-    assert "pruned at epochs 1 (reduction factor 2)" in output
-    assert re.search(r"^srch-2 pruned at epoch 1, landed", output, re.MULTILINE), output
+    assert "pruned by successive halving at epochs 1 (reduction factor 2)" in output
+    for pruned in ("srch-2", "srch-3", "srch-4"):
+        assert re.search(rf"^{pruned} pruned at epoch 1, landed", output, re.MULTILINE), output
     assert re.search(r"^srch-1 +FINISHED +2 .*<- best", output, re.MULTILINE), output
-    assert re.search(r"^srch-2 +PRUNED +1 ", output, re.MULTILINE), output
+    assert re.search(r"^srch-4 +PRUNED +1 ", output, re.MULTILINE), output
 
-    pruned, alone = train_outputs(searched.project, "srch-2"), train_outputs(searched.project, "alone-1")
+    pruned, alone = train_outputs(searched.project, "srch-4"), train_outputs(searched.project, "alone-1")
     assert pruned["epochs"] == 1, "the experiment's train.epochs is the epochs it reached"
     assert pruned["models/model.pt"] == alone["models/model.pt"]
     assert pruned["metrics/history.csv"] == alone["metrics/history.csv"]
-    more, alone = train_outputs(searched.project, "srch-2-more"), train_outputs(searched.project, "alone-2")
-    assert more["models/model.pt"] == alone["models/model.pt"], "continued, it is the bytes of a run of 2 alone"
+    more, alone = train_outputs(searched.project, "srch-4-more"), train_outputs(searched.project, "alone-2")
+    assert more["models/model.pt"] == alone["models/model.pt"], (
+        "applied and continued as typed, with the threads its experiment records (train.num_threads), it is "
+        "the bytes of a run of 2 alone with that many threads"
+    )
     assert train_outputs(searched.project, "srch-1")["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_a_paused_trial_is_promoted_once_it_ranks_among_the_best_and_ends_as_its_run_alone(searched):
+    """srch-2 starts slower than srch-1, so it is pruned at epoch 1; once two worse trials reach
+    that epoch it is among the best half there, and it is promoted before a fifth trial would be
+    asked: continued from its experiment, it ends with the bytes of its params trained alone for 2."""
+    output = searched.output.stdout
+    assert re.search(r"^srch-2 promoted: it paused at epoch 1", output, re.MULTILINE), output
+    assert output.index("srch-4 pruned at epoch 1") < output.index("srch-2 promoted"), "after the fourth trial"
+    assert re.search(r"^srch-2 +FINISHED +2 ", output, re.MULTILINE), output
+    assert "every point of the space has been tried (4): the search ends with 4 of --trials 5" in output
+    promoted, alone = train_outputs(searched.project, "srch-2"), train_outputs(searched.project, "promoted-alone")
+    assert promoted["epochs"] == 2, "its experiment is the promoted one, in place of the paused one"
+    assert promoted["models/model.pt"] == alone["models/model.pt"], "no epoch lost, none trained twice"
+    assert promoted["metrics/history.csv"] == alone["metrics/history.csv"]
 
 
 @pytest.mark.slow
@@ -345,24 +492,31 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
     parent = client.search_runs([experiment], filter_string="attributes.run_name = 'srch'")[0]
     assert parent.data.params["sweep.rungs"] == "1 2" and parent.data.params["sweep.objective"] == OBJECTIVE
     assert parent.data.tags["best_trial"] == "srch-1"
-    assert parent.data.metrics["trial_epochs"] == 2 + 1
+    assert parent.data.metrics["trial_epochs"] == 2 + 2 + 1 + 1, "the promoted trial's epochs counted once"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} >= {
         "search/history.json",
         "search/optimization_history.png",
     }
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert len(table["data"]) == 4, "a trial once, promoted or not"
     assert (rows["srch-1"]["epochs"], rows["srch-1"]["pruned"]) == (2, False)
-    assert (rows["srch-2"]["epochs"], rows["srch-2"]["pruned"]) == (1, True)
+    assert (rows["srch-2"]["epochs"], rows["srch-2"]["pruned"]) == (2, False)
+    assert (rows["srch-4"]["epochs"], rows["srch-4"]["pruned"]) == (1, True)
 
     children = client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
     assert all(child.info.status == "FINISHED" for child in children), "each rung's run is part of its trial"
     landed = {row["trial"]: client.get_run(row["run_id"]) for row in rows.values()}
-    assert landed["srch-2"].data.tags["state"] == "PRUNED" and landed["srch-2"].data.tags["pruned_at_epoch"] == "1"
-    assert landed["srch-1"].data.tags["state"] == "COMPLETE"
-    steps = [m.step for m in client.get_metric_history(landed["srch-1"].info.run_id, OBJECTIVE)]
-    assert sorted(steps) == [1, 2], "a promoted trial's last run holds every one of its epochs"
-    assert sorted(child.info.run_name for child in children).count("srch-1") == 2, "a run per rung, linked"
+    assert landed["srch-4"].data.tags["state"] == "PRUNED" and landed["srch-4"].data.tags["pruned_at_epoch"] == "1"
+    assert landed["srch-1"].data.tags["state"] == "COMPLETE" and landed["srch-2"].data.tags["state"] == "COMPLETE"
+    for trial in ("srch-1", "srch-2"):
+        steps = [m.step for m in client.get_metric_history(landed[trial].info.run_id, OBJECTIVE)]
+        assert sorted(steps) == [1, 2], "a promoted trial's last run holds every one of its epochs"
+    names = sorted(child.info.run_name for child in children)
+    assert names.count("srch-1") == 2, "a run per rung, linked"
+    assert names.count("srch-2") == 3, "its rung, its paused experiment's evaluation, its promotion"
+    pause = next(c for c in children if c.info.run_name == "srch-2" and "training_run_id" in c.data.tags)
+    assert (pause.data.tags["state"], pause.data.tags["pruned_at_epoch"]) == ("PRUNED", "1"), "the pause's record"
 
 
 @pytest.mark.slow
@@ -438,3 +592,23 @@ def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp
         p.cmdline() for p in processes_started_with(marker) if re.search(r"dvc exp run|raylet", " ".join(p.cmdline()))
     ]
     assert not left, left
+
+
+@pytest.mark.slow
+def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_importances(searched):
+    """The default search (TPE, successive halving) of more trials than points, on two points that
+    differ in a figure's param alone: each point trains once, the search says it has tried them all,
+    there are no importances to weigh (one line says why), and its run ends FINISHED."""
+    output = searched.same.stdout
+    assert searched.same.returncode == 0, output + searched.same.stderr
+    assert "search same: TPE, after a start that covers the space (a Latin hypercube of 1 trial)" in output, output
+    assert "every point of the space has been tried (2): the search ends with 2 of --trials 3" in output, output
+    assert re.search(rf"^no parameter importances: the 2 trials .* all have {OBJECTIVE} ", output, re.MULTILINE)
+    assert sorted(
+        n for n in run(["dvc", "exp", "list", "--names-only"], searched.project).stdout.split() if n.startswith("same-")
+    ) == ["same-1", "same-2"]
+    client = mlflow.MlflowClient(f"sqlite:///{searched.project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
+    parent = client.search_runs([experiment], filter_string="attributes.run_name = 'same'")[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_finished"] == 2

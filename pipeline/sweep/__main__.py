@@ -92,7 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     search.add_argument("--sampler", default="tpe", help="tpe (default), random or grid (lists only)")
     search.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
     search.add_argument(
-        "--no-prune", dest="prune", action="store_false", help="train every trial to train.epochs (default: prune)"
+        "--pruner",
+        default="asha",
+        help="asha (default: successive halving, asynchronous), hyperband (its brackets of it), or none "
+        "(every trial to train.epochs)",
     )
     search.add_argument("--min-epochs", type=int, default=1, help="the first rung: epochs before any pruning (1)")
     search.add_argument(
@@ -113,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             plan = prepare(args)
             study = None
             if plan.space is not None:  # a search: refused here if its study was started otherwise
-                search.check_against_space(search.options_from(args), plan.space, plan.params[0].train.epochs)
-                study = search.open_study(args.name, plan.space, search.options_from(args), search.storage_url())
+                epochs, options = plan.params[0].train.epochs, search.options_from(args)
+                search.check_against_space(options, plan.space, epochs)
+                study = search.open_study(args.name, plan.space, options, search.storage_url(), epochs)
             cluster.start_ray(args)
             if ctrl_c.is_set():
                 print("interrupted before any trial started", file=sys.stderr)
@@ -147,7 +151,7 @@ def sweep_trials(
         options = search.options_from(args)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = search.Search.options(scheduling_strategy=here).remote(
-            args.name, plan.space, options, search.storage_url()
+            args.name, plan.space, options, search.storage_url(), plan.params[0].train.epochs
         )
         proposals = search.Proposals(
             actor, args.name, options, plan.params[0].train.epochs, args.together, plan.params_text
@@ -157,10 +161,12 @@ def sweep_trials(
         kept = search.landed_before(study)
         if kept:
             print(f"kept from before: {', '.join(kept)} (landed by this search before)", flush=True)
+        pruner = {"asha": "successive halving", "hyperband": "Hyperband"}.get(options.pruner)
         print(
-            f"search {args.name}: {options.sampler} sampler (seed {options.seed}), "
+            f"search {args.name}: {search.describe_sampling(options, study.user_attrs['start_trials'])} "
+            f"(seed {options.seed}), "
             + (
-                f"pruned at epochs {', '.join(map(str, proposals.rungs[:-1]))} (reduction factor "
+                f"pruned by {pruner} at epochs {', '.join(map(str, proposals.rungs[:-1]))} (reduction factor "
                 f"{options.reduction_factor}), "
                 if len(proposals.rungs) > 1
                 else "no pruning, "
@@ -198,24 +204,28 @@ def sweep_trials(
         )
     try:
         outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c, proposals)
-    except BaseException:
-        client.set_terminated(parent_run_id, "FAILED")
+        if proposals is not None:
+            proposals.settle(outcome)
+            outcome.kept = {name: result for name, (_, result) in kept.items()}
+            trials = [trial for trial, _ in kept.values()] + proposals.trials()
+            try:
+                report.log_search(client, sweep, study, outcome)
+            except Exception as exc:  # the history's figures: the trials and the summary are logged all the same
+                print(f"warning: the search's history and importances were not logged: {exc}", flush=True)
+        decoders = {params.train.reconstruction for params in plan.params}
+        summary = report.finish(
+            client,
+            sweep,
+            trials,
+            outcome,
+            time.monotonic() - started,
+            len(decoders) == 1,
+            plan.tracking.registered_model,
+        )
+    except BaseException as exc:  # whatever ends the sweep here, its run does not stay RUNNING
+        if client.get_run(parent_run_id).info.status == "RUNNING":
+            client.set_terminated(parent_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    if proposals is not None:
-        proposals.settle(outcome)
-        outcome.kept = {name: result for name, (_, result) in kept.items()}
-        trials = [trial for trial, _ in kept.values()] + proposals.trials()
-        report.log_search(client, sweep, study, outcome)
-    decoders = {params.train.reconstruction for params in plan.params}
-    summary = report.finish(
-        client,
-        sweep,
-        trials,
-        outcome,
-        time.monotonic() - started,
-        len(decoders) == 1,
-        plan.tracking.registered_model,
-    )
     if outcome.finished and not plan.local_cache:  # on one machine the trials pushed here already
         pulled = dvc("exp", "pull", args.git_remote, *outcome.finished)
         best = f"; the best is {summary.best.name}" if summary.best else ""

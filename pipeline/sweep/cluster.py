@@ -53,6 +53,8 @@ class Outcome:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     cancelled: bool = False
     kept: dict[str, TrialResult] = dataclasses.field(default_factory=dict)  # a search's, landed by an earlier run
+    # A search's paused trials that a promotion continued: their experiments replaced, their runs kept.
+    paused: list[TrialResult] = dataclasses.field(default_factory=list)
 
     def status(self, name: str) -> str:
         """The trial's end in MLflow's words: FINISHED, KILLED (by its user, as Ctrl-C is) or FAILED."""
@@ -73,6 +75,7 @@ class Task:
     together: bool
     attempt: int = 1
     rungs: Rungs | None = None  # a search's trials: where they may be pruned
+    continues: int = 0  # a paused trial promoted: the epochs of the experiment it continues
 
 
 def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
@@ -168,7 +171,7 @@ class Progress:
         line = (
             f"{finished} finished, {trials} running"
             + (f" ({', '.join(parts)})" if parts else "")
-            + f", {failed} failed, {self.total - finished - failed - trials} waiting"
+            + f", {failed} failed, {max(self.total - finished - failed - trials, 0)} waiting"
         )
         now = time.monotonic()
         if counts != self.last_counts or (line != self.last_line and now - self.printed >= self.every):
@@ -211,7 +214,7 @@ def run_sweep(
                 group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only, task.rungs)
                 if task.together
                 else trial_task.options(**options).remote(
-                    sweep, task.label, task.trials[0].overrides, board, cpu_only, task.rungs
+                    sweep, task.label, task.trials[0].overrides, board, cpu_only, task.rungs, task.continues
                 )
             ] = task
 
@@ -245,6 +248,8 @@ def run_sweep(
                 ended = {trial.name: landed.get(trial.name, ended) for trial in task.trials}
             for name, end in ended.items():
                 if isinstance(end, TrialResult):
+                    if name in finished:  # a paused trial, promoted and landed again
+                        outcome.paused.append(finished[name])
                     finished[name] = end
                     how = f"pruned at epoch {end.epochs}, landed" if end.pruned else "finished"
                     print(

@@ -34,6 +34,7 @@ from pipeline.sweep.trial import (
     run_watched,
     set_params,
     trial_env,
+    with_threads,
 )
 
 
@@ -56,6 +57,7 @@ def run_group(
     board.start.remote(label, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [trial.name for trial in trials])
     env = trial_env(sweep, cpu_only, threads_as_alone=True)
+    trials = [grid.Trial(trial.name, with_threads(trial.overrides, env)) for trial in trials]
     with checkout(sweep, label, env, board) as repo:
         subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
         out = repo.parent / "trained"

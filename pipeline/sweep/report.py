@@ -64,7 +64,7 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
             "sweep.sampler": args.sampler,
             "sweep.sampler_seed": args.sampler_seed,
             "sweep.objective": OBJECTIVE,
-            "sweep.pruner": "successive halving (Optuna's, asynchronous)" if args.prune else "none",
+            "sweep.pruner": args.pruner,
             "sweep.min_epochs": args.min_epochs,
             "sweep.reduction_factor": args.reduction_factor,
             "sweep.rungs": " ".join(map(str, search.options_from(args).rungs(plan.params[0].train.epochs))),
@@ -207,7 +207,7 @@ def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcom
     trial_runs = client.search_runs(
         [sweep.experiment_id], filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")
     )
-    kept = {result.run_id for result in outcome.finished.values()}
+    kept = {result.run_id for result in (*outcome.finished.values(), *outcome.paused)}
     # A search's trial: the runs of its rungs, each continued by the next, the last continued or
     # evaluated by the run of its experiment.
     came_from = {
@@ -309,11 +309,14 @@ def print_repeats(configurations: list[Configuration]) -> None:
 
 def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, outcome: Outcome) -> None:
     """The search on its parent run: the optimisation history and the params' importances (fANOVA,
-    as Optuna computes it) as figures and tables; and on each trial's run landed now, Optuna's
-    trial number and state (the tags Optuna's MLflowCallback sets) and where it was pruned."""
-    for result in outcome.finished.values():
+    as Optuna computes it) as figures and tables, of the trials that trained (a repeated proposal
+    adds nothing); and on each trial's run landed now, Optuna's trial number and state (the tags
+    Optuna's MLflowCallback sets) and where it was pruned."""
+    landed = search.trained(study)
+    paused = [(result, landed) for result in outcome.paused]  # a promoted trial's pause: its first study trial
+    for result, trials in [*paused, *((result, landed[::-1]) for result in outcome.finished.values())]:
         if result.run_id is not None:
-            number = next(t.number for t in study.trials if t.user_attrs.get("experiment") == result.name)
+            number = next(t.number for t in trials if t.user_attrs["experiment"] == result.name)
             tags = {"number": str(number), "state": "PRUNED" if result.pruned else "COMPLETE"}
             client.log_batch(
                 result.run_id,
@@ -322,7 +325,7 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
                     for k, v in (tags | ({"pruned_at_epoch": str(result.epochs)} if result.pruned else {})).items()
                 ],
             )
-    ended = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    ended = [t for t in landed if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     history: dict[str, list] = {"number": [], "trial": [], "state": [], "epochs": [], OBJECTIVE: [], "best_so_far": []}
     best = float("inf")
     for trial in ended:
@@ -337,23 +340,42 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
         )
         history["best_so_far"].append(None if math.isinf(best) else best)
     mlflow.log_table(history, artifact_file="search/history.json", run_id=sweep.parent_run_id)
+    trained = optuna.create_study(direction="minimize")  # in memory: the trials that trained, alone
+    trained.add_trials(ended)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        axes = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=OBJECTIVE)
+        axes = optuna.visualization.matplotlib.plot_optimization_history(trained, target_name=OBJECTIVE)
         client.log_figure(sweep.parent_run_id, axes.figure, "search/optimization_history.png")
         plt.close(axes.figure)
-        complete = [t for t in ended if t.state == TrialState.COMPLETE]
-        if len(complete) < 2 or len(study.best_trial.params) < 1:
-            print("no parameter importances: they need 2 trials that trained every epoch", flush=True)
+        why_not = _why_no_importances([t for t in ended if t.state == TrialState.COMPLETE])
+        if why_not:
+            print(f"no parameter importances: {why_not}", flush=True)
             return
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        importances = optuna.importance.get_param_importances(trained, evaluator=evaluator)
         mlflow.log_table(
             {"param": list(importances), "importance": list(importances.values())},
             artifact_file="search/importances.json",
             run_id=sweep.parent_run_id,
         )
-        axes = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=evaluator, target_name=OBJECTIVE)
+        axes = optuna.visualization.matplotlib.plot_param_importances(
+            trained, evaluator=evaluator, target_name=OBJECTIVE
+        )
         client.log_figure(sweep.parent_run_id, axes.figure, "search/param_importances.png")
         plt.close(axes.figure)
     print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), flush=True)
+
+
+def _why_no_importances(complete: list[optuna.trial.FrozenTrial]) -> str | None:
+    """Why fANOVA cannot weigh the params over these trials (None: it can). It needs two trials that
+    trained every epoch, with objectives that differ and params that differ."""
+    if len(complete) < 2:
+        return f"they need 2 trials that trained every epoch, and {len(complete)} did"
+    if len({trial.value for trial in complete}) < 2:
+        return (
+            f"the {len(complete)} trials that trained every epoch all have {OBJECTIVE} {complete[0].value:.4f}, "
+            "so no param explains a difference"
+        )
+    if all(trial.params == complete[0].params for trial in complete):
+        return f"the {len(complete)} trials that trained every epoch share every searched value"
+    return None

@@ -1,8 +1,10 @@
-"""A search (`--trials N`): Optuna proposes each trial from the results so far, and its
-successive-halving pruner (asynchronous, as ASHA) stops a trial at a rung where it is not among the
-best 1/reduction_factor of the trials that reached it. The study lives in the project, in
-`mlruns/optuna.db` beside the MLflow store, so the same command again goes on from every trial it
-has; on Ray it is an actor on the driver's node, which every node's trials reach.
+"""A search (`--trials N`): Optuna proposes each trial from the results so far (TPE after a start
+that covers the space, covering_start.py), and its pruner (successive halving, asynchronous as ASHA,
+or Hyperband's brackets of it) stops a trial at a rung where it is not among the best
+1/reduction_factor of the trials that reached it. A proposal of a point the study holds already
+trains nothing: it takes that trial's result, now or when it ends. The study lives in the project,
+in `mlruns/optuna.db` beside the MLflow store, so the same command again goes on from every trial
+it has; on Ray it is an actor on the driver's node, which every node's trials reach.
 
 A trial climbs its rungs as a user would: `dvc exp run train -S train.epochs=<rung>` continues the
 trial's last rung (more epochs continue a finished run, bit for bit), and the trial lands as the
@@ -10,10 +12,12 @@ experiment of the epochs it reached, with `train.epochs` that count."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import ray
 from optuna.trial import TrialState
@@ -21,24 +25,39 @@ from optuna.trial import TrialState
 from pipeline.errors import PipelineError
 from pipeline.sweep import grid
 from pipeline.sweep.cluster import CANCELLED, Outcome, Task
+from pipeline.sweep.covering_start import CONTINUES_ATTR, CoveringStart
 from pipeline.sweep.groups import groups
+from pipeline.sweep.promotion import Reached, promotable
 from pipeline.sweep.space import Space
 from pipeline.sweep.trial import Rungs, TrialResult
 
 SEARCH_STORE = Path("mlruns") / "optuna.db"
 SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("asha", "hyperband", "none")
+TPE_START_TRIALS = 10  # Optuna's TPE default start; a smaller budget gets a third of itself
 # Tags of each trial in the study (Optuna's user attributes), read back by a search run again.
 CANCELLED_ATTR = "cancelled"  # a FAIL that Ctrl-C caused: it does not count against --trials
+SAME_AS_ATTR = "same_as"  # a proposal of a point another trial holds: that trial's result, no training
+# Proposals in a row of points the study holds before the search proposes an untried one at random.
+REPEATS_BEFORE_AN_UNTRIED_POINT = 20
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchOptions:
-    trials: int  # the budget: trials that finished, were pruned or failed on their own
+    trials: int  # the budget: trials that trained, finished, were pruned or failed on their own
     sampler: str
     seed: int
-    prune: bool
+    pruner: str  # one of PRUNERS
     min_epochs: int  # the first rung
     reduction_factor: int  # each rung is this many times the last; 1/this of a rung's trials go on
+
+    @property
+    def prune(self) -> bool:
+        return self.pruner != "none"
+
+    def start_trials(self) -> int:
+        """TPE's start: Optuna's 10 trials, or a third of a smaller budget, so most of it is modelled."""
+        return min(TPE_START_TRIALS, max(1, self.trials // 3)) if self.sampler == "tpe" else 0
 
     def rungs(self, epochs: int) -> tuple[int, ...]:
         """The epochs at which a trial may be pruned, then `epochs`: min_epochs x factor^k below it."""
@@ -58,7 +77,7 @@ class SearchOptions:
 def options_from(args) -> SearchOptions:
     """The search's options as `python -m pipeline.sweep` takes them."""
     return SearchOptions(
-        args.trials, args.sampler, args.sampler_seed, args.prune, args.min_epochs, args.reduction_factor
+        args.trials, args.sampler, args.sampler_seed, args.pruner, args.min_epochs, args.reduction_factor
     )
 
 
@@ -68,14 +87,14 @@ def check_options(options: SearchOptions) -> None:
         raise PipelineError(f"--trials must be 1 or more (a search of that many trials), got {options.trials}")
     if options.sampler not in SAMPLERS:
         raise PipelineError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler}")
+    if options.pruner not in PRUNERS:
+        raise PipelineError(f"--pruner must be one of {', '.join(PRUNERS)}, got {options.pruner}")
     if options.prune and options.reduction_factor < 2:
         raise PipelineError(f"--reduction-factor must be 2 or more, got {options.reduction_factor}")
 
 
 def check_against_space(options: SearchOptions, space: Space, epochs: int) -> None:
     """What the options and the space (and its train.epochs) refuse together."""
-    if options.sampler == "grid" and options.trials > space.size():
-        raise PipelineError(f"--trials {options.trials} is more than the {space.size()} points of the grid: lower it")
     if options.prune and not 1 <= options.min_epochs <= epochs:
         raise PipelineError(
             f"--min-epochs {options.min_epochs}, the first rung, must be from 1 to train.epochs ({epochs}): "
@@ -83,64 +102,96 @@ def check_against_space(options: SearchOptions, space: Space, epochs: int) -> No
         )
 
 
-def open_study(name: str, space: Space, options: SearchOptions, storage: str) -> optuna.Study:
+def open_study(name: str, space: Space, options: SearchOptions, storage: str, epochs: int) -> optuna.Study:
     """The search's study, created or, for a name searched before, loaded if it was started with this
-    same space and these options (else refused: its trials would not be of one search)."""
+    same space and these options (else refused: its trials would not be of one search). The start's
+    size is the first run's, so a run again with a larger budget proposes what the first would have."""
     if options.sampler == "grid" and space.has_ranges():
         raise PipelineError("--sampler grid takes lists of values only: a range or interval has no grid")
-    samplers = {  # seeded by --sampler-seed and the count of trials the study has already
-        "tpe": lambda done=0: optuna.samplers.TPESampler(seed=options.seed + done),
-        "random": lambda done=0: optuna.samplers.RandomSampler(seed=options.seed + done),
-        "grid": lambda done=0: optuna.samplers.GridSampler(space.grid(), seed=options.seed + done),
-    }
-    pruner = (
-        optuna.pruners.SuccessiveHalvingPruner(
+    pruners = {
+        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(
             min_resource=options.min_epochs, reduction_factor=options.reduction_factor, min_early_stopping_rate=0
-        )
-        if options.prune
-        else optuna.pruners.NopPruner()
-    )
+        ),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(
+            min_resource=options.min_epochs, max_resource=epochs, reduction_factor=options.reduction_factor
+        ),
+        "none": optuna.pruners.NopPruner,
+    }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
             study_name=name,
             storage=storage,
-            sampler=samplers[options.sampler](),
-            pruner=pruner,
+            pruner=pruners[options.pruner](),
             direction="minimize",
             load_if_exists=True,
         )
-    if study.trials:  # going on: a sampler seeded afresh would propose the first run's points again
-        study.sampler = samplers[options.sampler](len(study.trials))
     started_with = {"space": space.describe(), "options": options.describe()}
     if "started_with" not in study.user_attrs:
         study.set_user_attr("started_with", started_with)
+        study.set_user_attr("start_trials", options.start_trials())
     elif study.user_attrs["started_with"] != started_with:
         raise PipelineError(
             f"search '{name}' was started with another space or other options (in {SEARCH_STORE}): run it "
             "again as it was, or give this one another --name"
         )
+    # Seeded by --sampler-seed and, going on, the count of trials the study has: a sampler seeded
+    # afresh would propose the first run's points again.
+    seed, start = options.seed + len(study.trials), study.user_attrs.get("start_trials", 0)
+    samplers = {
+        "tpe": lambda: CoveringStart(
+            space, start, optuna.samplers.TPESampler(n_startup_trials=start, seed=seed), options.seed
+        ),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
+    }
+    study.sampler = samplers[options.sampler]()
     return study
 
 
+def describe_sampling(options: SearchOptions, start: int) -> str:
+    """How the search proposes, in words, and what its budget leaves to the model."""
+    if options.sampler == "random":
+        return "random sampling"
+    if options.sampler == "grid":
+        return "each point of the grid once, in a seeded order"
+    if options.trials <= start:
+        return f"random sampling: --trials {options.trials} is within TPE's start of {start} (a Latin hypercube)"
+    return f"TPE, after a start that covers the space (a Latin hypercube of {start} trial{'s' if start > 1 else ''})"
+
+
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count against --trials: ended, and not by Ctrl-C."""
+    """The trials that count against --trials: trained and ended, not by Ctrl-C, and not a paused
+    trial's promotion (it trains a point the budget counted already)."""
     return [
         trial
-        for trial in study.get_trials(deepcopy=False)
-        if trial.state.is_finished() and not trial.user_attrs.get(CANCELLED_ATTR)
+        for trial in trained(study)
+        if trial.state.is_finished()
+        and not trial.user_attrs.get(CANCELLED_ATTR)
+        and CONTINUES_ATTR not in trial.user_attrs
     ]
+
+
+def trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials that trained (or train now) as experiments: not the repeated proposals."""
+    return [trial for trial in study.get_trials(deepcopy=False) if "experiment" in trial.user_attrs]
 
 
 class SearchStudy:
     """The study, as every trial of the search reaches it: asked for a point, told a rung's value
-    (and answered whether to stop there), told the trial's end. On Ray, the actor `Search`."""
+    (and answered whether to stop there), told the trial's end. On Ray, the actor `Search`.
 
-    def __init__(self, name: str, space: Space, options: SearchOptions, storage: str):
-        self.study = open_study(name, space, options, storage)
-        self.name, self.space = name, space
+    A point is trained once. A proposal of a point that a trial holds (ended, or training now) is a
+    copy: it takes that trial's result, now or when it ends, so the sampler learns the point's
+    value again, and it trains nothing and does not count against --trials."""
+
+    def __init__(self, name: str, space: Space, options: SearchOptions, storage: str, epochs: int):
+        self.study = open_study(name, space, options, storage, epochs)
+        self.name, self.space, self.seed = name, space, options.seed
+        self.rungs, self.reduction_factor = options.rungs(epochs), options.reduction_factor
         self.asked: dict[int, optuna.Trial] = {}
+        self.copies: dict[int, list[int]] = collections.defaultdict(list)  # a training trial -> its copies
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
             self.study.set_trial_user_attr(trial._trial_id, CANCELLED_ATTR, True)  # an earlier Ctrl-C's
             self._tell(trial.number, state=TrialState.FAIL)
@@ -148,15 +199,92 @@ class SearchStudy:
     def counted(self) -> int:
         return len(counted(self.study))
 
-    def ask(self) -> tuple[int, grid.Trial]:
-        """The next trial's number in the study, and the trial, named as DVC names a sweep's
-        experiments, with the overrides that make it."""
-        trial = self.study.ask(dict(self.space.dimensions))
+    def held(self) -> dict[tuple, optuna.trial.FrozenTrial]:
+        """The points tried: those of trials that trained or train now, less those Ctrl-C cancelled."""
+        return {
+            self.space.point(trial.params): trial
+            for trial in trained(self.study)
+            if not trial.user_attrs.get(CANCELLED_ATTR)
+        }
+
+    def ask(self) -> tuple[int, grid.Trial, list[str]] | None:
+        """The next trial's number in the study, the trial (named as DVC names a sweep's experiments,
+        with the overrides that make it) and the trials whose points were proposed again before it;
+        None once every point of a finite space has been tried."""
+        held, repeated = self.held(), []
+        while len(held) < self.space.size():
+            if len(repeated) < REPEATS_BEFORE_AN_UNTRIED_POINT:
+                trial = self.study.ask(dict(self.space.dimensions))
+            else:  # the sampler keeps to the points it has: an untried one, drawn as the seed and count say
+                rng = np.random.default_rng([self.seed, len(self.study.trials)])
+                point = self.space.random_point(rng)
+                while self.space.point(point) in held:
+                    point = self.space.random_point(rng)
+                self.study.enqueue_trial(point)
+                trial = self.study.ask(dict(self.space.dimensions))
+            same = held.get(self.space.point(trial.params))
+            if same is None:
+                break
+            self._copy(trial, same)
+            repeated.append(same.user_attrs["experiment"])
+        else:
+            return None
         self.asked[trial.number] = trial
-        proposed = grid.Trial(f"{self.name}-{trial.number + 1}", self.space.overrides(trial.params))
+        points = [t for t in trained(self.study) if CONTINUES_ATTR not in t.user_attrs]
+        proposed = grid.Trial(f"{self.name}-{len(points) + 1}", self.space.overrides(trial.params))
         trial.set_user_attr("experiment", proposed.name)
         trial.set_user_attr("overrides", list(proposed.overrides))
-        return trial.number, proposed
+        return trial.number, proposed, repeated
+
+    def promote(self) -> tuple[int, grid.Trial, int] | None:
+        """A paused trial that ASHA's rule promotes now (promotion.py), as a new trial of the study
+        that continues it: its number, the trial (its experiment's name and overrides) and the
+        epochs it reached; None where none is promotable."""
+        latest: dict[str, optuna.trial.FrozenTrial] = {}  # each experiment's last trial: a promotion's, or its own
+        for trial in trained(self.study):
+            if not trial.user_attrs.get(CANCELLED_ATTR) and trial.state != TrialState.FAIL:
+                latest[trial.user_attrs["experiment"]] = trial
+        reached = [
+            Reached(name, step, value, paused=trial.state == TrialState.PRUNED and step == trial.last_step)
+            for name, trial in latest.items()
+            for step, value in trial.intermediate_values.items()
+        ]
+        chosen = promotable(reached, self.rungs[:-1], self.reduction_factor)
+        if chosen is None:
+            return None
+        paused = latest[chosen.name]
+        attrs = {"experiment": chosen.name, "overrides": paused.user_attrs["overrides"], CONTINUES_ATTR: paused.number}
+        self.study.enqueue_trial(paused.params, user_attrs=attrs)
+        trial = self.study.ask(dict(self.space.dimensions))
+        for step, value in sorted(paused.intermediate_values.items()):  # its rungs so far, for the pruner
+            trial.report(value, step)
+            trial.should_prune()
+        self.asked[trial.number] = trial
+        return trial.number, grid.Trial(chosen.name, tuple(attrs["overrides"])), chosen.epochs
+
+    def _copy(self, trial: optuna.Trial, same: optuna.trial.FrozenTrial) -> None:
+        """A proposal of `same`'s point: its result told now, or when it ends."""
+        trial.set_user_attr(SAME_AS_ATTR, same.user_attrs["experiment"])
+        self.asked[trial.number] = trial
+        if same.state == TrialState.RUNNING:
+            self.copies[same.number].append(trial.number)
+        else:
+            self._tell_copy(trial.number, same)
+
+    def _tell_copy(self, number: int, same: optuna.trial.FrozenTrial) -> None:
+        copy = self.asked.pop(number)
+        for step, value in sorted(same.intermediate_values.items()):
+            copy.report(value, step)
+        if same.user_attrs.get(CANCELLED_ATTR):
+            copy.set_user_attr(CANCELLED_ATTR, True)
+        self._tell(number, same.value if same.state == TrialState.COMPLETE else None, state=same.state)
+
+    def _copies_of(self, number: int) -> None:
+        """The copies that waited for trial `number`'s end, told it."""
+        if number in self.copies:
+            same = self.study.get_trials(deepcopy=False)[number]
+            for copy in self.copies.pop(number):
+                self._tell_copy(copy, same)
 
     def report(self, number: int, epochs: int, value: float) -> bool:
         """The trial's objective after `epochs`; whether the pruner stops it there."""
@@ -170,6 +298,7 @@ class SearchStudy:
             self.asked[number].set_user_attr(key, attr)
         state = TrialState.PRUNED if pruned else TrialState.COMPLETE
         self._tell(number, None if pruned else value, state=state)
+        self._copies_of(number)
 
     def fail(self, number: int, reason: str, cancelled: bool) -> None:
         """A trial that did not land: failed on its own (counted), or cancelled by Ctrl-C (not)."""
@@ -178,6 +307,7 @@ class SearchStudy:
         if cancelled:
             trial.set_user_attr(CANCELLED_ATTR, True)
         self._tell(number, state=TrialState.FAIL)
+        self._copies_of(number)
 
     def _tell(self, number: int, value: float | None = None, state: TrialState = TrialState.COMPLETE) -> None:
         try:
@@ -197,15 +327,33 @@ class Proposals:
     def __init__(self, search, name: str, options: SearchOptions, epochs: int, together: int, params_text: str):
         self.search, self.name, self.together, self.params_text = search, name, together, params_text
         self.rungs = options.rungs(epochs)
+        self.budget = options.trials
+        self.promotes = options.prune and not together  # a paused trial continues alone, as it trained
         self.left = max(options.trials - ray.get(search.counted.remote()), 0)
         self.asked: dict[str, int] = {}  # trial name -> its number in the study
         self.tasks: list[Task] = []
         self.ready: list[Task] = []  # asked together, in groups of one key, not yet handed out
 
     def next(self) -> Task | None:
+        """A paused trial that ASHA's rule promotes now, else the next trial asked; while trials
+        are left to ask (a promotion comes first, as in ASHA)."""
+        if not self.ready and self.left and self.promotes:
+            promoted = ray.get(self.search.promote.remote())
+            if promoted is not None:
+                self.ready = [self._continuation(*promoted)]
         if not self.ready:
             self.ready = self._ask(min(max(self.together, 1), self.left))
         return self.ready.pop(0) if self.ready else None
+
+    def _continuation(self, number: int, trial: grid.Trial, epochs: int) -> Task:
+        """The task that continues a promoted trial from the experiment it paused as."""
+        self.asked[trial.name] = number
+        print(f"{trial.name} promoted: it paused at epoch {epochs}, and is now among the best there", flush=True)
+        task = Task(
+            trial.name, (trial,), False, rungs=Rungs(self.search, self.rungs, {trial.name: number}), continues=epochs
+        )
+        self.tasks.append(task)
+        return task
 
     def withdraw(self) -> tuple[list[Task], int]:
         """Stop proposing: the tasks asked but not handed out, and the count of trials never asked."""
@@ -214,11 +362,21 @@ class Proposals:
         return withdrawn, unasked
 
     def _ask(self, count: int) -> list[Task]:
-        self.left -= count
         numbers = {}
         for _ in range(count):
-            number, trial = ray.get(self.search.ask.remote())
+            asked = ray.get(self.search.ask.remote())
+            if asked is None:
+                self._say_exhausted()
+                break
+            self.left -= 1
+            number, trial, repeated = asked
             numbers[trial] = self.asked[trial.name] = number
+            if repeated:
+                print(
+                    f"{trial.name}: proposed after {len(repeated)} point(s) already tried ({', '.join(repeated)}), "
+                    "which take those trials' results: no training, not counted against --trials",
+                    flush=True,
+                )
         trials = list(numbers)
         if not self.together:
             batches = [[trial] for trial in trials]
@@ -239,9 +397,18 @@ class Proposals:
             print(f"{task.label}: {', '.join(trial.name for trial in task.trials)}", flush=True)
         return tasks
 
+    def _say_exhausted(self) -> None:
+        size = ray.get(self.search.held.remote())
+        print(
+            f"every point of the space has been tried ({len(size)}): the search ends with "
+            f"{self.budget - self.left} of --trials {self.budget}",
+            flush=True,
+        )
+        self.left = 0
+
     def trials(self) -> list[grid.Trial]:
-        """Every trial asked, in the order asked."""
-        return [trial for task in self.tasks for trial in task.trials]
+        """Every trial asked, in the order first asked (a promoted one once)."""
+        return list({trial.name: trial for task in self.tasks for trial in task.trials}.values())
 
     def settle(self, outcome: Outcome) -> None:
         """Each asked trial that did not land told to the study: failed on its own, or cancelled."""
@@ -260,7 +427,9 @@ def storage_url() -> str:
 def landed_before(study: optuna.Study) -> dict[str, tuple[grid.Trial, TrialResult]]:
     """The study's trials that landed in an earlier run of the search, by experiment name."""
     landed = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    for trial in trained(study):
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
         attrs = trial.user_attrs
         name = attrs["experiment"]
         result = TrialResult(

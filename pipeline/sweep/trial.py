@@ -107,39 +107,62 @@ class TrialFailed(Exception):
 
 
 def run_trial(
-    sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool, rungs: Rungs | None = None
+    sweep: Sweep,
+    name: str,
+    overrides: tuple[str, ...],
+    board,
+    cpu_only: bool,
+    rungs: Rungs | None = None,
+    continues: int = 0,
 ) -> TrialResult:
     """The Ray task: one trial, start to pushed experiment, in a temporary clone; a search's trial
-    climbs its rungs first, and lands as the experiment of the epochs it reached."""
+    climbs its rungs first, and lands as the experiment of the epochs it reached. A paused trial
+    promoted (`continues`: the epochs it reached) climbs on from its experiment, which it replaces."""
     started = time.monotonic()
     # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
     board.start.remote(name, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [name])
     env = trial_env(sweep, cpu_only)
+    overrides = with_threads(overrides, env)
     with checkout(sweep, name, env, board) as repo:
         run_started = time.monotonic()
         pruned = False
+        if continues:
+            board.doing.remote(name, f"continuing from epoch {continues}")
+            no_cache = ["--no-cache"] if sweep.local_cache else []
+            _step(["dvc", "exp", "pull", *no_cache, "origin", name], name, repo, env)
+            _step(["dvc", "exp", "apply", name], name, repo, env)
+            _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
         if rungs is not None:
-            overrides, pruned = climb(rungs, name, overrides, repo, env, board)
+            overrides, pruned = climb(rungs, name, overrides, repo, env, board, past=continues)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(overrides)], name, repo, env, board)
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
-        return push_and_report(sweep, name, repo, env, board, started, run_seconds, rungs, pruned)
+        return push_and_report(sweep, name, repo, env, board, started, run_seconds, rungs, pruned, bool(continues))
 
 
 def climb(
-    rungs: Rungs, name: str, overrides: tuple[str, ...], repo: Path, env: dict, board
+    rungs: Rungs, name: str, overrides: tuple[str, ...], repo: Path, env: dict, board, past: int = 0
 ) -> tuple[tuple[str, ...], bool]:
-    """Train rung by rung, each `dvc exp run train` continuing the last with more `train.epochs`,
-    and ask the search after each whether to go on. Returns the overrides of the epochs reached
-    and whether the search pruned the trial there."""
-    for epochs in rungs.epochs[:-1]:
+    """Train rung by rung from the epochs it has (`past`), each `dvc exp run train` continuing the
+    last with more `train.epochs`, and ask the search after each whether to go on. Returns the
+    overrides of the epochs reached and whether the search pruned the trial there."""
+    for epochs in (rung for rung in rungs.epochs[:-1] if rung > past):
         at_rung = at_epochs(overrides, epochs)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
         _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
         if rungs.report(name, epochs, kept_model(repo)[1]):
             return at_rung, True
     return at_epochs(overrides, rungs.epochs[-1]), False
+
+
+def with_threads(overrides: tuple[str, ...], env: dict[str, str]) -> tuple[str, ...]:
+    """The overrides, with the CPU threads Ray gives the task (OMP_NUM_THREADS: its CPUs) as
+    `train.num_threads`, which the bytes of a CPU run depend on: `dvc exp apply` of the trial and
+    `dvc exp run` then train with them too. A count the trial sets itself stays."""
+    if "OMP_NUM_THREADS" not in env or any(o.startswith("train.num_threads=") for o in overrides):
+        return overrides
+    return (*overrides, f"train.num_threads={env['OMP_NUM_THREADS']}")
 
 
 def set_params(overrides: tuple[str, ...]) -> list[str]:
@@ -157,12 +180,13 @@ def push_and_report(
     run_seconds: float,
     rungs: Rungs | None = None,
     pruned: bool = False,
+    replaces: bool = False,
 ) -> TrialResult:
-    """The trial's finished experiment pushed, and landed on the board (and a search's trial told to
-    its study) before the task ends. It runs to its end: a cancel that comes meanwhile is raised
-    after it, so a pushed trial is never reported cancelled."""
+    """The trial's finished experiment pushed (`replaces`: in place of its paused one), and landed
+    on the board (and a search's trial told to its study) before the task ends. It runs to its end:
+    a cancel that comes meanwhile is raised after it, so a pushed trial is never reported cancelled."""
     with uninterrupted():
-        push(sweep, name, repo, env)
+        push(sweep, name, repo, env, replaces)
         metrics, run_id, kept = experiment_results(repo)
         epochs = json.loads((repo / TRAIN_METRICS).read_text())[EPOCHS]
         kept = None if kept == epochs else kept
@@ -215,10 +239,12 @@ def checkout(sweep: Sweep, label: str, env: dict, board) -> Iterator[Path]:
         yield repo
 
 
-def push(sweep: Sweep, name: str, repo: Path, env: dict) -> None:
-    """The experiment to the repository it was cloned from; on a cluster its outputs to the DVC
-    remote too (on one machine they are in the shared cache already)."""
-    _step(["dvc", "exp", "push", *(["--no-cache"] if sweep.local_cache else []), "origin", name], name, repo, env)
+def push(sweep: Sweep, name: str, repo: Path, env: dict, replaces: bool = False) -> None:
+    """The experiment to the repository it was cloned from (`replaces`: the experiment of that name
+    there, a paused trial this one continued); on a cluster its outputs to the DVC remote too (on
+    one machine they are in the shared cache already)."""
+    options = [*(["--no-cache"] if sweep.local_cache else []), *(["--force"] if replaces else [])]
+    _step(["dvc", "exp", "push", *options, "origin", name], name, repo, env)
 
 
 def experiment_results(repo: Path) -> tuple[dict[str, float], str | None, int]:
