@@ -381,8 +381,8 @@ class Searched:
 def searched(tmp_path_factory) -> Searched:
     """A 2-epoch search of 4 points with a budget of 5, a rung at 1 epoch, one trial at a time (Ray
     gives each one thread), in which a pruned trial is promoted later; a search of 2 of those
-    points with its trials trained together on one thread; a default search of 3 trials over 2
-    points that differ only in a figure's param; then the last pruned trial's params trained alone
+    points with its trials trained together on one thread; a search of 3 trials (TPE, Hyperband)
+    over 2 points that differ only in a figure's param; then the last pruned trial's params trained alone
     on one thread for 1 and for 2 epochs, the promoted one's for 2, and the last pruned trial
     applied and continued to 2 as a user types it (these four the train stage alone: its outputs
     are what the tests compare)."""
@@ -412,7 +412,7 @@ def searched(tmp_path_factory) -> Searched:
         env=one_thread,
     )
     same = run(
-        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "--pruner", "none", "-n", "same"],
+        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "--pruner", "hyperband", "-n", "same"],
         project,
         check=False,
         env=env,
@@ -596,12 +596,14 @@ def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp
 
 @pytest.mark.slow
 def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_importances(searched):
-    """The default search (TPE, successive halving) of more trials than points, on two points that
-    differ in a figure's param alone: each point trains once, the search says it has tried them all,
-    there are no importances to weigh (one line says why), and its run ends FINISHED."""
+    """The default sampler (TPE) with Hyperband's pruner, more trials than points, on two points
+    that differ in a figure's param alone: each point trains once (their rung's objectives tie, so
+    both go on), the search says it has tried them all, there are no importances to weigh (one line
+    says why), and its run ends FINISHED."""
     output = searched.same.stdout
     assert searched.same.returncode == 0, output + searched.same.stderr
-    assert "search same: TPE, after a start that covers the space (a Latin hypercube of 1 trial)" in output, output
+    first = "search same: TPE, after a start that covers the space (a Latin hypercube of 1 trial) (seed 0), pruned by "
+    assert first + "Hyperband at epochs 1 (reduction factor 3)" in output, output
     assert "every point of the space has been tried (2): the search ends with 2 of --trials 3" in output, output
     assert re.search(rf"^no parameter importances: the 2 trials .* all have {OBJECTIVE} ", output, re.MULTILINE)
     assert sorted(
