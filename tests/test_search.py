@@ -152,19 +152,15 @@ def test_a_space_takes_lists_ranges_and_log_intervals_of_any_checked_param():
 
 
 def proposals(store: Path, seed: int, count: int = 14) -> list[dict]:
-    """`count` trials asked of a TPE search (past its 10 random start-up trials), each told an
-    objective that depends on its point alone."""
-    parsed = space.parse(
-        ["train.learning_rate=tag(log, interval(0.0001, 0.01))", "train.beta=0.5,1,2"], default_params_text()
-    )
-    options = search.SearchOptions(count, "tpe", seed, "asha", 1, 3)
-    study = search.SearchStudy("s", parsed, options, f"sqlite:///{store}", 9)
+    """`count` trials asked of a TPE search (past its start), each told an objective that depends
+    on its point alone."""
+    sets = ["train.learning_rate=tag(log, interval(0.0001, 0.01))", "train.beta=0.5,1,2"]
+    study = search_study(sets, count, seed, f"sqlite:///{store}")
     asked = []
     for _ in range(count):
-        number, trial, _ = study.ask()
-        values = dict(o.split("=") for o in trial.overrides)
-        asked.append(values)
-        study.tell(number, float(values["train.learning_rate"]) * 1000 + float(values["train.beta"]), False, {})
+        proposed = study.ask()
+        asked.append(proposed[1].values)
+        told_by_point(study, proposed)
     return asked
 
 
@@ -177,10 +173,24 @@ def test_the_same_seed_proposes_the_same_trials_and_another_seed_others(tmp_path
 HELD_OUT = ["train.learning_rate=0.0005,0.002,0.008", "train.beta=1,4", "model.latent_dim=2,8"]  # 12 points
 
 
-def search_study(sets: list[str], trials: int, seed: int = 0) -> search.SearchStudy:
-    """The default search's study (TPE, its start, successive halving) in memory."""
+def search_study(sets: list[str], trials: int, seed: int = 0, storage: str = "sqlite://") -> search.SearchStudy:
+    """The default search's study (TPE, its start, successive halving), in memory unless `storage`."""
     parsed = space.parse(sets, default_params_text())
-    return search.SearchStudy("s", parsed, search.SearchOptions(trials, "tpe", seed, "asha", 1, 3), "sqlite://", 9)
+    return search.SearchStudy("s", parsed, search.SearchOptions(trials, "tpe", seed, "asha", 1, 3), storage, 9)
+
+
+def log_search_on_a_parent(tmp_path: Path, study: search.SearchStudy) -> tuple[mlflow.MlflowClient, str]:
+    """report.log_search of `study` onto a parent run of a fresh store: the client and the run."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("e")).info.run_id
+    sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # where mlflow.log_table writes, as the sweep's driver sets it
+    try:
+        report.log_search(client, sweep, study.study, Outcome())
+    finally:
+        mlflow.set_tracking_uri(before)
+    return client, parent
 
 
 def told_by_point(study: search.SearchStudy, asked) -> float:
@@ -275,19 +285,11 @@ def test_the_covering_start_example_runs():
 
 
 def test_importances_are_skipped_in_one_line_when_every_trial_has_the_same_objective(tmp_path, capsys):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.create_run(client.create_experiment("e")).info.run_id
     study = search_study(["visualize.num_images=4,5,6"], trials=3)
     for _ in range(3):
         number, _, _ = study.ask()
         study.tell(number, 25.0, False, {"epochs": 9, "mlflow_run_id": None, "metrics": {OBJECTIVE: 25.0}})
-    sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
-    try:
-        report.log_search(client, sweep, study.study, Outcome())
-    finally:
-        mlflow.set_tracking_uri(before)
+    client, parent = log_search_on_a_parent(tmp_path, study)
     said = capsys.readouterr().out
     assert (
         said == f"no parameter importances: the 3 trials that trained every epoch all have {OBJECTIVE} 25.0000, "
@@ -336,8 +338,6 @@ def test_a_search_run_again_is_refused_with_another_space(tmp_path):
 
 
 def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.create_run(client.create_experiment("e")).info.run_id
     parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
     study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, "asha", 1, 3), "sqlite://", 3)
     for _ in range(6):
@@ -346,13 +346,7 @@ def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
         objective = float(values["train.learning_rate"]) * 1000
         attrs = {"epochs": 3, "mlflow_run_id": None, "metrics": {OBJECTIVE: objective}}
         study.tell(number, objective, False, attrs)
-    sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)  # where mlflow.log_table writes, as the sweep's driver sets it
-    try:
-        report.log_search(client, sweep, study.study, Outcome())
-    finally:
-        mlflow.set_tracking_uri(before)
+    client, parent = log_search_on_a_parent(tmp_path, study)
     artifacts = {a.path for a in client.list_artifacts(parent, "search")}
     assert artifacts == {
         "search/history.json",

@@ -313,10 +313,13 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
     adds nothing); and on each trial's run landed now, Optuna's trial number and state (the tags
     Optuna's MLflowCallback sets) and where it was pruned."""
     landed = search.trained(study)
-    paused = [(result, landed) for result in outcome.paused]  # a promoted trial's pause: its first study trial
-    for result, trials in [*paused, *((result, landed[::-1]) for result in outcome.finished.values())]:
+    first, last = {}, {}  # experiment -> its first study trial (a promoted one's pause) and its last
+    for trial in landed:
+        first.setdefault(trial.user_attrs["experiment"], trial.number)
+        last[trial.user_attrs["experiment"]] = trial.number
+    numbered = [(r, first[r.name]) for r in outcome.paused] + [(r, last[r.name]) for r in outcome.finished.values()]
+    for result, number in numbered:
         if result.run_id is not None:
-            number = next(t.number for t in trials if t.user_attrs["experiment"] == result.name)
             tags = {"number": str(number), "state": "PRUNED" if result.pruned else "COMPLETE"}
             client.log_batch(
                 result.run_id,
@@ -368,7 +371,7 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
 
 def _why_no_importances(complete: list[optuna.trial.FrozenTrial]) -> str | None:
     """Why fANOVA cannot weigh the params over these trials (None: it can). It needs two trials that
-    trained every epoch, with objectives that differ and params that differ."""
+    trained every epoch, with objectives that differ (their params do: no point trains twice)."""
     if len(complete) < 2:
         return f"they need 2 trials that trained every epoch, and {len(complete)} did"
     if len({trial.value for trial in complete}) < 2:
@@ -376,6 +379,4 @@ def _why_no_importances(complete: list[optuna.trial.FrozenTrial]) -> str | None:
             f"the {len(complete)} trials that trained every epoch all have {OBJECTIVE} {complete[0].value:.4f}, "
             "so no param explains a difference"
         )
-    if all(trial.params == complete[0].params for trial in complete):
-        return f"the {len(complete)} trials that trained every epoch share every searched value"
     return None

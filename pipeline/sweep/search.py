@@ -207,6 +207,9 @@ class SearchStudy:
             if not trial.user_attrs.get(CANCELLED_ATTR)
         }
 
+    def tried(self) -> int:
+        return len(self.held())
+
     def ask(self) -> tuple[int, grid.Trial, list[str]] | None:
         """The next trial's number in the study, the trial (named as DVC names a sweep's experiments,
         with the overrides that make it) and the trials whose points were proposed again before it;
@@ -398,9 +401,9 @@ class Proposals:
         return tasks
 
     def _say_exhausted(self) -> None:
-        size = ray.get(self.search.held.remote())
+        tried = ray.get(self.search.tried.remote())
         print(
-            f"every point of the space has been tried ({len(size)}): the search ends with "
+            f"every point of the space has been tried ({tried}): the search ends with "
             f"{self.budget - self.left} of --trials {self.budget}",
             flush=True,
         )

@@ -187,10 +187,9 @@ def _count(distribution: BaseDistribution) -> float:
     """How many values a dimension has (inf for a continuous interval)."""
     if isinstance(distribution, CategoricalDistribution):
         return len(distribution.choices)
-    step = getattr(distribution, "step", None)
-    if step is None:
+    if distribution.step is None:  # a float interval without a step (an integer's is 1 at least)
         return math.inf
-    return int(round((distribution.high - distribution.low) / step)) + 1
+    return int(round((distribution.high - distribution.low) / distribution.step)) + 1
 
 
 def _strata(distribution: BaseDistribution, count: int, rng: np.random.Generator) -> list:
@@ -213,7 +212,7 @@ def _value_at(distribution: BaseDistribution, u: float):
         value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
     else:
         value = low + u * (high - low)
-    step = distribution.step or (1 if isinstance(distribution, IntDistribution) else None)
+    step = distribution.step
     if step is not None:
         value = low + round((value - low) / step) * step
         value = round(min(max(value, low), high), 12)
