@@ -4,12 +4,16 @@ experiments it holds."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
+
+from pipeline.idx import FILES, read_idx, write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -44,3 +48,16 @@ def experiment_refs(project: Path) -> dict[str, str]:
     """Experiment name -> its git ref (not DVC's own refs of a run in progress)."""
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).split()
     return {ref.rsplit("/", 1)[-1]: ref for ref in refs if not ref.startswith("refs/exps/exec/")}
+
+
+def part_of(mirror: Path, dest: Path, train_images: int, test_images: int) -> Path:
+    """The first `train_images` and `test_images` of each IDX file of `mirror`, as a mirror."""
+    dest.mkdir()
+    for key, name in FILES.items():
+        count = train_images if key.startswith("train") else test_images
+        packed = mirror / f"{name}.gz"
+        with tempfile.NamedTemporaryFile() as plain:
+            plain.write(gzip.decompress(packed.read_bytes()) if packed.exists() else (mirror / name).read_bytes())
+            plain.flush()
+            write_idx(dest / f"{name}.gz", read_idx(Path(plain.name), 3 if key.endswith("images") else 1)[:count])
+    return dest

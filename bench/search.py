@@ -1,5 +1,5 @@
 """The search a user gets by default (`python -m pipeline.sweep -S ... --trials N`: TPE after its
-covering start, successive halving) against the exhaustive grid of the same space, on three spaces:
+covering start, Hyperband's pruner) against the exhaustive grid of the same space, on three spaces:
 one of lists, one of ranges (`interval`, `tag(log, ...)`), one mixed; each search with several
 sampler seeds. Every command runs in a fresh clone of this repository's HEAD, on the same part of
 an IDX mirror, one after another, so the wall times compare.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import math
 import os
@@ -33,10 +32,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from clones import clone, experiment_refs, run  # the sibling module
+from clones import clone, experiment_refs, part_of, run  # the sibling module
 
 from pipeline.history import OBJECTIVE
-from pipeline.idx import FILES, read_idx, write_idx
 
 LEARNING_RATES = "tag(log, interval(0.0002, 0.01))"
 SPACES = {  # name -> the search's -S, the grid's -S, the search's --trials
@@ -56,19 +54,6 @@ SPACES = {  # name -> the search's -S, the grid's -S, the search's --trials
         13,
     ),
 }
-
-
-def part_of(mirror: Path, dest: Path, train_images: int, test_images: int) -> Path:
-    """The first `train_images` and `test_images` of each IDX file of `mirror`, as a mirror."""
-    dest.mkdir()
-    for key, name in FILES.items():
-        count = train_images if key.startswith("train") else test_images
-        packed = mirror / f"{name}.gz"
-        with tempfile.NamedTemporaryFile() as plain:
-            plain.write(gzip.decompress(packed.read_bytes()) if packed.exists() else (mirror / name).read_bytes())
-            plain.flush()
-            write_idx(dest / f"{name}.gz", read_idx(Path(plain.name), 3 if key.endswith("images") else 1)[:count])
-    return dest
 
 
 def landed(project: Path, keys: list[str]) -> dict[str, dict]:

@@ -3,8 +3,9 @@ and the time left. A terminal gets tqdm's live bar; a log (CI, `dvc exp run --qu
 line every PIPELINE_PROGRESS_SECONDS (30 by default), where a bar would be carriage returns.
 
 For programs, not people: where PIPELINE_PROGRESS_FILE names a file, every stage appends its
-progress there as JSON lines (`record`): a stage's start, a loop's advance, an epoch's losses. A
-sweep's driver follows its trials by that file (`Follower`), never by what they print."""
+progress there as JSON lines (`record`): a stage's start, a loop's advance and its end (with its
+seconds), an epoch's losses. A sweep's driver follows its trials by that file (`Follower`), never
+by what they print."""
 
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def progress(
         if sys.stderr.isatty()
         else _Lines(total, desc, unit)
     )
-    done, recorded = 0, time.monotonic()
+    done, started = 0, time.monotonic()
+    recorded = started
 
     def advance(n: int = 1) -> None:
         nonlocal done, recorded
@@ -126,3 +128,4 @@ def progress(
         yield advance
     finally:
         bar.close()
+    record("done", doing=desc, seconds=time.monotonic() - started)  # the loop's work, for bench/overhead.py

@@ -82,6 +82,8 @@ def test_dvc_repro_shows_a_live_bar_on_a_terminal_and_plain_lines_in_a_log(tmp_p
     epochs = [e for e in recorded if e["event"] == "epoch"]
     assert [(e["epoch"], e["epochs"]) for e in epochs] == [(1, 2), (2, 2)], "the file a program follows"
     assert set(epochs[-1]["metrics"]) >= {"val_total", OBJECTIVE} and epochs[-1]["stage"] == "train"
+    loops = [(e["stage"], e["doing"]) for e in recorded if e["event"] == "done" and e["seconds"] > 0]
+    assert ("evaluate", "evaluate: importance-weighted log-likelihood") in loops, "a loop's end, with its seconds"
     assert re.search(r"epoch 1/2: +\d+%\|", screen), "a bar for each epoch"
     assert re.search(r"evaluate: importance-weighted log-likelihood: +\d+%\|.*decodes/s", screen), screen[-2000:]
     assert "\r" in screen, "the bar is redrawn in place"
