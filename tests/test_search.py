@@ -41,6 +41,8 @@ PROMOTED_LR, SLOWER_LR = "0.001", "0.0001"
 # best ⌊4/2⌋ there are srch-1 and srch-2, and srch-2 is promoted before the fifth trial is asked;
 # no point is left for a fifth.
 PROMOTING = [
+    "--pruner",
+    "asha",
     "--sampler",
     "grid",
     "--sampler-seed",
@@ -54,7 +56,10 @@ PROMOTING = [
 ]
 # The grid sampler with seed 1 proposes the better one first (Optuna's seeded order), so the worse one
 # is pruned at its first rung: a trial promoted at a rung is one among the best 1/2 there.
-PRUNING = ["--sampler", "grid", "--sampler-seed", "1", "--trials", "2", "--min-epochs", "1", "--reduction-factor", "2"]
+PRUNING = [
+    *("--pruner", "asha", "--sampler", "grid", "--sampler-seed", "1", "--trials", "2"),
+    *("--min-epochs", "1", "--reduction-factor", "2"),
+]
 
 
 def default_params_text() -> str:
@@ -406,7 +411,7 @@ def searched(tmp_path_factory) -> Searched:
         env=one_thread,
     )
     same = run(
-        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "--pruner", "hyperband", "-n", "same"],
+        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "-n", "same"],
         project,
         check=False,
         env=env,
@@ -590,7 +595,7 @@ def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp
 
 @pytest.mark.slow
 def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_importances(searched):
-    """The default sampler (TPE) with Hyperband's pruner, more trials than points, on two points
+    """The default search (TPE, Hyperband's pruner), more trials than points, on two points
     that differ in a figure's param alone: each point trains once (their rung's objectives tie, so
     both go on), the search says it has tried them all, there are no importances to weigh (one line
     says why), and its run ends FINISHED."""

@@ -322,7 +322,7 @@ def test_a_search_on_the_cluster_prunes_and_lands_on_the_remotes_its_study_with_
     done = run(
         sweep_command(
             *("-S", "train.learning_rate=0.002,0.000001", "--trials", "2", "--sampler", "grid", "--sampler-seed", "1"),
-            *("--min-epochs", "1", "--reduction-factor", "2", "--name", "srch"),
+            *("--pruner", "asha", "--min-epochs", "1", "--reduction-factor", "2", "--name", "srch"),
         ),
         sweep_project,
         env=sweep_env(cluster),

@@ -93,9 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     search.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
     search.add_argument(
         "--pruner",
-        default="asha",
-        help="asha (default: successive halving, asynchronous), hyperband (its brackets of it), or none "
-        "(every trial to train.epochs)",
+        default="hyperband",
+        help="hyperband (default: brackets of successive halving, from different first rungs), asha "
+        "(successive halving, asynchronous), or none (every trial to train.epochs)",
     )
     search.add_argument("--min-epochs", type=int, default=1, help="the first rung: epochs before any pruning (1)")
     search.add_argument(
