@@ -43,10 +43,11 @@ GOALS = {  # the issue's goals: a command's wall time over the floor, or seconds
 }
 
 
-def timed(args: list[str], cwd: Path) -> tuple[float, float]:
-    """The command's wall seconds and its work's (the loops its progress file records)."""
+def timed(args: list[str], cwd: Path) -> tuple[float, float, float | None]:
+    """The command's wall seconds, its work's (the loops its progress file records), and the
+    seconds to its first stage's start (a stage records it once its imports are done)."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as events:
-        started = time.perf_counter()
+        started, clock = time.perf_counter(), time.time()
         done = subprocess.run(args, cwd=cwd, env=ENV | {PROGRESS_FILE_VARIABLE: events.name}, capture_output=True)
         seconds = time.perf_counter() - started
         if done.returncode:
@@ -57,18 +58,22 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float]:
         for e in recorded
         if e["event"] == "epoch" or (e["event"] == "done" and e["stage"] != "train")  # train's "done": in its epoch
     )
-    return seconds, work
+    starts = [e["time"] for e in recorded if e["event"] == "start"]
+    return seconds, work, starts[0] - clock if starts else None
 
 
-def summary(samples: list[tuple[float, float]], floor: float) -> dict:
-    """Medians of wall, work and what is beyond the work, and the wall over the floor."""
-    wall = statistics.median(s for s, _ in samples)
-    work = statistics.median(w for _, w in samples)
-    beyond = statistics.median(s - w for s, w in samples)
+def summary(samples: list[tuple[float, float, float | None]], floor: float) -> dict:
+    """Medians of wall, work, what is beyond the work and, of that, the time to the first stage's
+    start, and the wall over the floor."""
+    wall = statistics.median(s for s, _, _ in samples)
+    work = statistics.median(w for _, w, _ in samples)
+    beyond = statistics.median(s - w for s, w, _ in samples)
+    to_start = statistics.median(t for _, _, t in samples) if samples[0][2] is not None else None
     return {
         "wall": round(wall, 2),
         "work": round(work, 2),
         "beyond_work": round(beyond, 2),
+        "to_first_start": None if to_start is None else round(to_start, 2),
         "over_floor": round(wall / floor, 2),
     }
 
@@ -108,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
 
-    samples: dict[str, list[tuple[float, float]]] = {}
+    samples: dict[str, list[tuple[float, float, float | None]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder:
         mirror = part_of(args.mirror, Path(folder) / "mirror", args.train_images, args.test_images)
         settings = {"data.dataset": args.dataset, "data.mirror": str(mirror), "train.epochs": 1}
@@ -123,20 +128,21 @@ def main() -> None:
                 timed(["dvc", "exp", "run", "-S", learning_rate, "-S", "train.epochs=1"], project)
             )
             # A search's rung as the sweep climbs it: one more epoch, and the rung's experiment removed.
-            rung_seconds, rung_work = timed(
+            rung_seconds, rung_work, rung_start = timed(
                 ["dvc", "exp", "run", "--name", f"rung-{repeat}", "-S", learning_rate, "-S", "train.epochs=2", "train"],
                 project,
             )
-            removed, _ = timed(["dvc", "exp", "remove", f"rung-{repeat}"], project)
-            samples.setdefault("rung", []).append((rung_seconds + removed, rung_work))
+            removed, _, _ = timed(["dvc", "exp", "remove", f"rung-{repeat}"], project)
+            samples.setdefault("rung", []).append((rung_seconds + removed, rung_work, rung_start))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in samples.items()), flush=True)
+        run(["git", "reset", "--quiet", "--hard"], project)  # the sweep runs a commit: the params edits go
         search = [sys.executable, "-m", "pipeline.sweep", *SEARCH, "-S", f"train.epochs={SEARCH_EPOCHS}", "-n", "ovh"]
         started = time.perf_counter()
         run(search, project)
         search_seconds = time.perf_counter() - started
         trials = searched_trials(project, "ovh")
 
-    floor = statistics.median(s for s, _ in samples["floor"])
+    floor = statistics.median(s for s, _, _ in samples["floor"])
     result = {stage: summary(samples[stage], floor) for stage in (*STAGES, "exp_run", "rung")}
     landing = result["exp_run"]["beyond_work"]  # a trial lands with one `dvc exp run` of every stage
     for trial in trials:
@@ -151,9 +157,13 @@ def main() -> None:
     }
 
     print(f"\nimport floor {floor:.2f} s; medians of {args.repeats}")
-    print(f"{'command':<12}{'wall s':>9}{'work s':>9}{'beyond s':>10}{'x floor':>9}")
+    print(f"{'command':<12}{'wall s':>9}{'work s':>9}{'beyond s':>10}{'to start s':>12}{'x floor':>9}")
     for name, row in result.items():
-        print(f"{name:<12}{row['wall']:>9.2f}{row['work']:>9.2f}{row['beyond_work']:>10.2f}{row['over_floor']:>9.2f}")
+        start = "" if row["to_first_start"] is None else f"{row['to_first_start']:.2f}"
+        print(
+            f"{name:<12}{row['wall']:>9.2f}{row['work']:>9.2f}{row['beyond_work']:>10.2f}{start:>12}"
+            f"{row['over_floor']:>9.2f}"
+        )
     print(f"\nsearch of {len(trials)} trials, {SEARCH_EPOCHS} epochs at most: {search_seconds:.1f} s")
     for trial in trials:
         print(

@@ -98,7 +98,7 @@ class Member:
         return rng | ({"cuda": self.noise.get_state()} if on_cuda else {})
 
 
-def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()) -> int:
+def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()) -> None:
     """Train the trials together; a search's (`rungs`: the epochs at which it may prune them) asks
     the sweep at each rung which of them stop there."""
     params_text = PARAMS_FILE.read_text()
@@ -183,7 +183,6 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
         raise
     for member in active:
         _save(member, out, params_text, searched)
-    return 0
 
 
 def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
@@ -272,7 +271,7 @@ def _start(
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     trials = [grid.Trial(t["name"], tuple(t["overrides"])) for t in spec["trials"]]
-    sys.exit(train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ()))))
+    train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ())))
 
 
 if __name__ == "__main__":
