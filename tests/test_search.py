@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
 from pipeline.params import Params
+from pipeline.provenance import CONTINUED_RUN_TAG
 from pipeline.sweep import grid, report, search, space
 from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.cluster import Outcome
@@ -90,11 +91,13 @@ def search_env() -> dict[str, str]:
             "--min-epochs 5, the first rung, must be from 1",
         ),
         (["-S", "train.beta=1,4", "--trials", "0"], "--trials must be 1 or more"),
+        (["-S", "train.beta=1,4", "-S", "train.num_processes=2", "--trials", "2"], "train.num_processes above 1"),
         (
             ["-S", "train.learning_rate=interval(0, 0.01)", "--trials", "2"],
             "train.learning_rate: must be greater than 0",
         ),
         (["-S", "train.beta=1,4", "--trials", "3", "--pruner", "median"], "--pruner must be one of asha, hyperband"),
+        (["-S", "train.beta=1,4", "--trials", "3", "--sampler", "cmaes"], "--sampler must be one of tpe, random"),
         (
             ["-S", "train.beta=1,4", "-S", "train.early_stopping=2", "--trials", "2"],
             "train.early_stopping ends a trial by itself",
@@ -512,10 +515,11 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
         steps = [m.step for m in client.get_metric_history(landed[trial].info.run_id, OBJECTIVE)]
         assert sorted(steps) == [1, 2], "a promoted trial's last run holds every one of its epochs"
     names = sorted(child.info.run_name for child in children)
-    assert names.count("srch-1") == 2, "a run per rung, linked"
-    assert names.count("srch-2") == 3, "its rung, its paused experiment's evaluation, its promotion"
-    pause = next(c for c in children if c.info.run_name == "srch-2" and "training_run_id" in c.data.tags)
+    assert names.count("srch-1") == 1, "one run: every rung in one process, then its landing"
+    assert names.count("srch-2") == 2, "its pause, and its promotion"
+    pause = next(c for c in children if c.info.run_name == "srch-2" and c.info.run_id != rows["srch-2"]["run_id"])
     assert (pause.data.tags["state"], pause.data.tags["pruned_at_epoch"]) == ("PRUNED", "1"), "the pause's record"
+    assert landed["srch-2"].data.tags[CONTINUED_RUN_TAG] == pause.info.run_id, "the promotion names the pause"
 
 
 @pytest.mark.slow

@@ -68,7 +68,8 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What one Ray task runs: a trial, or a group of trials trained together."""
+    """What one Ray task runs: a trial, or a group of trials trained together (`--together`). A
+    search's trial alone is a group of one, which climbs its rungs in one process."""
 
     label: str  # the trial's name, or "group N"
     trials: tuple[grid.Trial, ...]
@@ -211,11 +212,11 @@ def run_sweep(
             }  # a lost node's task runs again from here, less what it had landed
             cpu_only = args.gpus_per_trial == 0
             running[
-                group_task.options(**options).remote(sweep, task.label, list(task.trials), board, cpu_only, task.rungs)
-                if task.together
-                else trial_task.options(**options).remote(
-                    sweep, task.label, task.trials[0].overrides, board, cpu_only, task.rungs, task.continues
+                group_task.options(**options).remote(
+                    sweep, task.label, list(task.trials), board, cpu_only, task.rungs, task.continues, task.together
                 )
+                if task.together or task.rungs is not None  # a search's trial climbs its rungs in one process
+                else trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
             ] = task
 
     def collect(refs) -> None:

@@ -1,10 +1,11 @@
-"""Trials trained together (`--together N`): the grid in groups of at most N trials that can share
-a process, and a group as the Ray task a trial otherwise is (trial.py): in a temporary clone at the
-sweep's commit, one process trains the group (together.py), then each trial lands as its own DVC
-experiment by `dvc exp run`, whose train stage finds the trial's finished checkpoint and only
-finishes (evaluate and visualize run as usual), and is pushed as a trial is. A search's group
-trains on with the trials its study does not prune at each rung; a pruned one lands as the
-experiment of the epochs it reached, as a search's trial alone does."""
+"""Trials trained in one process: a search's trial (a group of one, climbing every rung in that
+process), or with `--together N` the grid or a search's proposals in groups of at most N trials that
+can share a process. A group is the Ray task a grid's trial otherwise is (trial.py): in a temporary
+clone at the sweep's commit, one process trains the group (together.py), then each trial lands as
+its own DVC experiment by one `dvc exp run`, whose train stage finds the trial's finished
+checkpoint and only finishes (evaluate and visualize run as usual), and is pushed as a trial is. A
+search's group trains on with the trials its study does not prune at each rung; a pruned one lands
+as the experiment of the epochs it reached."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pipeline.sweep.trial import (
     TrialFailed,
     TrialResult,
     checkout,
+    continue_paused,
     fail_lost_attempts,
     push_and_report,
     run_watched,
@@ -47,29 +49,43 @@ def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:
 
 
 def run_group(
-    sweep: Sweep, label: str, trials: list[grid.Trial], board, cpu_only: bool, rungs: Rungs | None = None
+    sweep: Sweep,
+    label: str,
+    trials: list[grid.Trial],
+    board,
+    cpu_only: bool,
+    rungs: Rungs | None = None,
+    continues: int = 0,
+    threads_as_alone: bool = True,
 ) -> dict[str, TrialResult | str]:
     """The Ray task: the group trained, then each trained trial landed and pushed. Returns each
     trial's result, or why it has none; each landed trial is on the board as soon as it lands. A
     search's group (`rungs`) asks the study at each rung which trials stop there; those land as
-    the experiments of the epochs they reached."""
+    the experiments of the epochs they reached. A search's paused trial promoted (`continues`: the
+    epochs it reached, a group of one) goes on from its experiment, and replaces it. A group of
+    `--together` has the threads of a run alone (`threads_as_alone`); a search's trial alone, Ray's."""
     started = time.monotonic()
     board.start.remote(label, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [trial.name for trial in trials])
-    env = trial_env(sweep, cpu_only, threads_as_alone=True)
+    env = trial_env(sweep, cpu_only, threads_as_alone)
     trials = [grid.Trial(trial.name, with_threads(trial.overrides, env)) for trial in trials]
     with checkout(sweep, label, env, board) as repo:
+        if continues:
+            board.doing.remote(label, f"continuing from epoch {continues}")
+            continue_paused(trials[0].name, repo, env, bool(sweep.local_cache))
         subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
         out = repo.parent / "trained"
         out.mkdir()
         pruned_at: dict[str, int] = {}  # a search's trial -> the rung it was pruned at
-        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board, rungs, pruned_at)
+        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board, rungs, continues, pruned_at)
         share = (time.monotonic() - started) / len(trials)  # each trial's part of the clone and the training
         for trial in trials:
             if trial.name not in ended:
                 epochs = pruned_at.get(trial.name)
                 landing = grid.Trial(trial.name, grid.at_epochs(trial.overrides, epochs)) if epochs else trial
-                ended[trial.name] = _land(sweep, label, landing, repo, out, env, board, share, rungs, bool(epochs))
+                ended[trial.name] = _land(
+                    sweep, label, landing, repo, out, env, board, share, rungs, bool(epochs), bool(continues)
+                )
     return ended
 
 
@@ -81,6 +97,7 @@ def _train(
     env: dict,
     board,
     rungs: Rungs | None,
+    continues: int,
     pruned_at: dict[str, int],
 ) -> dict[str, str]:
     """Run the group's process, and answer it at each rung of a search; returns why each trial that
@@ -92,6 +109,7 @@ def _train(
                 "trials": [{"name": t.name, "overrides": list(t.overrides)} for t in trials],
                 "out": str(out),
                 "rungs": list(rungs.epochs[:-1]) if rungs else [],
+                "continues": continues,
             }
         )
     )
@@ -142,10 +160,11 @@ def _land(
     share: float,
     rungs: Rungs | None,
     pruned: bool,
+    replaces: bool,
 ) -> TrialResult | str:
-    """The trained trial as its DVC experiment, pushed: `dvc exp run` with its params (a pruned
-    trial's `train.epochs` those it reached), from its finished checkpoint (its MLflow run goes on
-    in the same run)."""
+    """The trained trial as its DVC experiment, pushed (`replaces`: in place of its paused one):
+    `dvc exp run` with its params (a pruned trial's `train.epochs` those it reached), from its
+    finished checkpoint (its MLflow run goes on in the same run)."""
     board.doing.remote(label, f"landing {trial.name}")
     subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", sweep.commit], cwd=repo, check=True)
     (repo / CHECKPOINT_FILE).parent.mkdir(exist_ok=True)
@@ -161,6 +180,6 @@ def _land(
         )
         started = run_started - share  # its share of the group's clone and training counts as its own
         run_seconds = time.monotonic() - run_started
-        return push_and_report(sweep, trial.name, repo, env, board, started, run_seconds, rungs, pruned)
+        return push_and_report(sweep, trial.name, repo, env, board, started, run_seconds, rungs, pruned, replaces)
     except TrialFailed as exc:
         return exc.reason

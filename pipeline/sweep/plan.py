@@ -60,9 +60,10 @@ def prepare(args: argparse.Namespace) -> Plan:
             "train.early_stopping ends a trial by itself, and a search (--trials) or trials trained together "
             "(--together) train each trial to the epochs they choose: set it to 0, or sweep a grid one trial at a time"
         )
-    if args.together and any(params.train.num_processes > 1 for params in checked):
+    if (args.together or args.trials is not None) and any(params.train.num_processes > 1 for params in checked):
         raise PipelineError(
-            "train.num_processes above 1 (torchrun) cannot train beside other trials: set it to 1, or drop --together"
+            "train.num_processes above 1 (torchrun) cannot train in a search's trial process (--trials) nor beside "
+            "other trials (--together): set it to 1, or sweep a grid one trial at a time"
         )
     tracking = checked[0].mlflow
     if os.environ.get("RAY_ADDRESS"):

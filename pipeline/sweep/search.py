@@ -6,9 +6,9 @@ trains nothing: it takes that trial's result, now or when it ends. The study liv
 in `mlruns/optuna.db` beside the MLflow store, so the same command again goes on from every trial
 it has; on Ray it is an actor on the driver's node, which every node's trials reach.
 
-A trial climbs its rungs as a user would: `dvc exp run train -S train.epochs=<rung>` continues the
-trial's last rung (more epochs continue a finished run, bit for bit), and the trial lands as the
-experiment of the epochs it reached, with `train.epochs` that count."""
+A trial climbs its rungs in one process (groups.py, together.py), stopping at each for the study's
+answer, and lands as the experiment of the epochs it reached, with `train.epochs` that count, by
+one `dvc exp run`; the bytes are those of its run alone, which more epochs continue bit for bit."""
 
 from __future__ import annotations
 

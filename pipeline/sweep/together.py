@@ -8,10 +8,12 @@ bytes its own `dvc exp run` gives. What the group writes per trial is the checkp
 have written after its last epoch; `dvc exp run` of the trial then finds it and only finishes.
 
 Run by the sweep in its clone of the repository (the data split there), never by hand. SPEC is a
-JSON file: {"trials": [{"name", "overrides"}], "out": folder, "rungs": [epochs]}. Writes, atomically,
-per trial, `<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not). A search's group stops
-at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on stdin): the trials
-it prunes leave the group there, as the checkpoints of the epochs they reached."""
+JSON file: {"trials": [{"name", "overrides"}], "out": folder, "rungs": [epochs], "continues": epochs}.
+Writes, atomically, per trial, `<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not). A
+search's group stops at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on
+stdin): the trials it prunes leave the group there, as the checkpoints of the epochs they reached.
+A promoted trial (`continues`, a group of one) goes on from the finished run of its paused
+experiment, models/state.pt, as `dvc exp run` with more epochs continues it."""
 
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ from pipeline.device import (
     set_cpu_threads,
 )
 from pipeline.epoch_report import report_epoch
+from pipeline.errors import PipelineError
 from pipeline.history import EpochLosses, kept_epoch, last_is_best, train_metrics
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
+from pipeline.paths import MODEL_FILE, STATE_FILE
 from pipeline.progress import record
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.stage import run_stage
@@ -98,9 +102,9 @@ class Member:
         return rng | ({"cuda": self.noise.get_state()} if on_cuda else {})
 
 
-def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()) -> None:
+def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = (), continues: bool = False) -> None:
     """Train the trials together; a search's (`rungs`: the epochs at which it may prune them) asks
-    the sweep at each rung which of them stop there."""
+    the sweep at each rung which of them stop there; a promoted one `continues` its paused run."""
     params_text = PARAMS_FILE.read_text()
     texts = [grid.applied(trial, params_text) for trial in trials]
     all_params = [parse_params(yaml.safe_load(text)) for text in texts]
@@ -116,9 +120,22 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
     compiles = compiles_forward(cfg.compile, device, 1)
     searched = bool(rungs)  # a search's trials learn their train.epochs when they stop
     members = [
-        _start(trial, params, text, device, precision, compiles, experiment_id, train_images, validation, searched)
+        _start(
+            trial,
+            params,
+            text,
+            device,
+            precision,
+            compiles,
+            experiment_id,
+            train_images,
+            validation,
+            searched,
+            continues,
+        )
         for trial, params, text in zip(trials, all_params, texts)
     ]
+    first_epoch = len(members[0].history) + 1  # one for all: only a group of one continues
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
     active = list(members)
 
@@ -133,7 +150,7 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
             tracking.TrackedRun(os.environ.get(PARENT_RUN_VARIABLE)).monitor_system(resumed=True),
             StallGuard(stalled) as guard,
         ):
-            for epoch in range(1, cfg.epochs + 1):
+            for epoch in range(first_epoch, cfg.epochs + 1):
                 started = time.perf_counter()
                 ends = train_together([m.step for m in active], [m.order for m in active], guard.beat)
                 for member, (train_parts, first_bad_step) in zip(list(active), ends):
@@ -232,13 +249,27 @@ def _start(
     train_images: torch.Tensor,
     validation: torch.Tensor,
     epochs_later: bool = False,
+    continues: bool = False,
 ) -> Member:
     """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial
-    (for a search's, without the `train.epochs` it has yet to reach)."""
+    (for a search's, without the `train.epochs` it has yet to reach); one that `continues`, from
+    the finished run of its experiment (its weights, Adam, random states and history), into a new
+    run that names the one it continues, as a run alone with more epochs is."""
     model, optimizer, order = seeded_start(params, device)
-    noise = copy_of_default_generator(device)
+    fingerprint = model_files.training_fingerprint(params, precision, device.type)
+    finished = _finished_run(trial, fingerprint, params.train.epochs) if continues else None
+    if finished is not None:
+        model_files.restore_checkpoint(finished, model, optimizer, order)
+    noise = copy_of_default_generator(device)  # as seeded, or as restored
     step = TrainStep.from_params(
         params.train, model, optimizer, train_images, precision=precision, compile=compiles, noise_generator=noise
+    )
+    rows = history.from_saved(finished["history"]) if finished else []
+    step.resume_after(len(rows))  # where beta's warm-up is
+    continues_run_id = (
+        tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE))
+        if finished and experiment_id is not None and MODEL_FILE.exists()
+        else None
     )
     os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
     try:
@@ -249,29 +280,32 @@ def _start(
             device,
             precision,
             {"train": train_images, "validation": validation},
+            continues_run_id,
             params_text=params_text,
             epochs_later=epochs_later,
         )
     finally:
         del os.environ["DVC_EXP_NAME"]
-    tracked.log_untrained(model, validation)  # step 0, as a run alone logs it
-    return Member(
-        trial,
-        params,
-        model_files.training_fingerprint(params, precision, device.type),
-        model,
-        step,
-        order,
-        noise,
-        torch.get_rng_state(),
-        tracked,
-    )
+    if rows:
+        tracked.log_history(rows)  # the epochs it continues from, as a run alone logs them
+    else:
+        tracked.log_untrained(model, validation)  # step 0, as a run alone logs it
+    best = {name: tensor.to(device) for name, tensor in finished["best_model"].items()} if finished else None
+    return Member(trial, params, fingerprint, model, step, order, noise, torch.get_rng_state(), tracked, rows, best)
+
+
+def _finished_run(trial: grid.Trial, fingerprint: dict, epochs: int) -> dict:
+    """The finished run a promoted trial continues (models/state.pt, from its experiment)."""
+    finished, why_not = model_files.load_finished(fingerprint, epochs)
+    if finished is None:
+        raise PipelineError(f"{trial.name} cannot continue from its experiment: {why_not or f'no {STATE_FILE}'}")
+    return finished
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     trials = [grid.Trial(t["name"], tuple(t["overrides"])) for t in spec["trials"]]
-    train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ())))
+    train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ())), bool(spec.get("continues")))
 
 
 if __name__ == "__main__":

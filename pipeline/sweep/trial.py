@@ -36,7 +36,6 @@ from pipeline.params import PARAMS_FILE, load_params
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.progress import PROGRESS_FILE_VARIABLE, Follower, describe
 from pipeline.provenance import PARENT_RUN_VARIABLE
-from pipeline.sweep.grid import at_epochs
 from pipeline.sweep.interrupts import uninterrupted
 
 STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
@@ -106,18 +105,9 @@ class TrialFailed(Exception):
         return f"{self.name}: {self.reason}"
 
 
-def run_trial(
-    sweep: Sweep,
-    name: str,
-    overrides: tuple[str, ...],
-    board,
-    cpu_only: bool,
-    rungs: Rungs | None = None,
-    continues: int = 0,
-) -> TrialResult:
-    """The Ray task: one trial, start to pushed experiment, in a temporary clone; a search's trial
-    climbs its rungs first, and lands as the experiment of the epochs it reached. A paused trial
-    promoted (`continues`: the epochs it reached) climbs on from its experiment, which it replaces."""
+def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
+    """The Ray task of a grid's trial: start to pushed experiment, one `dvc exp run` in a temporary
+    clone. (A search's trial, which stops at rungs, is a group of one: groups.run_group.)"""
     started = time.monotonic()
     # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
     board.start.remote(name, ray.get_runtime_context().get_node_id())
@@ -126,34 +116,19 @@ def run_trial(
     overrides = with_threads(overrides, env)
     with checkout(sweep, name, env, board) as repo:
         run_started = time.monotonic()
-        pruned = False
-        if continues:
-            board.doing.remote(name, f"continuing from epoch {continues}")
-            no_cache = ["--no-cache"] if sweep.local_cache else []
-            _step(["dvc", "exp", "pull", *no_cache, "origin", name], name, repo, env)
-            _step(["dvc", "exp", "apply", name], name, repo, env)
-            _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
-        if rungs is not None:
-            overrides, pruned = climb(rungs, name, overrides, repo, env, board, past=continues)
         run_watched(["dvc", "exp", "run", "--name", name, *set_params(overrides)], name, repo, env, board)
         run_seconds = time.monotonic() - run_started
         board.doing.remote(name, "pushing")
-        return push_and_report(sweep, name, repo, env, board, started, run_seconds, rungs, pruned, bool(continues))
+        return push_and_report(sweep, name, repo, env, board, started, run_seconds)
 
 
-def climb(
-    rungs: Rungs, name: str, overrides: tuple[str, ...], repo: Path, env: dict, board, past: int = 0
-) -> tuple[tuple[str, ...], bool]:
-    """Train rung by rung from the epochs it has (`past`), each `dvc exp run train` continuing the
-    last with more `train.epochs`, and ask the search after each whether to go on. Returns the
-    overrides of the epochs reached and whether the search pruned the trial there."""
-    for epochs in (rung for rung in rungs.epochs[:-1] if rung > past):
-        at_rung = at_epochs(overrides, epochs)
-        run_watched(["dvc", "exp", "run", "--name", name, *set_params(at_rung), "train"], name, repo, env, board)
-        _step(["dvc", "exp", "remove", name], name, repo, env)  # the name is the landed experiment's
-        if rungs.report(name, epochs, kept_model(repo)[1]):
-            return at_rung, True
-    return at_epochs(overrides, rungs.epochs[-1]), False
+def continue_paused(name: str, repo: Path, env: dict, local_cache: bool) -> None:
+    """A paused trial's experiment in `repo`, to continue: its outputs (models/state.pt, ...) in
+    the workspace, its params and the name given back (the name is the landed experiment's)."""
+    _step(["dvc", "exp", "pull", *(["--no-cache"] if local_cache else []), "origin", name], name, repo, env)
+    _step(["dvc", "exp", "apply", name], name, repo, env)
+    _step(["dvc", "exp", "remove", name], name, repo, env)
+    _step(["git", "checkout", "--quiet", "--", "."], name, repo, env)  # the sweep's params: the trial sets its own
 
 
 def with_threads(overrides: tuple[str, ...], env: dict[str, str]) -> tuple[str, ...]:
