@@ -1,8 +1,8 @@
 """Where a run and a search's trial spend their time besides their epochs, on a small part of an
 IDX mirror, beside the import floor (`python -c "import torch, mlflow, torchvision"`): each
-stage's time beyond its work, `dvc exp run` of every stage, a rung as a search climbs it, and a
-searched trial. Every command runs as a user runs it, in a fresh clone of this repository's HEAD;
-each is timed --repeats times, in turn with the others, and its median kept.
+stage's time beyond its work, `dvc exp run` of every stage, a run continued by hand by one epoch,
+and a search's trials and rungs. Every command runs as a user runs it, in a fresh clone of this
+repository's HEAD; each is timed --repeats times, in turn with the others, and its median kept.
 
 A stage's work is what the progress file says it spent in its loops: train's epochs (each "epoch"
 event's seconds: the training pass, the validation, the epoch's report) and the other stages'
@@ -80,24 +80,37 @@ def summary(samples: list[tuple[float, float, float | None]], floor: float) -> d
 
 def searched_trials(project: Path, name: str) -> list[dict]:
     """Each trial of sweep `name`: its seconds (clone to push), of which `dvc exp run`, its epochs,
-    and their seconds (each epoch's `epoch_seconds`, in whichever of the trial's runs trained it)."""
+    their seconds (each epoch's `epoch_seconds`, in whichever of the trial's runs trained it), and
+    the seconds between two epochs beyond the second's own (from when each epoch's metrics were
+    logged, within one run): at a rung, where the trial stops for the study's answer, and elsewhere."""
     client = mlflow.MlflowClient(f"sqlite:///{project}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
     (parent,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    rungs = [int(epochs) for epochs in parent.data.params["sweep.rungs"].split()][:-1]
     with tempfile.TemporaryDirectory() as folder:
         table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", folder)).read_text())
-    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     trials = []
-    for row in rows:
-        runs = client.search_runs([experiment], f"attributes.run_name = '{row['trial']}'")
-        epochs = sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_seconds"))
+    for row in (dict(zip(table["columns"], row)) for row in table["data"]):
+        epoch_seconds, at_rungs, elsewhere = 0.0, [], []
+        for trial_run in client.search_runs([experiment], f"attributes.run_name = '{row['trial']}'"):
+            ends = {
+                m.step: (m.timestamp / 1000, m.value)
+                for m in client.get_metric_history(trial_run.info.run_id, "epoch_seconds")
+            }
+            epoch_seconds += sum(seconds for _, seconds in ends.values())
+            for epoch in sorted(ends):
+                if epoch + 1 in ends:
+                    between = ends[epoch + 1][0] - ends[epoch][0] - ends[epoch + 1][1]
+                    (at_rungs if epoch in rungs else elsewhere).append(round(between, 3))
         trials.append(
             {
                 "trial": row["trial"],
                 "epochs": row["epochs"],
                 "seconds": row["seconds"],
                 "run_seconds": row["run_seconds"],
-                "epoch_seconds": round(epochs, 2),
+                "epoch_seconds": round(epoch_seconds, 2),
+                "between_epochs_at_a_rung": at_rungs,
+                "between_epochs_elsewhere": elsewhere,
             }
         )
     return trials
@@ -127,13 +140,10 @@ def main() -> None:
             samples.setdefault("exp_run", []).append(
                 timed(["dvc", "exp", "run", "-S", learning_rate, "-S", "train.epochs=1"], project)
             )
-            # A search's rung as the sweep climbs it: one more epoch, and the rung's experiment removed.
-            rung_seconds, rung_work, rung_start = timed(
-                ["dvc", "exp", "run", "--name", f"rung-{repeat}", "-S", learning_rate, "-S", "train.epochs=2", "train"],
-                project,
+            # A run continued by hand: one more epoch (a user's short `dvc exp run` after a param edit).
+            samples.setdefault("continue", []).append(
+                timed(["dvc", "exp", "run", "-S", learning_rate, "-S", "train.epochs=2", "train"], project)
             )
-            removed, _, _ = timed(["dvc", "exp", "remove", f"rung-{repeat}"], project)
-            samples.setdefault("rung", []).append((rung_seconds + removed, rung_work, rung_start))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in samples.items()), flush=True)
         run(["git", "reset", "--quiet", "--hard"], project)  # the sweep runs a commit: the params edits go
         search = [sys.executable, "-m", "pipeline.sweep", *SEARCH, "-S", f"train.epochs={SEARCH_EPOCHS}", "-n", "ovh"]
@@ -143,12 +153,14 @@ def main() -> None:
         trials = searched_trials(project, "ovh")
 
     floor = statistics.median(s for s, _, _ in samples["floor"])
-    result = {stage: summary(samples[stage], floor) for stage in (*STAGES, "exp_run", "rung")}
+    result = {stage: summary(samples[stage], floor) for stage in (*STAGES, "exp_run", "continue")}
     landing = result["exp_run"]["beyond_work"]  # a trial lands with one `dvc exp run` of every stage
     for trial in trials:
         trial["beyond_epochs"] = round(trial["seconds"] - trial["epoch_seconds"], 2)
         trial["beyond_epochs_and_landing"] = round(trial["beyond_epochs"] - landing, 2)
-    rung_beyond = result["rung"]["beyond_work"]
+    at_rungs = [gap for trial in trials for gap in trial["between_epochs_at_a_rung"]]
+    elsewhere = [gap for trial in trials for gap in trial["between_epochs_elsewhere"]]
+    rung_beyond = round(statistics.median(at_rungs), 2) if at_rungs else None
     trial_beyond = statistics.median(t["beyond_epochs_and_landing"] for t in trials)
     measured = {
         "exp_run_over_floor": result["exp_run"]["over_floor"],
@@ -171,9 +183,13 @@ def main() -> None:
             f"of them epochs; {trial['beyond_epochs']:.1f} s beyond them, {trial['beyond_epochs_and_landing']:.1f} s "
             "beyond them and a landing `dvc exp run`"
         )
+    between = f"{statistics.median(elsewhere):.2f} s" if elsewhere else "none measured"
+    print(f"between two epochs beyond the second's seconds: at a rung {at_rungs}, elsewhere (median) {between}")
+    met = {key: measured[key] is not None and measured[key] <= goal for key, goal in GOALS.items()}
     print("\ngoals:")
     for key, goal in GOALS.items():
-        print(f"  {key}: {measured[key]:.2f} (goal {goal:g}) {'met' if measured[key] <= goal else 'missed'}")
+        value = "none measured" if measured[key] is None else f"{measured[key]:.2f}"
+        print(f"  {key}: {value} (goal {goal:g}) {'met' if met[key] else 'missed'}")
 
     if args.out:
         args.out.write_text(
@@ -194,10 +210,9 @@ def main() -> None:
                         "trials": trials,
                     },
                     "rung_seconds_beyond_epochs": rung_beyond,
+                    "between_epochs_elsewhere_seconds": round(statistics.median(elsewhere), 2) if elsewhere else None,
                     "trial_seconds_beyond_epochs_and_landing": trial_beyond,
-                    "goals": {
-                        k: {"goal": g, "measured": measured[k], "met": measured[k] <= g} for k, g in GOALS.items()
-                    },
+                    "goals": {k: {"goal": g, "measured": measured[k], "met": met[k]} for k, g in GOALS.items()},
                 },
                 indent=2,
             )
