@@ -458,6 +458,11 @@ def test_a_pruned_trial_is_the_experiment_of_its_epochs_and_continues_bit_for_bi
         assert re.search(rf"^{pruned} pruned at epoch 1, landed", output, re.MULTILINE), output
     assert re.search(r"^srch-1 +FINISHED +2 .*<- best", output, re.MULTILINE), output
     assert re.search(r"^srch-4 +PRUNED +1 ", output, re.MULTILINE), output
+    assert re.search(
+        r"outside `dvc exp run` \(clone, data, its training process, which climbs its rungs, push\)$",
+        output,
+        re.MULTILINE,
+    ), output
 
     pruned, alone = train_outputs(searched.project, "srch-4"), train_outputs(searched.project, "alone-1")
     assert pruned["epochs"] == 1, "the experiment's train.epochs is the epochs it reached"

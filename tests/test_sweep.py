@@ -220,6 +220,7 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
     assert sweep.wait(timeout=600) == 0, output
     assert "4 finished, 0 running, 0 failed, 0 waiting" in output, output
     assert "(attempt 2)" in output, "the lost trial ran again"
+    assert re.search(r"outside `dvc exp run` \(clone, data, push\)$", output, re.MULTILINE), output
 
     names = [f"grid-{i}" for i in range(1, 5)]
     assert experiments_on_remote(sweep_project) == names, "each trial pushed once"

@@ -84,6 +84,7 @@ def test_each_trial_trained_together_is_the_bytes_of_its_solo_run(swept_together
     first = swept_together.first
     assert first.returncode == 1, first.stdout + first.stderr  # two trials failed
     assert "group 1: tg-1, tg-2, tg-3, tg-4" in first.stdout
+    assert "outside `dvc exp run` (clone, data, its share of its group's training process, push)" in first.stdout
     md5s = lock_md5s(swept_together.project, "tg-1")
     assert md5s == lock_md5s(swept_together.project, "solo")  # model.pt, state.pt, history.csv
     assert md5s != lock_md5s(swept_together.project, "tg-3")

@@ -221,6 +221,7 @@ def sweep_trials(
             time.monotonic() - started,
             len(decoders) == 1,
             plan.tracking.registered_model,
+            "together" if args.together else "searched" if proposals is not None else "alone",
         )
     except BaseException as exc:  # whatever ends the sweep here, its run does not stay RUNNING
         if client.get_run(parent_run_id).info.status == "RUNNING":

@@ -101,10 +101,12 @@ def finish(
     wall_seconds: float,
     comparable: bool = True,
     registered_model: str | None = None,
+    trained: str = "alone",
 ) -> Summary:
     """Everything a sweep leaves once its trials have ended, on the parent run and on screen. Where
     the trials are not `comparable` (their decoders differ), none is named best. With a
-    `registered_model`, its alias `best` points at the best trial's version."""
+    `registered_model`, its alias `best` points at the best trial's version. `trained`: alone,
+    searched or together (OUTSIDE_DVC_EXP_RUN)."""
     summary = summarize(outcome, wall_seconds, comparable)
     configurations = repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
@@ -112,7 +114,7 @@ def finish(
         log_repeats_table(sweep, configurations)
     settle_trial_runs(client, sweep, outcome)
     log_summary(client, sweep, trials, outcome, summary)
-    print_table(trials, outcome, summary)
+    print_table(trials, outcome, summary, trained)
     if registered_model and summary.best is not None:
         point_best_alias(client, sweep, registered_model, summary.best.name)
     if not comparable:
@@ -278,7 +280,17 @@ def point_best_alias(client: mlflow.MlflowClient, sweep: Sweep, registered_model
     print(f"registered model {registered_model}: alias {BEST_ALIAS} -> version {version} ({best})", flush=True)
 
 
-def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) -> None:
+# What a finished trial's seconds outside `dvc exp run` hold, by how the sweep's trials trained.
+OUTSIDE_DVC_EXP_RUN = {
+    "alone": "clone, data, push",
+    "searched": "clone, data, its training process, which climbs its rungs, push",
+    "together": "clone, data, its share of its group's training process, push",
+}
+
+
+def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary, trained: str = "alone") -> None:
+    """The trials' table, then the times: `trained` (a key of OUTSIDE_DVC_EXP_RUN) says where a
+    trial's seconds outside `dvc exp run` went."""
     print(f"\n{'trial':<16}{'status':<12}{'epochs':>7}{OBJECTIVE:>14}  params")
     for trial in trials:
         result = outcome.result(trial.name)
@@ -293,8 +305,7 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary) ->
         print(f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: {', '.join(earlier)}")
     print(
         f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
-        f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` (clone, data, push; "
-        "trained together, its share of the group's training)"
+        f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` ({OUTSIDE_DVC_EXP_RUN[trained]})"
     )
 
 
