@@ -324,8 +324,8 @@ def test_a_trial_is_ranked_by_the_epoch_it_kept(tmp_path, keep_epoch, ranked_by)
     assert kept == (1 if keep_epoch == "best" else 3)
 
 
-def test_the_trials_table_names_the_epoch_a_trial_kept_where_not_its_last(capsys):
-    trials = [grid.Trial("kb-1", ("seed=1",)), grid.Trial("kb-2", ("seed=2",))]
+def test_the_trials_table_names_the_epoch_a_trial_kept_and_the_params_every_trial_sets_once(capsys):
+    trials = [grid.Trial("kb-1", ("seed=1", "train.epochs=2")), grid.Trial("kb-2", ("seed=2", "train.epochs=2"))]
     results = {
         "kb-1": TrialResult("kb-1", {OBJECTIVE: 217.5}, None, 25.0, 23.0, epochs=2, kept_epoch=1),
         "kb-2": TrialResult("kb-2", {OBJECTIVE: 171.0}, None, 25.0, 23.0, epochs=2),
@@ -334,6 +334,7 @@ def test_the_trials_table_names_the_epoch_a_trial_kept_where_not_its_last(capsys
     report.print_table(trials, outcome, report.summarize(outcome, 36.0))
     said = capsys.readouterr().out
     assert re.search(r"^kb-2 +FINISHED +2 +171\.0000  seed=2  <- best$", said, re.MULTILINE), said
+    assert said.count("train.epochs=2") == 1 and "\nevery trial: train.epochs=2\n" in said, said
     assert f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: kb-1 epoch 1\n" in said
 
 

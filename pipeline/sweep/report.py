@@ -289,17 +289,22 @@ OUTSIDE_DVC_EXP_RUN = {
 
 
 def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary, trained: str = "alone") -> None:
-    """The trials' table, then the times: `trained` (a key of OUTSIDE_DVC_EXP_RUN) says where a
-    trial's seconds outside `dvc exp run` went."""
+    """The trials' table, each row with the params that differ between trials (those every trial
+    sets alike said once, above it), then the times: `trained` (a key of OUTSIDE_DVC_EXP_RUN) says
+    where a trial's seconds outside `dvc exp run` went."""
+    alike = set.intersection(*(set(trial.overrides) for trial in trials)) if len(trials) > 1 else set()
+    if alike:
+        print(f"\nevery trial: {' '.join(o for o in trials[0].overrides if o in alike)}")
     print(f"\n{'trial':<16}{'status':<12}{'epochs':>7}{OBJECTIVE:>14}  params")
     for trial in trials:
+        swept = " ".join(o for o in trial.overrides if o not in alike)
         result = outcome.result(trial.name)
         score = f"{result.metrics.get(OBJECTIVE, float('nan')):.4f}" if result else "-"
         epochs = f"{result.epochs}" if result else "-"
         status = "PRUNED" if result and result.pruned else outcome.status(trial.name)
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         mark += "  (kept from before)" if trial.name in outcome.kept else ""
-        print(f"{trial.name:<16}{status:<12}{epochs:>7}{score:>14}  {' '.join(trial.overrides)}{mark}")
+        print(f"{trial.name:<16}{status:<12}{epochs:>7}{score:>14}  {swept}{mark}")
     earlier = [f"{r.name} epoch {r.kept_epoch}" for t in trials if (r := outcome.result(t.name)) and r.kept_epoch]
     if earlier:
         print(f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: {', '.join(earlier)}")
