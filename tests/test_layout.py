@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+import pipeline.sweep
 from pipeline.losses import LOSS_PARAMS
 from tests.projects import ROOT
 
@@ -134,3 +135,10 @@ def test_no_module_imports_a_unix_only_module_when_it_is_imported():
             f"{path.relative_to(ROOT)} imports {sorted(unix_only)}: import it where it is used, "
             "behind a check of the OS"
         )
+
+
+def test_the_sweep_package_names_every_file_and_its_job():
+    """pipeline/sweep/__init__.py is the map a newcomer reads first: every file of the package is
+    on it, and nothing that is not there."""
+    listed = {line.split()[0] for line in pipeline.sweep.__doc__.splitlines() if line.startswith("    ")}
+    assert listed == {path.name for path in (ROOT / "pipeline" / "sweep").glob("*.py")} - {"__init__.py"}

@@ -1,5 +1,20 @@
-"""Sweeps beyond one machine: a grid of DVC experiments run as Ray tasks, each trial a nested MLflow
-run under the sweep's run. `python -m pipeline.sweep` is the driver (__main__.py): plan.py checks
-it, grid.py expands the grid, cluster.py runs the trials on Ray, trial.py is what a Ray worker runs,
-board.py is where the trials report progress, report.py is what the sweep leaves.
-Not a stage: it runs the pipeline, and no stage imports it."""
+"""Sweeps and searches beyond one machine: DVC experiments run as Ray tasks, each trial a nested
+MLflow run under the sweep's run. Not a stage: it runs the pipeline, and no stage imports it.
+
+The files, in the order a sweep meets them:
+    __main__.py        the driver, `python -m pipeline.sweep`: plan, run, report
+    plan.py            the plan and every refusal, before any work
+    grid.py            the `-S` grid expanded and checked; a trial's params.yaml
+    space.py           a search's space (`--trials`) as Optuna's distributions
+    search.py          the study, its proposals, copies of points already tried, its pruning
+    covering_start.py  TPE's start: a Latin hypercube of the space
+    promotion.py       ASHA's rule: which paused trial goes on
+    cluster.py         the tasks on Ray: at most --max-concurrent, a lost node's again, Ctrl-C
+    board.py           where the trials report what they do, for the driver's progress lines
+    trial.py           a grid trial's task: clone, `dvc exp run`, push
+    groups.py          a search's trial, or a `--together` group: one process, then each lands
+    together.py        that training process: rung after rung, the study's answer at each
+    stall.py           a group that stops making progress, stopped with its stacks
+    interrupts.py      what a cancel must not cut in half (a push)
+    report.py          what the sweep leaves: the parent run, the table, the search's history
+"""
