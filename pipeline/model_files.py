@@ -192,8 +192,9 @@ def finish_checkpoint() -> None:
 
 def restore_checkpoint(
     checkpoint: dict, model: VAE, optimizer: torch.optim.Optimizer, generator: torch.Generator, rank: int = 0
-) -> None:
-    """Put the weights, optimizer and this rank's random states back as `save_checkpoint` found them."""
+) -> dict[str, torch.Tensor]:
+    """Put the weights, optimizer and this rank's random states back as `save_checkpoint` found them;
+    returns the best epoch's weights, on the model's device (where they were when saved)."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     rng = checkpoint["rng"][rank]
@@ -201,3 +202,5 @@ def restore_checkpoint(
     generator.set_state(rng["permutation"])
     if generator.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], generator.device)
+    device = next(model.parameters()).device
+    return {name: tensor.to(device) for name, tensor in checkpoint["best_model"].items()}

@@ -84,11 +84,7 @@ def train(params: Params) -> None:
             f"{cfg.epochs / cfg.kl_warmup_epochs:.0%} of train.beta by the last epoch, never train.beta itself",
             flush=True,
         )
-    continues_run_id = (
-        tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE))
-        if state.continued and experiment_id is not None and MODEL_FILE.exists()
-        else None
-    )
+    continues_run_id = tracking.run_that_trained(experiment_id) if state.continued else None
     tracked = tracking.training_run(
         experiment_id, state.run_id, params, device, precision, data._asdict(), continues_run_id
     )
@@ -228,10 +224,10 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
 
 def restore(state: Training, checkpoint: dict, ranks: Ranks) -> None:
     """The weights, optimizer, random states, history and best weights a checkpoint holds."""
-    model_files.restore_checkpoint(checkpoint, state.model, state.optimizer, state.generator, ranks.rank)
+    state.best_model = model_files.restore_checkpoint(
+        checkpoint, state.model, state.optimizer, state.generator, ranks.rank
+    )
     state.history = history.from_saved(checkpoint["history"])
-    device = next(state.model.parameters()).device  # where the best weights were when saved, as the model's
-    state.best_model = {name: tensor.to(device) for name, tensor in checkpoint["best_model"].items()}
 
 
 def trained_past_its_stop(checkpoint: dict, path: Path, cfg: TrainParams) -> str | None:

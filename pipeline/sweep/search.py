@@ -1,10 +1,11 @@
 """A search (`--trials N`): Optuna proposes each trial from the results so far (TPE after a start
 that covers the space, covering_start.py), and its pruner (Hyperband's brackets of successive
 halving by default, or successive halving alone, asynchronous as ASHA) stops a trial at a rung where
-it is not among the best 1/reduction_factor of the trials that reached it. A proposal of a point the study holds already
-trains nothing: it takes that trial's result, now or when it ends. The study lives in the project,
-in `mlruns/optuna.db` beside the MLflow store, so the same command again goes on from every trial
-it has; on Ray it is an actor on the driver's node, which every node's trials reach.
+it is not among the best 1/reduction_factor of the trials that reached it. A proposal of a point
+the study holds already trains nothing: it takes that trial's result, now or when it ends. The
+study lives in the project, in `mlruns/optuna.db` beside the MLflow store, so the same command
+again goes on from every trial it has; on Ray it is an actor on the driver's node, which every
+node's trials reach.
 
 A trial climbs its rungs in one process (groups.py, together.py), stopping at each for the study's
 answer, and lands as the experiment of the epochs it reached, with `train.epochs` that count, by

@@ -41,7 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.history import EpochLosses, kept_epoch, last_is_best, train_metrics
 from pipeline.losses import LOSS_PARAMS, dataset_loss
 from pipeline.params import PARAMS_FILE, Params, parse_params
-from pipeline.paths import MODEL_FILE, STATE_FILE
+from pipeline.paths import STATE_FILE
 from pipeline.progress import record
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.stage import run_stage
@@ -258,19 +258,14 @@ def _start(
     model, optimizer, order = seeded_start(params, device)
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
     finished = _finished_run(trial, fingerprint, params.train.epochs) if continues else None
-    if finished is not None:
-        model_files.restore_checkpoint(finished, model, optimizer, order)
+    best = model_files.restore_checkpoint(finished, model, optimizer, order) if finished else None
     noise = copy_of_default_generator(device)  # as seeded, or as restored
     step = TrainStep.from_params(
         params.train, model, optimizer, train_images, precision=precision, compile=compiles, noise_generator=noise
     )
     rows = history.from_saved(finished["history"]) if finished else []
     step.resume_after(len(rows))  # where beta's warm-up is
-    continues_run_id = (
-        tracking.run_that_trained(experiment_id, model_files.file_sha256(MODEL_FILE))
-        if finished and experiment_id is not None and MODEL_FILE.exists()
-        else None
-    )
+    continues_run_id = tracking.run_that_trained(experiment_id) if finished else None
     os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
     try:
         tracked = tracking.training_run(
@@ -290,7 +285,6 @@ def _start(
         tracked.log_history(rows)  # the epochs it continues from, as a run alone logs them
     else:
         tracked.log_untrained(model, validation)  # step 0, as a run alone logs it
-    best = {name: tensor.to(device) for name, tensor in finished["best_model"].items()} if finished else None
     return Member(trial, params, fingerprint, model, step, order, noise, torch.get_rng_state(), tracked, rows, best)
 
 

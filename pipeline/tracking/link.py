@@ -26,8 +26,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline import atomic, provenance
 from pipeline.dvc_process import DVC_STAGE_VARIABLE, lineage_up_to_dvc
 from pipeline.history import split_train_metrics
+from pipeline.model_files import file_sha256
 from pipeline.params import PARAMS_FILE, Params
-from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_METRICS
+from pipeline.paths import MODEL_FILE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
 from pipeline.provenance import (
     CONTINUED_RUN_TAG,
     MODEL_ID_TAG,
@@ -182,9 +183,13 @@ def run_for_stage(
     return tracked
 
 
-def run_that_trained(experiment_id: str, model_sha256: str) -> str | None:
-    """The MLflow run that trained the model of these bytes: this workspace's record of it, or the
-    store's newest LoggedModel of them."""
+def run_that_trained(experiment_id: str | None) -> str | None:
+    """The MLflow run that trained models/model.pt, which a run with more epochs continues: this
+    workspace's record of it, or the store's newest LoggedModel of its bytes (None with tracking off
+    or no model)."""
+    if experiment_id is None or not MODEL_FILE.exists():
+        return None
+    model_sha256 = file_sha256(MODEL_FILE)
     record = read_record()
     if record is not None and record.model_sha256 == model_sha256 and record.training_run_id:
         return record.training_run_id
