@@ -42,22 +42,42 @@ def part_on(part: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long()
 
 
-def split(raw_dir: Path, target: Path, val_fraction: float, seed: int) -> dict[str, int]:
+def split(
+    raw_dir: Path,
+    target: Path,
+    val_fraction: float,
+    seed: int,
+    train_images: int | None = None,
+    test_images: int | None = None,
+) -> dict[str, int]:
+    """The seeded split of `train_images` of the training images (None: all of them; a seeded draw
+    of N, so the first N of the seeded order that splits them all), and the first `test_images`."""
     images, labels = read_split(raw_dir, "train")
-    n_val = round(len(images) * val_fraction)
-    if not 0 < n_val < len(images):
-        raise PipelineError(
-            f"data.val_fraction {val_fraction} of {len(images)} training images leaves {n_val} for validation and "
-            f"{len(images) - n_val} for training; both need at least one image"
-        )
+    test, test_labels = read_split(raw_dir, "test")
+    for key, wanted, there, named in (
+        ("train_images", train_images, images, "training"),
+        ("test_images", test_images, test, "test"),
+    ):
+        if wanted is not None and wanted > len(there):
+            raise PipelineError(
+                f"data.{key} is {wanted} but {raw_dir} holds {len(there)} {named} images; "
+                f"set it to at most {len(there)}, or null for all of them"
+            )
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).numpy()
+    order = order[: train_images or len(images)]
+    n_val = round(len(order) * val_fraction)
+    if not 0 < n_val < len(order):
+        raise PipelineError(
+            f"data.val_fraction {val_fraction} of {len(order)} training images leaves {n_val} for validation and "
+            f"{len(order) - n_val} for training; both need at least one image"
+        )
     parts = {
         "train": order[n_val:],
         "val": order[:n_val],
     }
-    test_images, test_labels = read_split(raw_dir, "test")
+    test, test_labels = test[: test_images or len(test)], test_labels[: test_images or len(test)]
     with atomic_dir(target) as staging:
         for part, index in parts.items():
             save_part(part, images[index], labels[index], staging)
-        save_part("test", test_images, test_labels, staging)
-    return {part: len(index) for part, index in parts.items()} | {"test": len(test_images)}
+        save_part("test", test, test_labels, staging)
+    return {part: len(index) for part, index in parts.items()} | {"test": len(test)}

@@ -44,6 +44,8 @@ class DataParams:
     mirror: str | None = None
     val_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1, "must be strictly between 0 and 1"))
     split_seed: int = field(default=42, metadata=_non_negative)  # apart from `seed`: sweeping that keeps the split
+    train_images: int | None = field(default=None, metadata=_positive)  # a seeded part of them (None: all)
+    test_images: int | None = field(default=None, metadata=_positive)  # the first of them (None: all)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from pipeline.stage import run_stage
 
 def main() -> None:
     params = load_params()
-    sizes = split(RAW_DIR, SPLIT_DIR, params.data.val_fraction, params.data.split_seed)
+    cfg = params.data
+    sizes = split(RAW_DIR, SPLIT_DIR, cfg.val_fraction, cfg.split_seed, cfg.train_images, cfg.test_images)
     print(", ".join(f"{part}: {n} images" for part, n in sizes.items()))
 
 

@@ -178,3 +178,32 @@ def test_split_refuses_a_fraction_that_leaves_a_part_empty(tmp_path):
     download("mnist", str(write_mirror(tmp_path / "mirror", n_train=3, n_test=2)), tmp_path / "raw")
     with pytest.raises(Exception, match="data.val_fraction 0.1 of 3 training images leaves 0 for validation"):
         split(tmp_path / "raw", tmp_path / "s", val_fraction=0.1, seed=0)
+
+
+def test_split_of_all_the_training_images_is_the_split_of_none_named(tmp_path):
+    """data.train_images: N draws the first N of the seeded order that splits them all, so N = all
+    gives the default's bytes, and a smaller N a split of its own size, seeded as well."""
+    download("mnist", str(write_mirror(tmp_path / "mirror", n_train=100, n_test=20)), tmp_path / "raw")
+    split(tmp_path / "raw", tmp_path / "all", val_fraction=0.2, seed=7)
+    split(tmp_path / "raw", tmp_path / "named", val_fraction=0.2, seed=7, train_images=100, test_images=20)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "all").iterdir()} == {
+        f.name: f.read_bytes() for f in (tmp_path / "named").iterdir()
+    }
+    sizes = split(tmp_path / "raw", tmp_path / "part", val_fraction=0.2, seed=7, train_images=30, test_images=5)
+    assert sizes == {"train": 24, "val": 6, "test": 5}
+    everything = {x.tobytes() for x in load_part("train", tmp_path / "all")[0]}
+    everything |= {x.tobytes() for x in load_part("val", tmp_path / "all")[0]}
+    part = [x.tobytes() for p in ("train", "val") for x in load_part(p, tmp_path / "part")[0]]
+    assert len(set(part)) == 30 and set(part) <= everything
+    test_all, test_part = load_part("test", tmp_path / "all")[0], load_part("test", tmp_path / "part")[0]
+    assert test_part.tobytes() == test_all[:5].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "held"), [("train_images", 101, "100 training"), ("test_images", 21, "20 test")]
+)
+def test_split_refuses_more_images_than_the_raw_data_holds(tmp_path, key, value, held):
+    download("mnist", str(write_mirror(tmp_path / "mirror", n_train=100, n_test=20)), tmp_path / "raw")
+    with pytest.raises(Exception, match=f"data.{key} is {value} but .* holds {held} images; set it to at most"):
+        split(tmp_path / "raw", tmp_path / "s", val_fraction=0.2, seed=0, **{key: value})
+    assert not (tmp_path / "s").exists()

@@ -186,9 +186,17 @@ def test_a_failed_checksum_in_torchvisions_download_keeps_the_previous_data(fini
         ({"train.batch_size": "big"}, "train", "train.batch_size: expected an integer, got 'big'"),
         ({"data.val_fraction": 1.5}, "split", "data.val_fraction: must be strictly between 0 and 1, got 1.5"),
         ({"train.batch_size": 512}, "train", "train.batch_size 512 is larger than the 192 training images; lower it"),
+        ({"data.train_images": 241}, "split", "data.train_images is 241 but data/raw holds 240 training images; set"),
         ({"seed": 2**70}, "train", "seed: must be at most 9,223,372,036,854,775,807 (2^63 - 1"),
     ],
-    ids=["misspelt key", "wrong type", "out of range", "batch larger than the data", "integer beyond int64"],
+    ids=[
+        "misspelt key",
+        "wrong type",
+        "out of range",
+        "batch larger than the data",
+        "more images than the data",
+        "integer beyond int64",
+    ],
 )
 def test_a_params_mistake_stops_its_stage_before_any_work_and_keeps_everything(finished, changes, stage, message):
     edit_params(finished, **changes)

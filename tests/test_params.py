@@ -31,6 +31,7 @@ def test_the_code_ships_the_reference_model_by_default():
     builds its params.yaml from them."""
     p = Params()
     assert (p.data.dataset, p.data.mirror, p.data.val_fraction) == ("mnist", None, 0.2)  # 80/20 of MNIST's 60,000
+    assert p.data.train_images is p.data.test_images is None  # all of them
     assert p.seed == p.data.split_seed == 42  # the split the reference results were measured on
     assert (p.model.input_dim, p.model.hidden_dim, p.model.latent_dim, p.model.leaky_relu) == (1, 64, 2, 0.01)
     assert (p.train.batch_size, p.train.learning_rate, p.train.epochs) == (64, 0.0005, 200)
@@ -64,6 +65,8 @@ def test_flat_names_match_dvc_param_keys():
         ("data.val_fraction", 0, "data.val_fraction: must be strictly between 0 and 1, got 0"),
         ("data.dataset", "cifar10", "data.dataset: expected one of 'mnist', 'fashion_mnist', got 'cifar10'"),
         ("data.mirror", 3, "data.mirror: expected str or null, got 3"),
+        ("data.train_images", 0, "data.train_images: must be greater than 0, got 0"),
+        ("data.test_images", "all", "data.test_images: expected int or null, got 'all'"),
         ("train.device", "gpu", "train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("train.channels_last", "yes", "train.channels_last: expected true or false, got 'yes'"),
         ("seed", -1, "seed: must be 0 or more, got -1"),

@@ -415,7 +415,7 @@ def searched(tmp_path_factory) -> Searched:
         env=one_thread,
     )
     same = run(
-        [*SEARCH, "-S", "visualize.num_images=4,5", "--trials", "3", "-n", "same"],
+        [*SEARCH, "-S", "visualize.num_images=4,5", *PART_OF_THE_DATA, "--trials", "3", "-n", "same"],
         project,
         check=False,
         env=env,
@@ -434,6 +434,9 @@ def searched(tmp_path_factory) -> Searched:
     run(["dvc", "exp", "run", "-n", "srch-4-more", "-S", "train.epochs=2", "train"], project, env=typed)
     run(["git", "checkout", "--", "."], project)
     return Searched(project, output, together, same, env)
+
+
+PART_OF_THE_DATA = ("-S", "data.train_images=200", "-S", "data.test_images=30")  # of the mirror's 240 and 60
 
 
 def train_outputs(project: Path, experiment: str) -> dict[str, str]:
@@ -606,9 +609,10 @@ def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp
 @pytest.mark.slow
 def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_importances(searched):
     """The default search (TPE, Hyperband's pruner), more trials than points, on two points
-    that differ in a figure's param alone: each point trains once (their rung's objectives tie, so
-    both go on), the search says it has tried them all, there are no importances to weigh (one line
-    says why), and its run ends FINISHED."""
+    that differ in a figure's param alone, on part of the data: each point trains once (their
+    rung's objectives tie, so both go on), on the images its params name, in its one MLflow run; the
+    search says it has tried them all, there are no importances to weigh (one line says why), and
+    its run ends FINISHED."""
     output = searched.same.stdout
     assert searched.same.returncode == 0, output + searched.same.stderr
     first = "search same: TPE, after a start that covers the space (a Latin hypercube of 1 trial) (seed 0), pruned by "
@@ -623,3 +627,12 @@ def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_i
     parent = client.search_runs([experiment], filter_string="attributes.run_name = 'same'")[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_finished"] == 2
+    children = client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    assert sorted(child.info.run_name for child in children) == ["same-1", "same-2"], "trained where it landed"
+    for child in children:
+        assert child.data.params["data.train_images"] == "200"
+        contexts = {
+            {t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in child.inputs.dataset_inputs
+        }
+        rows = {context: json.loads(dataset.profile)["features_shape"][0] for context, dataset in contexts.items()}
+        assert rows == {"train": 160, "validation": 40, "test": 30}, "80/20 of 200, and the first 30 test images"

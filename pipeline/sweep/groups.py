@@ -20,7 +20,7 @@ from typing import IO
 
 import ray
 
-from pipeline.params import Params
+from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
 from pipeline.sweep.together import group_key
@@ -73,7 +73,7 @@ def run_group(
         if continues:
             board.doing.remote(label, f"continuing from epoch {continues}")
             continue_paused(trials[0].name, repo, env, bool(sweep.local_cache))
-        subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
+        split_as(trials[0], repo, env)
         out = repo.parent / "trained"
         out.mkdir()
         pruned_at: dict[str, int] = {}  # a search's trial -> the rung it was pruned at
@@ -87,6 +87,19 @@ def run_group(
                     sweep, label, landing, repo, out, env, board, share, rungs, bool(epochs), bool(continues)
                 )
     return ended
+
+
+def split_as(trial: grid.Trial, repo: Path, env: dict) -> None:
+    """The clone's data split by the trial's `data.*` params (a group's trials share them), as its
+    `dvc exp run` splits it: `-S data.train_images=6000` trains the group on those 6,000 images."""
+    params_file = repo / PARAMS_FILE
+    committed = params_file.read_text()
+    data_only = grid.Trial(trial.name, tuple(o for o in trial.overrides if o.lstrip("+~").startswith("data.")))
+    params_file.write_text(grid.applied(data_only, committed))
+    try:
+        subprocess.run(["dvc", "repro", "--quiet", "split"], cwd=repo, env=env, check=True, capture_output=True)
+    finally:
+        params_file.write_text(committed)
 
 
 def _train(
