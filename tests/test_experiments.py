@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 
 import mlflow
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.history import ACTIVE_UNITS, OBJECTIVE
-from tests.projects import LEARNING_RATES, make_project, project_env, run, stages_run
+from tests.projects import GIT_IDENTITY, LEARNING_RATES, ROOT, make_project, project_env, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,25 @@ def test_mlflow_names_each_run_as_dvc_names_the_experiment(experiments):
     for mlrun in runs.values():
         assert mlrun.info.status == "FINISHED"
         assert mlrun.data.tags["dvc.exp_name"] == mlrun.info.run_name
+
+
+def test_the_readmes_comparison_of_experiments_fits_a_terminal(experiments, tmp_path):
+    """The README's first comparison, typed as written on a copy of a project that ran: commit the
+    run, run an experiment, show the two. However wide the terminal, the table holds the objective,
+    the test metrics that decide (those that differ) and the param that differs, in at most 110
+    columns."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Change params and compare.*?```bash\n(.*?)```", readme, re.DOTALL)[1].splitlines()
+    typed = block[: next(i for i, line in enumerate(block) if line.startswith("dvc exp show")) + 1]
+    project = shutil.copytree(experiments, tmp_path / "project", symlinks=True)
+    env = project_env() | GIT_IDENTITY | {"COLUMNS": "400"}
+    for line in typed:
+        shown = run(["bash", "-c", line + " --no-pager" * line.startswith("dvc exp show")], project, env=env)
+    lines = shown.stdout.splitlines()
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[:2] == ["Experiment", OBJECTIVE] and header[-1] == "train.learning_rate", header
+    assert set(header[2:-1]) <= {"test_log_likelihood", "test_knn_accuracy", ACTIVE_UNITS, "active_units"}, header
+    assert max(len(line.rstrip()) for line in lines) <= 110, shown.stdout
 
 
 def test_each_run_says_where_it_comes_from_in_mlflows_own_fields(experiments, tmp_path):
