@@ -1,7 +1,8 @@
 """The entry point of every stage: its start recorded in the progress file (progress.record), a
 mistake reported in one line with exit status 2 (under torchrun, written for the launcher to relay
-once), Ctrl-C with the shell's 130, a stage whose `dvc` is gone stopped as Ctrl-C stops it, and an
-exit without the interpreter's teardown."""
+once) and recorded as the stage's "failed" event, which is where a sweep reads why a trial failed;
+Ctrl-C with the shell's 130, a stage whose `dvc` is gone stopped as Ctrl-C stops it, and an exit
+without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def run_stage(main: Callable[[], None]) -> None:
             Path(os.environ[RANK_ERRORS_VARIABLE], os.environ["RANK"]).write_text(str(exc))
         else:
             print(f"error: {exc}", file=sys.stderr)
+            record("failed", reason=str(exc))
         status = 2
     except KeyboardInterrupt:
         print(
@@ -44,6 +46,9 @@ def run_stage(main: Callable[[], None]) -> None:
             file=sys.stderr,
         )
         status = 130  # the shell's status for a process ended by Ctrl-C
+    except BaseException as exc:  # a bug: the traceback as Python prints it, its last line as the reason
+        record("failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
     exit_without_teardown(status)
 
 

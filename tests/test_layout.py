@@ -142,3 +142,22 @@ def test_the_sweep_package_names_every_file_and_its_job():
     on it, and nothing that is not there."""
     listed = {line.split()[0] for line in pipeline.sweep.__doc__.splitlines() if line.startswith("    ")}
     assert listed == {path.name for path in (ROOT / "pipeline" / "sweep").glob("*.py")} - {"__init__.py"}
+
+
+def test_the_sweep_package_has_no_import_circle():
+    """Each module of pipeline/sweep imports only modules below it (shared.py holds the types they
+    all pass), also under TYPE_CHECKING: a newcomer can read the package from the bottom up."""
+    package = ROOT / "pipeline" / "sweep"
+    imports = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline.sweep"):
+                module = node.module.removeprefix("pipeline.sweep").lstrip(".")
+                names |= {module} if module else {alias.name for alias in node.names}
+        imports[path.stem] = names & {p.stem for p in package.glob("*.py")}
+    ordered: list[str] = []
+    while len(ordered) < len(imports):
+        ready = sorted(m for m, deps in imports.items() if m not in ordered and deps <= set(ordered))
+        assert ready, f"an import circle among {sorted(set(imports) - set(ordered))}"
+        ordered += ready

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.history import OBJECTIVE
 from pipeline.progress import PROGRESS_FILE_VARIABLE, progress
-from tests.projects import make_project, project_env, run, stages_run
+from tests.projects import edit_params, make_project, project_env, run, stages_run
 
 
 def test_a_log_gets_a_plain_line_with_rate_and_time_left(monkeypatch, capsys):
@@ -102,3 +102,13 @@ def test_dvc_repro_shows_a_live_bar_on_a_terminal_and_plain_lines_in_a_log(tmp_p
     )
     assert lines, logged.stderr
     assert "\r" not in logged.stdout + logged.stderr, "a log gets whole lines, no carriage returns"
+
+    edit_params(project, **{"data.train_images": 10**6})  # a mistake the split stage refuses
+    failing = tmp_path / "failing.jsonl"
+    refused = run(
+        ["dvc", "repro", "split"], project, check=False, env=project_env() | {PROGRESS_FILE_VARIABLE: str(failing)}
+    )
+    assert refused.returncode != 0
+    [failed] = [e for e in map(json.loads, failing.read_text().splitlines()) if e["event"] == "failed"]
+    assert failed["stage"] == "split" and failed["reason"].startswith("data.train_images is 1000000 but"), failed
+    assert f"error: {failed['reason']}" in refused.stderr, "the reason a program reads is the line a user reads"

@@ -25,10 +25,10 @@ from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
 from pipeline.params import Params
 from pipeline.provenance import CONTINUED_RUN_TAG
-from pipeline.sweep import grid, report, search, space
+from pipeline.sweep import grid, report, search, search_options, search_report, space
 from pipeline.sweep.__main__ import main as sweep_main
-from pipeline.sweep.cluster import Outcome
-from pipeline.sweep.trial import Sweep, TrialResult, experiment_results
+from pipeline.sweep.shared import Outcome, Sweep, TrialResult
+from pipeline.sweep.trial import experiment_results
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
@@ -184,18 +184,18 @@ HELD_OUT = ["train.learning_rate=0.0005,0.002,0.008", "train.beta=1,4", "model.l
 def search_study(sets: list[str], trials: int, seed: int = 0, storage: str = "sqlite://") -> search.SearchStudy:
     """The default search's study (TPE, its start, successive halving), in memory unless `storage`."""
     parsed = space.parse(sets, default_params_text())
-    return search.SearchStudy("s", parsed, search.SearchOptions(trials, "tpe", seed, "asha", 1, 3), storage, 9)
+    return search.SearchStudy("s", parsed, search_options.SearchOptions(trials, "tpe", seed, "asha", 1, 3), storage, 9)
 
 
 def log_search_on_a_parent(tmp_path: Path, study: search.SearchStudy) -> tuple[mlflow.MlflowClient, str]:
-    """report.log_search of `study` onto a parent run of a fresh store: the client and the run."""
+    """search_report.log_search of `study` onto a parent run of a fresh store: the client and the run."""
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.create_run(client.create_experiment("e")).info.run_id
     sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client.tracking_uri)  # where mlflow.log_table writes, as the sweep's driver sets it
     try:
-        report.log_search(client, sweep, study.study, Outcome())
+        search_report.log_search(client, sweep, study.study, Outcome())
     finally:
         mlflow.set_tracking_uri(before)
     return client, parent
@@ -281,9 +281,9 @@ def test_a_paused_slow_starter_is_promoted_once_later_trials_rank_it_among_the_b
     ],
 )
 def test_the_start_fits_the_budget_and_says_what_the_search_is(trials, start, said):
-    options = search.SearchOptions(trials, "tpe", 0, "asha", 1, 3)
+    options = search_options.SearchOptions(trials, "tpe", 0, "asha", 1, 3)
     assert options.start_trials() == start
-    assert search.describe_sampling(options, start).startswith(said)
+    assert search_options.describe_sampling(options, start).startswith(said)
 
 
 def test_the_covering_start_example_runs():
@@ -340,7 +340,7 @@ def test_the_trials_table_names_the_epoch_a_trial_kept_and_the_params_every_tria
 
 def test_a_search_run_again_is_refused_with_another_space(tmp_path):
     store = f"sqlite:///{tmp_path / 'optuna.db'}"
-    options = search.SearchOptions(2, "tpe", 0, "asha", 1, 3)
+    options = search_options.SearchOptions(2, "tpe", 0, "asha", 1, 3)
     search.open_study("s", space.parse(["train.beta=1,4"], default_params_text()), options, store, 3)
     with pytest.raises(PipelineError, match="started with another space"):
         search.open_study("s", space.parse(["train.beta=1,2"], default_params_text()), options, store, 3)
@@ -348,7 +348,7 @@ def test_a_search_run_again_is_refused_with_another_space(tmp_path):
 
 def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
     parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
-    study = search.SearchStudy("s", parsed, search.SearchOptions(6, "random", 0, "asha", 1, 3), "sqlite://", 3)
+    study = search.SearchStudy("s", parsed, search_options.SearchOptions(6, "random", 0, "asha", 1, 3), "sqlite://", 3)
     for _ in range(6):
         number, trial, _ = study.ask()
         values = dict(o.split("=") for o in trial.overrides)

@@ -389,7 +389,7 @@ def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():
     without it. Here the worker is a Python process that starts a command as the trial does."""
     worker_code = (
         "import subprocess, sys, time\n"
-        "from pipeline.sweep.trial import tied_to_this_process\n"
+        "from pipeline.sweep.watch import tied_to_this_process\n"
         "command = tied_to_this_process([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         "print(subprocess.Popen(command).pid, flush=True)\n"
         "time.sleep(600)\n"
@@ -426,7 +426,8 @@ def test_on_one_machine_a_trial_runs_at_the_priority_of_a_run_alone():
     probe = (
         "import argparse, os, ray\n"
         "from pipeline.sweep import cluster\n"
-        "cluster.start_ray(argparse.Namespace(gpus_per_trial=None, cpus_per_trial=None, together=0))\n"
+        "options = dict(gpus_per_trial=None, cpus_per_trial=None, together=0, max_concurrent=0)\n"
+        "cluster.start_ray(argparse.Namespace(**options))\n"
         "print('worker niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\n"
     )
     done = run([sys.executable, "-c", probe], ROOT, env=cluster_env())

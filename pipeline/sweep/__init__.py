@@ -3,18 +3,24 @@ MLflow run under the sweep's run. Not a stage: it runs the pipeline, and no stag
 
 The files, in the order a sweep meets them:
     __main__.py        the driver, `python -m pipeline.sweep`: plan, run, report
+    shared.py          the types every part hands another: a task, a result, the resources, the outcome
     plan.py            the plan and every refusal, before any work
     grid.py            the `-S` grid expanded and checked; a trial's params.yaml
     space.py           a search's space (`--trials`) as Optuna's distributions
-    search.py          the study, its proposals, copies of points already tried, its pruning
+    search_options.py  a search's options (`--sampler`, `--pruner`, ...), their refusals, the rungs
+    search.py          the study: its proposals, copies of points already tried, its pruning
+    proposals.py       the search's next tasks, asked of the study as room frees
     covering_start.py  TPE's start: a Latin hypercube of the space
     promotion.py       ASHA's rule: which paused trial goes on
     cluster.py         the tasks on Ray: at most --max-concurrent, a lost node's again, Ctrl-C
     board.py           where the trials report what they do, for the driver's progress lines
     trial.py           a grid trial's task: clone, `dvc exp run`, push
+    watch.py           a trial's command followed by its progress file, and stopped on a cancel
     groups.py          a search's trial, or a `--together` group: one process, then each lands
     together.py        that training process: rung after rung, the study's answer at each
     stall.py           a group that stops making progress, stopped with its stacks
     interrupts.py      what a cancel must not cut in half (a push)
-    report.py          what the sweep leaves: the parent run, the table, the search's history
+    report.py          what the sweep leaves: the parent run, the trials' table and their runs' ends
+    repeats.py         repeats over `seed`: each configuration's mean and spread
+    search_report.py   what a search adds: its history, the params' importances, Optuna's tags
 """

@@ -7,13 +7,12 @@ trials in one process, each still its own experiment. With `--trials N`, the -S 
 Optuna samples and prunes (search.py, space.py). Everything that can be refused is refused before
 any trial starts.
 
-In parts: the plan and its refusals (plan.py), the tasks on Ray (cluster.py), one trial on its
-worker (trial.py), trials trained together (groups.py, together.py), and what the sweep leaves in
-MLflow and on screen (report.py)."""
+Every file of the package, and its job: pipeline/sweep/__init__.py."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import threading
@@ -27,10 +26,11 @@ from dvc.repo.experiments.utils import gen_random_name
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
-from pipeline.sweep import cluster, report, search
+from pipeline.sweep import cluster, report, search, search_options, search_report
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
-from pipeline.sweep.trial import Sweep
+from pipeline.sweep.proposals import Proposals
+from pipeline.sweep.shared import Resources, Sweep
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             plan = prepare(args)
             study = None
             if plan.space is not None:  # a search: refused here if its study was started otherwise
-                epochs, options = plan.params[0].train.epochs, search.options_from(args)
-                search.check_against_space(options, plan.space, epochs)
+                epochs, options = plan.params[0].train.epochs, search_options.options_from(args)
+                search_options.check_against_space(options, plan.space, epochs)
                 study = search.open_study(args.name, plan.space, options, search.storage_url(), epochs)
-            cluster.start_ray(args)
+            resources = cluster.start_ray(args)
             if ctrl_c.is_set():
                 print("interrupted before any trial started", file=sys.stderr)
                 return 130
-            return sweep_trials(plan, args, ctrl_c, started, study)
+            return sweep_trials(plan, args, resources, ctrl_c, started, study)
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep_trials(
-    plan: Plan, args: argparse.Namespace, ctrl_c: threading.Event, started: float, study: optuna.Study | None
+    plan: Plan,
+    args: argparse.Namespace,
+    resources: Resources,
+    ctrl_c: threading.Event,
+    started: float,
+    study: optuna.Study | None,
 ) -> int:
     """The plan's trials (or the `study`'s proposals) run, their parent run opened and finished;
     the sweep's exit status."""
@@ -144,26 +149,26 @@ def sweep_trials(
             print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
     params_of = {trial.name: params for trial, params in zip(plan.trials, plan.params)}
     tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
-    client = mlflow.MlflowClient()
-    parent_run_id = report.open_parent_run(client, plan, args)
     proposals, kept = None, {}
+    if plan.space is not None:  # each proposal waits for room, so the sampler sees every result before it
+        resources = dataclasses.replace(
+            resources, max_concurrent=min(resources.max_concurrent or resources.capacity, resources.capacity)
+        )
+    client = mlflow.MlflowClient()
+    parent_run_id = report.open_parent_run(client, plan, args, resources)
     if plan.space is not None:  # a search: its trials are proposed as it goes, and it keeps those it had
-        options = search.options_from(args)
+        options = search_options.options_from(args)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = search.Search.options(scheduling_strategy=here).remote(
             args.name, plan.space, options, search.storage_url(), plan.params[0].train.epochs
         )
-        proposals = search.Proposals(
-            actor, args.name, options, plan.params[0].train.epochs, args.together, plan.params_text
-        )
-        # Each proposal waits for room, so the sampler sees every result that came before it.
-        args.max_concurrent = min(args.max_concurrent or cluster.capacity(args), cluster.capacity(args))
+        proposals = Proposals(actor, args.name, options, plan.params[0].train.epochs, args.together, plan.params_text)
         kept = search.landed_before(study)
         if kept:
             print(f"kept from before: {', '.join(kept)} (landed by this search before)", flush=True)
         pruner = {"asha": "successive halving", "hyperband": "Hyperband"}.get(options.pruner)
         print(
-            f"search {args.name}: {search.describe_sampling(options, study.user_attrs['start_trials'])} "
+            f"search {args.name}: {search_options.describe_sampling(options, study.user_attrs['start_trials'])} "
             f"(seed {options.seed}), "
             + (
                 f"pruned by {pruner} at epochs {', '.join(map(str, proposals.rungs[:-1]))} (reduction factor "
@@ -203,13 +208,13 @@ def sweep_trials(
             flush=True,
         )
     try:
-        outcome = cluster.run_sweep(sweep, tasks, args, ctrl_c, proposals)
+        outcome = cluster.run_sweep(sweep, tasks, resources, args.retries, ctrl_c, proposals)
         if proposals is not None:
             proposals.settle(outcome)
             outcome.kept = {name: result for name, (_, result) in kept.items()}
             trials = [trial for trial, _ in kept.values()] + proposals.trials()
             try:
-                report.log_search(client, sweep, study, outcome)
+                search_report.log_search(client, sweep, study, outcome)
             except Exception as exc:  # the history's figures: the trials and the summary are logged all the same
                 print(f"warning: the search's history and importances were not logged: {exc}", flush=True)
         decoders = {params.train.reconstruction for params in plan.params}

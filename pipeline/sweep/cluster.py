@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -30,53 +29,9 @@ from pipeline.progress import seconds_between_lines
 from pipeline.sweep import grid
 from pipeline.sweep.board import Board
 from pipeline.sweep.groups import groups, run_group
-from pipeline.sweep.trial import (
-    STOP_GRACE_SECONDS,
-    Rungs,
-    Sweep,
-    TrialFailed,
-    TrialResult,
-    run_trial,
-)
-
-if TYPE_CHECKING:
-    from pipeline.sweep.search import Proposals
-
-CANCELLED = "cancelled"  # why a trial did not finish, when Ctrl-C stopped it
-
-
-@dataclasses.dataclass
-class Outcome:
-    """How the trials ended: the finished ones' results, the others' reasons, and whether Ctrl-C came."""
-
-    finished: dict[str, TrialResult] = dataclasses.field(default_factory=dict)
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    cancelled: bool = False
-    kept: dict[str, TrialResult] = dataclasses.field(default_factory=dict)  # a search's, landed by an earlier run
-    # A search's paused trials that a promotion continued: their experiments replaced, their runs kept.
-    paused: list[TrialResult] = dataclasses.field(default_factory=list)
-
-    def status(self, name: str) -> str:
-        """The trial's end in MLflow's words: FINISHED, KILLED (by its user, as Ctrl-C is) or FAILED."""
-        if name in self.finished or name in self.kept:
-            return "FINISHED"
-        return "KILLED" if self.failed.get(name) == CANCELLED else "FAILED"
-
-    def result(self, name: str) -> TrialResult | None:
-        return self.finished.get(name) or self.kept.get(name)
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """What one Ray task runs: a trial, or a group of trials trained together (`--together`). A
-    search's trial alone is a group of one, which climbs its rungs in one process."""
-
-    label: str  # the trial's name, or "group N"
-    trials: tuple[grid.Trial, ...]
-    together: bool
-    attempt: int = 1
-    rungs: Rungs | None = None  # a search's trials: where they may be pruned
-    continues: int = 0  # a paused trial promoted: the epochs of the experiment it continues
+from pipeline.sweep.shared import CANCELLED, Outcome, Resources, Sweep, Task, TaskSource, TrialFailed, TrialResult
+from pipeline.sweep.trial import run_trial
+from pipeline.sweep.watch import STOP_GRACE_SECONDS
 
 
 def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
@@ -89,12 +44,12 @@ def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list
     ]
 
 
-def start_ray(args: argparse.Namespace) -> None:
+def start_ray(args: argparse.Namespace) -> Resources:
     """Join the cluster RAY_ADDRESS names, or start a Ray on this machine; the workers import this
     package as the driver has it. Without --gpus-per-trial, a group trained together takes a whole
     GPU where the cluster has one, and a trial alone none; without --cpus-per-trial, a group on the
     CPU takes a whole node (its trials use every core, as a run alone does), and anything else one
-    CPU. A task no node can hold is refused now, not left pending."""
+    CPU. A task no node can hold is refused now, not left pending. Returns what each task gets."""
     address = os.environ.get("RAY_ADDRESS")
     if not address:  # a Ray of our own
         # Ray runs its workers at nice 15, and a trial's `dvc exp run` is its worker's child: beside
@@ -122,33 +77,21 @@ def start_ray(args: argparse.Namespace) -> None:
         f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {gpus:g} GPUs",
         flush=True,
     )
-    if args.gpus_per_trial is None:
-        args.gpus_per_trial = 1.0 if args.together and gpus else 0.0
-    if args.cpus_per_trial is None:
-        on_cpu = args.together and not args.gpus_per_trial
-        args.cpus_per_trial = max(n.get("CPU", 0) for n in nodes) if on_cpu else 1.0
-    if not any(n.get("CPU", 0) >= args.cpus_per_trial and n.get("GPU", 0) >= args.gpus_per_trial for n in nodes):
+    gpus_per_trial = args.gpus_per_trial if args.gpus_per_trial is not None else 1.0 if args.together and gpus else 0.0
+    cpus_per_trial = args.cpus_per_trial
+    if cpus_per_trial is None:
+        on_cpu = args.together and not gpus_per_trial
+        cpus_per_trial = max(n.get("CPU", 0) for n in nodes) if on_cpu else 1.0
+    if not any(n.get("CPU", 0) >= cpus_per_trial and n.get("GPU", 0) >= gpus_per_trial for n in nodes):
         raise PipelineError(
-            f"no node of the Ray cluster has {args.cpus_per_trial:g} CPUs and {args.gpus_per_trial:g} "
+            f"no node of the Ray cluster has {cpus_per_trial:g} CPUs and {gpus_per_trial:g} "
             "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node"
         )
-
-
-def capacity(args: argparse.Namespace) -> int:
-    """How many tasks the cluster runs at once, each of --cpus-per-trial and --gpus-per-trial."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return (
-        sum(
-            int(
-                min(
-                    n.get("CPU", 0) // args.cpus_per_trial,
-                    n.get("GPU", 0) // args.gpus_per_trial if args.gpus_per_trial else 1e9,
-                )
-            )
-            for n in nodes
-        )
-        or 1
+    fits = sum(
+        int(min(n.get("CPU", 0) // cpus_per_trial, n.get("GPU", 0) // gpus_per_trial if gpus_per_trial else 1e9))
+        for n in nodes
     )
+    return Resources(cpus_per_trial, gpus_per_trial, args.max_concurrent, fits or 1)
 
 
 class Progress:
@@ -184,9 +127,10 @@ class Progress:
 def run_sweep(
     sweep: Sweep,
     all_tasks: list[Task],
-    args: argparse.Namespace,
+    resources: Resources,
+    retries: int,
     ctrl_c: threading.Event,
-    proposals: Proposals | None = None,
+    proposals: TaskSource | None = None,
 ) -> Outcome:
     """Submit the tasks (at most --max-concurrent at once), then a search's `proposals` as room
     frees, and report as they go; once `ctrl_c` is set (read between steps, so every task Ray
@@ -200,17 +144,17 @@ def run_sweep(
     progress = Progress(sum(len(task.trials) for task in all_tasks) + (proposals.left if proposals else 0))
 
     def submit() -> None:
-        while not ctrl_c.is_set() and (not args.max_concurrent or len(running) < args.max_concurrent):
+        while not ctrl_c.is_set() and (not resources.max_concurrent or len(running) < resources.max_concurrent):
             task = waiting.pop(0) if waiting else proposals.next() if proposals else None
             if task is None:
                 break
             options = {
                 "name": task.label,
-                "num_cpus": args.cpus_per_trial,
-                "num_gpus": args.gpus_per_trial,
+                "num_cpus": resources.cpus_per_trial,
+                "num_gpus": resources.gpus_per_trial,
                 "max_retries": 0,
             }  # a lost node's task runs again from here, less what it had landed
-            cpu_only = args.gpus_per_trial == 0
+            cpu_only = resources.cpu_only
             running[
                 group_task.options(**options).remote(
                     sweep, task.label, list(task.trials), board, cpu_only, task.rungs, task.continues, task.together
@@ -237,12 +181,12 @@ def run_sweep(
                 left = tuple(trial for trial in task.trials if trial.name not in landed)
                 if ctrl_c.is_set():
                     ended = CANCELLED
-                elif task.attempt <= args.retries:
+                elif task.attempt <= retries:
                     if left:
                         waiting.insert(0, dataclasses.replace(task, trials=left, attempt=task.attempt + 1))
                     ended = {trial.name: landed[trial.name] for trial in task.trials if trial not in left}
                 else:
-                    ended = f"lost ({type(exc).__name__}) after {args.retries} retries"
+                    ended = f"lost ({type(exc).__name__}) after {retries} retries"
             if isinstance(ended, TrialResult):
                 ended = {ended.name: ended}
             elif isinstance(ended, str):

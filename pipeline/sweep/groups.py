@@ -23,21 +23,18 @@ import ray
 from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
+from pipeline.sweep.shared import Rungs, Sweep, TrialFailed, TrialResult
 from pipeline.sweep.together import group_key
 from pipeline.sweep.trial import (
-    Rungs,
-    Sweep,
-    TrialFailed,
-    TrialResult,
     checkout,
     continue_paused,
     fail_lost_attempts,
     push_and_report,
-    run_watched,
     set_params,
     trial_env,
     with_threads,
 )
+from pipeline.sweep.watch import run_watched
 
 
 def groups(params_of_trials: list[Params], size: int) -> list[list[int]]:

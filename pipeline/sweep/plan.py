@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.git import git
 from pipeline.params import PARAMS_FILE, MlflowParams, Params
 from pipeline.paths import DVC_FILE
-from pipeline.sweep import grid, search, space
+from pipeline.sweep import grid, search_options, space
 from pipeline.tracking.store import connect
 
 
@@ -53,7 +53,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.together < 0:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     if args.trials is not None:
-        search.check_options(search.options_from(args))
+        search_options.check_options(search_options.options_from(args))
     sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
     if (args.together or args.trials is not None) and any(params.train.early_stopping for params in checked):
         raise PipelineError(

@@ -4,17 +4,11 @@ repeats' mean and spread, and the times), each trial run's final status, and the
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import getpass
-import math
-import statistics
 import time
-import warnings
 
-import matplotlib.pyplot as plt
 import mlflow
-import optuna
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import (
     MLFLOW_GIT_COMMIT,
@@ -24,19 +18,17 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
     MLFLOW_USER,
 )
-from optuna.trial import TrialState
 
 from pipeline.history import OBJECTIVE
 from pipeline.provenance import CONTINUED_RUN_TAG, TRAINING_RUN_TAG
-from pipeline.sweep import grid, search
-from pipeline.sweep.cluster import Outcome
+from pipeline.sweep import grid, repeats, search_options
 from pipeline.sweep.plan import Plan
-from pipeline.sweep.trial import Sweep, TrialResult
+from pipeline.sweep.shared import Outcome, Resources, Sweep, TrialResult
 
 BEST_ALIAS = "best"  # of the registered model: the version of a sweep's best trial
 
 
-def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Namespace) -> str:
+def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Namespace, resources: Resources) -> str:
     """The sweep's run: the grid, the commit, the trial count and the resources a trial gets."""
     run = client.create_run(
         plan.experiment_id,
@@ -53,9 +45,9 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
         "sweep.grid": " ".join(f"-S '{s}'" for s in plan.sets),
         "sweep.trials": args.trials if plan.space is not None else len(plan.trials),
         "sweep.commit": plan.commit,
-        "sweep.cpus_per_trial": args.cpus_per_trial,
-        "sweep.gpus_per_trial": args.gpus_per_trial,
-        "sweep.max_concurrent": args.max_concurrent,
+        "sweep.cpus_per_trial": resources.cpus_per_trial,
+        "sweep.gpus_per_trial": resources.gpus_per_trial,
+        "sweep.max_concurrent": resources.max_concurrent,
         "sweep.retries": args.retries,
         "sweep.together": args.together,
     }
@@ -67,7 +59,7 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
             "sweep.pruner": args.pruner,
             "sweep.min_epochs": args.min_epochs,
             "sweep.reduction_factor": args.reduction_factor,
-            "sweep.rungs": " ".join(map(str, search.options_from(args).rungs(plan.params[0].train.epochs))),
+            "sweep.rungs": " ".join(map(str, search_options.options_from(args).rungs(plan.params[0].train.epochs))),
         }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
@@ -80,17 +72,6 @@ class Summary:
     trial_seconds: float  # the finished trials', added up
     overhead_seconds: float  # a finished trial's mean outside `dvc exp run` (clone, data, push, its group)
     trial_epochs: int  # the epochs the finished trials trained, added up
-
-
-@dataclasses.dataclass(frozen=True)
-class Configuration:
-    """Trials that differ only in `seed`: repeats of one configuration, and their results' spread."""
-
-    values: dict[str, str]  # the swept params but the seed
-    trials: list[str]
-    finished: int
-    mean: dict[str, float]  # OBJECTIVE and the test metrics, over the finished trials
-    std: dict[str, float]  # their sample standard deviation (n - 1); NaN for fewer than two
 
 
 def finish(
@@ -108,10 +89,10 @@ def finish(
     `registered_model`, its alias `best` points at the best trial's version. `trained`: alone,
     searched or together (OUTSIDE_DVC_EXP_RUN)."""
     summary = summarize(outcome, wall_seconds, comparable)
-    configurations = repeats(trials, outcome)
+    configurations = repeats.repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
     if configurations:
-        log_repeats_table(sweep, configurations)
+        repeats.log_repeats_table(sweep, configurations)
     settle_trial_runs(client, sweep, outcome)
     log_summary(client, sweep, trials, outcome, summary)
     print_table(trials, outcome, summary, trained)
@@ -123,7 +104,7 @@ def finish(
             "units of each trial's decoder (squared error against cross-entropy)"
         )
     if configurations:
-        print_repeats(configurations)
+        repeats.print_repeats(configurations)
     return summary
 
 
@@ -164,45 +145,6 @@ def log_trials_table(sweep: Sweep, trials: list[grid.Trial], outcome: Outcome) -
     mlflow.log_table(table, artifact_file="trials.json", run_id=sweep.parent_run_id)
 
 
-def repeats(trials: list[grid.Trial], outcome: Outcome) -> list[Configuration]:
-    """The grid's configurations when it repeats any over `seed` (none otherwise), in grid order.
-    MLflow's UI groups runs by a param with their mean, min and max; this adds the spread (n - 1)
-    and the finished count, per configuration of every swept param but the seed."""
-    by_values: dict[tuple, list[str]] = collections.defaultdict(list)
-    for trial in trials:
-        by_values[tuple((k, v) for k, v in trial.values.items() if k != "seed")].append(trial.name)
-    if all(len(names) == 1 for names in by_values.values()):
-        return []
-    configurations = []
-    for values, names in by_values.items():
-        results = [outcome.finished[name].metrics for name in names if name in outcome.finished]
-        summarised = [m for m in (results[0] if results else {}) if m == OBJECTIVE or m.startswith("test_")]
-        mean = {m: statistics.fmean(r[m] for r in results) for m in summarised}
-        std = {m: statistics.stdev(r[m] for r in results) if len(results) > 1 else math.nan for m in summarised}
-        configurations.append(Configuration(dict(values), names, len(results), mean, std))
-    return configurations
-
-
-def log_repeats_table(sweep: Sweep, configurations: list[Configuration]) -> None:
-    """repeats.json on the parent run: a row per configuration, its values, counts, means and spreads."""
-    keys = list(dict.fromkeys(key for c in configurations for key in c.values))
-    metric_names = list(dict.fromkeys(name for c in configurations for name in c.mean))
-    table: dict[str, list] = {
-        column: []
-        for column in [*keys, "trials", "finished", *(f"{m}_{s}" for m in metric_names for s in ("mean", "std"))]
-    }
-    for configuration in configurations:
-        for key in keys:
-            table[key].append(configuration.values.get(key))
-        table["trials"].append(" ".join(configuration.trials))
-        table["finished"].append(configuration.finished)
-        for name in metric_names:
-            table[f"{name}_mean"].append(configuration.mean.get(name))
-            std = configuration.std.get(name)
-            table[f"{name}_std"].append(None if std is None or math.isnan(std) else std)
-    mlflow.log_table(table, artifact_file="repeats.json", run_id=sweep.parent_run_id)
-
-
 def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcome) -> None:
     """Only the run of each trial's pushed experiment stays FINISHED: a lost attempt's run, or the
     run of a trial cancelled or failed between its stages or in its push, does not count as a result."""
@@ -210,8 +152,7 @@ def settle_trial_runs(client: mlflow.MlflowClient, sweep: Sweep, outcome: Outcom
         [sweep.experiment_id], filter_string=(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.parent_run_id}'")
     )
     kept = {result.run_id for result in (*outcome.finished.values(), *outcome.paused)}
-    # A search's trial: the runs of its rungs, each continued by the next, the last continued or
-    # evaluated by the run of its experiment.
+    # A promoted trial: the run of its pause, continued by the run of its experiment.
     came_from = {
         run.info.run_id: run.data.tags.get(CONTINUED_RUN_TAG) or run.data.tags.get(TRAINING_RUN_TAG)
         for run in trial_runs
@@ -312,87 +253,3 @@ def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary, tr
         f"\n{summary.wall_seconds:.0f} s in all; the finished trials took {summary.trial_seconds:.0f} s added up, "
         f"each {summary.overhead_seconds:.0f} s of it outside `dvc exp run` ({OUTSIDE_DVC_EXP_RUN[trained]})"
     )
-
-
-def print_repeats(configurations: list[Configuration]) -> None:
-    print(f"\n{'repeats':<8}{OBJECTIVE + ' mean':>16}{'std':>10}  configuration")
-    for configuration in configurations:
-        mean = configuration.mean.get(OBJECTIVE, math.nan)
-        std = configuration.std.get(OBJECTIVE, math.nan)
-        described = " ".join(f"{k}={v}" for k, v in configuration.values.items()) or "(the grid's one)"
-        print(f"{configuration.finished:<8}{mean:>16.4f}{std:>10.4f}  {described}")
-
-
-def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, outcome: Outcome) -> None:
-    """The search on its parent run: the optimisation history and the params' importances (fANOVA,
-    as Optuna computes it) as figures and tables, of the trials that trained (a repeated proposal
-    adds nothing); and on each trial's run landed now, Optuna's trial number and state (the tags
-    Optuna's MLflowCallback sets) and where it was pruned."""
-    landed = search.trained(study)
-    first, last = {}, {}  # experiment -> its first study trial (a promoted one's pause) and its last
-    for trial in landed:
-        first.setdefault(trial.user_attrs["experiment"], trial.number)
-        last[trial.user_attrs["experiment"]] = trial.number
-    numbered = [(r, first[r.name]) for r in outcome.paused] + [(r, last[r.name]) for r in outcome.finished.values()]
-    for result, number in numbered:
-        if result.run_id is not None:
-            tags = {"number": str(number), "state": "PRUNED" if result.pruned else "COMPLETE"}
-            client.log_batch(
-                result.run_id,
-                tags=[
-                    RunTag(k, v)
-                    for k, v in (tags | ({"pruned_at_epoch": str(result.epochs)} if result.pruned else {})).items()
-                ],
-            )
-    ended = [t for t in landed if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    history: dict[str, list] = {"number": [], "trial": [], "state": [], "epochs": [], OBJECTIVE: [], "best_so_far": []}
-    best = float("inf")
-    for trial in ended:
-        if trial.state == TrialState.COMPLETE:
-            best = min(best, trial.value)
-        history["number"].append(trial.number)
-        history["trial"].append(trial.user_attrs.get("experiment"))
-        history["state"].append(trial.state.name)
-        history["epochs"].append(trial.user_attrs.get("epochs"))
-        history[OBJECTIVE].append(
-            trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs["metrics"][OBJECTIVE]
-        )
-        history["best_so_far"].append(None if math.isinf(best) else best)
-    mlflow.log_table(history, artifact_file="search/history.json", run_id=sweep.parent_run_id)
-    trained = optuna.create_study(direction="minimize")  # in memory: the trials that trained, alone
-    trained.add_trials(ended)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        axes = optuna.visualization.matplotlib.plot_optimization_history(trained, target_name=OBJECTIVE)
-        client.log_figure(sweep.parent_run_id, axes.figure, "search/optimization_history.png")
-        plt.close(axes.figure)
-        why_not = _why_no_importances([t for t in ended if t.state == TrialState.COMPLETE])
-        if why_not:
-            print(f"no parameter importances: {why_not}", flush=True)
-            return
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(trained, evaluator=evaluator)
-        mlflow.log_table(
-            {"param": list(importances), "importance": list(importances.values())},
-            artifact_file="search/importances.json",
-            run_id=sweep.parent_run_id,
-        )
-        axes = optuna.visualization.matplotlib.plot_param_importances(
-            trained, evaluator=evaluator, target_name=OBJECTIVE
-        )
-        client.log_figure(sweep.parent_run_id, axes.figure, "search/param_importances.png")
-        plt.close(axes.figure)
-    print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), flush=True)
-
-
-def _why_no_importances(complete: list[optuna.trial.FrozenTrial]) -> str | None:
-    """Why fANOVA cannot weigh the params over these trials (None: it can). It needs two trials that
-    trained every epoch, with objectives that differ (their params do: no point trains twice)."""
-    if len(complete) < 2:
-        return f"they need 2 trials that trained every epoch, and {len(complete)} did"
-    if len({trial.value for trial in complete}) < 2:
-        return (
-            f"the {len(complete)} trials that trained every epoch all have {OBJECTIVE} {complete[0].value:.4f}, "
-            "so no param explains a difference"
-        )
-    return None

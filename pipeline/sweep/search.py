@@ -14,7 +14,6 @@ one `dvc exp run`; the bytes are those of its run alone, which more epochs conti
 from __future__ import annotations
 
 import collections
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -25,82 +24,18 @@ from optuna.trial import TrialState
 
 from pipeline.errors import PipelineError
 from pipeline.sweep import grid
-from pipeline.sweep.cluster import CANCELLED, Outcome, Task
 from pipeline.sweep.covering_start import CONTINUES_ATTR, CoveringStart
-from pipeline.sweep.groups import groups
 from pipeline.sweep.promotion import Reached, promotable
+from pipeline.sweep.search_options import SearchOptions
+from pipeline.sweep.shared import TrialResult
 from pipeline.sweep.space import Space
-from pipeline.sweep.trial import Rungs, TrialResult
 
 SEARCH_STORE = Path("mlruns") / "optuna.db"
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("asha", "hyperband", "none")
-TPE_START_TRIALS = 10  # Optuna's TPE default start; a smaller budget gets a third of itself
 # Tags of each trial in the study (Optuna's user attributes), read back by a search run again.
 CANCELLED_ATTR = "cancelled"  # a FAIL that Ctrl-C caused: it does not count against --trials
 SAME_AS_ATTR = "same_as"  # a proposal of a point another trial holds: that trial's result, no training
 # Proposals in a row of points the study holds before the search proposes an untried one at random.
 REPEATS_BEFORE_AN_UNTRIED_POINT = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchOptions:
-    trials: int  # the budget: trials that trained, finished, were pruned or failed on their own
-    sampler: str
-    seed: int
-    pruner: str  # one of PRUNERS
-    min_epochs: int  # the first rung
-    reduction_factor: int  # each rung is this many times the last; 1/this of a rung's trials go on
-
-    @property
-    def prune(self) -> bool:
-        return self.pruner != "none"
-
-    def start_trials(self) -> int:
-        """TPE's start: Optuna's 10 trials, or a third of a smaller budget, so most of it is modelled."""
-        return min(TPE_START_TRIALS, max(1, self.trials // 3)) if self.sampler == "tpe" else 0
-
-    def rungs(self, epochs: int) -> tuple[int, ...]:
-        """The epochs at which a trial may be pruned, then `epochs`: min_epochs x factor^k below it."""
-        if not self.prune:
-            return (epochs,)
-        rungs, rung = [], self.min_epochs
-        while rung < epochs:
-            rungs.append(rung)
-            rung *= self.reduction_factor
-        return (*rungs, epochs)
-
-    def describe(self) -> dict:
-        """What a search of one name must keep to go on (not its budget: more trials may be asked)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "trials"}
-
-
-def options_from(args) -> SearchOptions:
-    """The search's options as `python -m pipeline.sweep` takes them."""
-    return SearchOptions(
-        args.trials, args.sampler, args.sampler_seed, args.pruner, args.min_epochs, args.reduction_factor
-    )
-
-
-def check_options(options: SearchOptions) -> None:
-    """What the options alone can refuse."""
-    if options.trials < 1:
-        raise PipelineError(f"--trials must be 1 or more (a search of that many trials), got {options.trials}")
-    if options.sampler not in SAMPLERS:
-        raise PipelineError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler}")
-    if options.pruner not in PRUNERS:
-        raise PipelineError(f"--pruner must be one of {', '.join(PRUNERS)}, got {options.pruner}")
-    if options.prune and options.reduction_factor < 2:
-        raise PipelineError(f"--reduction-factor must be 2 or more, got {options.reduction_factor}")
-
-
-def check_against_space(options: SearchOptions, space: Space, epochs: int) -> None:
-    """What the options and the space (and its train.epochs) refuse together."""
-    if options.prune and not 1 <= options.min_epochs <= epochs:
-        raise PipelineError(
-            f"--min-epochs {options.min_epochs}, the first rung, must be from 1 to train.epochs ({epochs}): "
-            "lower it, or raise train.epochs"
-        )
 
 
 def open_study(name: str, space: Space, options: SearchOptions, storage: str, epochs: int) -> optuna.Study:
@@ -149,17 +84,6 @@ def open_study(name: str, space: Space, options: SearchOptions, storage: str, ep
     }
     study.sampler = samplers[options.sampler]()
     return study
-
-
-def describe_sampling(options: SearchOptions, start: int) -> str:
-    """How the search proposes, in words, and what its budget leaves to the model."""
-    if options.sampler == "random":
-        return "random sampling"
-    if options.sampler == "grid":
-        return "each point of the grid once, in a seeded order"
-    if options.trials <= start:
-        return f"random sampling: --trials {options.trials} is within TPE's start of {start} (a Latin hypercube)"
-    return f"TPE, after a start that covers the space (a Latin hypercube of {start} trial{'s' if start > 1 else ''})"
 
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -322,104 +246,6 @@ class SearchStudy:
 
 
 Search = ray.remote(num_cpus=0)(SearchStudy)
-
-
-class Proposals:
-    """The search's next trials, asked of the study as room frees, until --trials count: a task
-    each, or with --together a task per group of up to that many that can train together."""
-
-    def __init__(self, search, name: str, options: SearchOptions, epochs: int, together: int, params_text: str):
-        self.search, self.name, self.together, self.params_text = search, name, together, params_text
-        self.rungs = options.rungs(epochs)
-        self.budget = options.trials
-        self.promotes = options.prune and not together  # a paused trial continues alone, as it trained
-        self.left = max(options.trials - ray.get(search.counted.remote()), 0)
-        self.asked: dict[str, int] = {}  # trial name -> its number in the study
-        self.tasks: list[Task] = []
-        self.ready: list[Task] = []  # asked together, in groups of one key, not yet handed out
-
-    def next(self) -> Task | None:
-        """A paused trial that ASHA's rule promotes now, else the next trial asked; while trials
-        are left to ask (a promotion comes first, as in ASHA)."""
-        if not self.ready and self.left and self.promotes:
-            promoted = ray.get(self.search.promote.remote())
-            if promoted is not None:
-                self.ready = [self._continuation(*promoted)]
-        if not self.ready:
-            self.ready = self._ask(min(max(self.together, 1), self.left))
-        return self.ready.pop(0) if self.ready else None
-
-    def _continuation(self, number: int, trial: grid.Trial, epochs: int) -> Task:
-        """The task that continues a promoted trial from the experiment it paused as."""
-        self.asked[trial.name] = number
-        print(f"{trial.name} promoted: it paused at epoch {epochs}, and is now among the best there", flush=True)
-        task = Task(
-            trial.name, (trial,), False, rungs=Rungs(self.search, self.rungs, {trial.name: number}), continues=epochs
-        )
-        self.tasks.append(task)
-        return task
-
-    def withdraw(self) -> tuple[list[Task], int]:
-        """Stop proposing: the tasks asked but not handed out, and the count of trials never asked."""
-        withdrawn, unasked = self.ready, self.left
-        self.ready, self.left = [], 0
-        return withdrawn, unasked
-
-    def _ask(self, count: int) -> list[Task]:
-        numbers = {}
-        for _ in range(count):
-            asked = ray.get(self.search.ask.remote())
-            if asked is None:
-                self._say_exhausted()
-                break
-            self.left -= 1
-            number, trial, repeated = asked
-            numbers[trial] = self.asked[trial.name] = number
-            if repeated:
-                print(
-                    f"{trial.name}: proposed after {len(repeated)} point(s) already tried ({', '.join(repeated)}), "
-                    "which take those trials' results: no training, not counted against --trials",
-                    flush=True,
-                )
-        trials = list(numbers)
-        if not self.together:
-            batches = [[trial] for trial in trials]
-        else:  # trials of another model shape, batch, ... cannot share a process
-            params = grid.check(trials, self.params_text)
-            batches = [[trials[i] for i in members] for members in groups(params, self.together)]
-        tasks = [
-            Task(
-                f"group {len(self.tasks) + i}" if self.together else batch[0].name,
-                tuple(batch),
-                bool(self.together),
-                rungs=Rungs(self.search, self.rungs, {trial.name: numbers[trial] for trial in batch}),
-            )
-            for i, batch in enumerate(batches, 1)
-        ]
-        self.tasks += tasks
-        for task in tasks if self.together else []:
-            print(f"{task.label}: {', '.join(trial.name for trial in task.trials)}", flush=True)
-        return tasks
-
-    def _say_exhausted(self) -> None:
-        tried = ray.get(self.search.tried.remote())
-        print(
-            f"every point of the space has been tried ({tried}): the search ends with "
-            f"{self.budget - self.left} of --trials {self.budget}",
-            flush=True,
-        )
-        self.left = 0
-
-    def trials(self) -> list[grid.Trial]:
-        """Every trial asked, in the order first asked (a promoted one once)."""
-        return list({trial.name: trial for task in self.tasks for trial in task.trials}.values())
-
-    def settle(self, outcome: Outcome) -> None:
-        """Each asked trial that did not land told to the study: failed on its own, or cancelled."""
-        for name, number in self.asked.items():
-            if name not in outcome.finished:
-                reason = outcome.failed.get(name, CANCELLED)
-                ray.get(self.search.fail.remote(number, reason, reason == CANCELLED))
 
 
 def storage_url() -> str:

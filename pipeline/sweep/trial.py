@@ -10,99 +10,27 @@ run is marked FAILED when the next attempt starts."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
-import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import mlflow
-import psutil
 import ray
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.history import EPOCHS, OBJECTIVE, kept_epoch, split_train_metrics
 from pipeline.params import PARAMS_FILE, load_params
 from pipeline.paths import PROJECT_ROOT_VARIABLE, RUN_FILE, TEST_METRICS, TRAIN_METRICS
-from pipeline.progress import PROGRESS_FILE_VARIABLE, Follower, describe
 from pipeline.provenance import PARENT_RUN_VARIABLE
 from pipeline.sweep.interrupts import uninterrupted
-
-STOP_GRACE_SECONDS = 30  # for a cancelled trial's stages to end their MLflow run and exit
-
-# Run in place of a command, to tie it to the process that starts it: the kernel sends it SIGTERM
-# when that process dies (PR_SET_PDEATHSIG, kept across exec), then it becomes the command.
-_TIED = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):  # that process died before the line above
-    sys.exit(128 + signal.SIGTERM)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    """What every trial of a sweep shares."""
-
-    git_url: str  # where the workers clone from, and push the experiments to
-    commit: str
-    local_cache: str | None  # on one machine, the project's DVC cache the trials share (None: a cluster's remotes)
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    # On one machine, the driver's OMP_NUM_THREADS (None: unset): the threads a run alone has, which
-    # a group's process gets in place of Ray's one-thread-a-CPU share, so its trials are as alone.
-    threads: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrialResult:
-    name: str
-    # metrics/train.json and metrics/test.json, as `dvc exp show` shows them, but OBJECTIVE: the
-    # kept epoch's (`train.keep_epoch`), as the test metrics are
-    metrics: dict[str, float]
-    run_id: str | None
-    seconds: float  # the attempt that finished: clone, data, `dvc exp run`, push
-    run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
-    epochs: int = 0  # the epochs its model trained (a pruned trial's: fewer than the search's)
-    pruned: bool = False
-    kept_epoch: int | None = None  # the epoch its model is, where not its last (`train.keep_epoch: best`)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rungs:
-    """A search's task: the actor that holds the study, the epochs at which a trial may be pruned
-    and then its full epochs, and each trial's number in the study, by name."""
-
-    search: object  # the Ray actor pipeline.sweep.search.Search
-    epochs: tuple[int, ...]
-    numbers: dict[str, int]
-
-    def report(self, name: str, epochs: int, objective: float) -> bool:
-        """The trial's objective after `epochs` told to the study; whether it is pruned there."""
-        return ray.get(self.search.report.remote(self.numbers[name], epochs, objective))
-
-
-class TrialFailed(Exception):
-    """The trial's own failure, not its node's: reported, not retried."""
-
-    def __init__(self, name: str, reason: str):
-        super().__init__(name, reason)  # as args, so the exception pickles back to the driver
-        self.name, self.reason = name, reason
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.reason}"
+from pipeline.sweep.shared import Rungs, Sweep, TrialFailed, TrialResult
+from pipeline.sweep.watch import run_watched
 
 
 def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
@@ -246,125 +174,6 @@ def _step(args: list[str], name: str, cwd: Path, env: dict) -> None:
         said = (done.stdout + done.stderr).strip().splitlines()  # git's or DVC's last word: why
         reason = f"`{' '.join(args[:3])}` exited with {done.returncode}" + (f": {said[-1]}" if said else "")
         raise TrialFailed(name, reason)
-
-
-def run_watched(
-    args: list[str],
-    label: str,
-    repo: Path,
-    env: dict,
-    board,
-    what: str = "`dvc exp run`",
-    on_event: Callable[[dict, IO[str]], None] | None = None,
-) -> None:
-    """A trial's command (`dvc exp run`, a group's process), followed by the progress file its
-    stages write (pipeline.progress): the board shows what it is doing, and `on_event` hears each
-    event with the command's stdin to answer on. A cancelled task (Ctrl-C on the driver) interrupts
-    it as Ctrl-C would, so its runs end KILLED. A command that fails raises TrialFailed, with the
-    reason its output gave."""
-    events = repo.parent / "progress.jsonl"
-    events.unlink(missing_ok=True)
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = subprocess.Popen(
-        tied_to_this_process(args),
-        cwd=repo,
-        env=env | {PROGRESS_FILE_VARIABLE: str(events)},
-        stdin=subprocess.PIPE if on_event else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a process group of its own, for _interrupt (POSIX; elsewhere ignored)
-    )
-    reader = threading.Thread(target=tail.extend, args=(proc.stdout,), daemon=True)  # its last lines, for why
-    reader.start()
-    follower = Follower(events)
-    try:
-        while True:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.25)
-            for event in follower.new():
-                board.doing.remote(label, describe(event))
-                if on_event is not None:
-                    on_event(event, proc.stdin)
-            if proc.returncode is not None:
-                break
-        reader.join()
-    except BaseException:  # KeyboardInterrupt: Ray cancelled the task
-        _interrupt(proc)
-        raise
-    if proc.returncode != 0:
-        raise TrialFailed(label, reason_from_output(list(tail), proc.returncode, what))
-
-
-def tied_to_this_process(args: list[str]) -> list[str]:
-    """`args` as a command that ends when this process does, killed or not. A Ray worker whose
-    raylet dies exits at once, and its `dvc exp run` would train on, unseen, into the MLflow run the
-    retry has marked FAILED; tied, DVC ends, and its stage with it (pipeline.stage.run_stage).
-    On Linux, where Ray clusters run; elsewhere `args` as they are, said once."""
-    if sys.platform != "linux":
-        _say_untied()
-        return args
-    return [sys.executable, "-c", _TIED, str(os.getpid()), *args]
-
-
-@functools.cache
-def _say_untied() -> None:
-    print(
-        f"note: on {sys.platform} a trial is not tied to its Ray worker (Linux's PR_SET_PDEATHSIG): "
-        "a trial whose worker is killed trains on until it finishes",
-        file=sys.stderr,
-    )
-
-
-def reason_from_output(lines: list[str], returncode: int, what: str = "`dvc exp run`") -> str:
-    """The stage's own one-line error (a diverged loss says so), else DVC's."""
-    for prefix in ("error: ", "ERROR: "):
-        found = [line.strip() for line in lines if line.startswith(prefix)]
-        if found:
-            return found[-1].removeprefix("error: ")
-    return f"{what} exited with {returncode}"
-
-
-def _interrupt(proc: subprocess.Popen) -> None:
-    """SIGINT, once each, to every process of the command's group: `dvc exp run` and the stages it
-    runs, also a stage DVC starts as the signal comes (it would not be in a list made before);
-    SIGKILL to the group after the grace. Where there are no process groups, to its tree."""
-    if os.name != "posix":
-        with contextlib.suppress(psutil.Error):
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            for process in tree:
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(signal.SIGINT)
-            _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_SECONDS)
-            for process in alive:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
-        return
-    deadline, interrupted = time.monotonic() + STOP_GRACE_SECONDS, set()
-    while time.monotonic() < deadline:
-        proc.poll()  # reaped once it exits, so the group can empty
-        members = _group(proc.pid)
-        if not members:
-            break
-        for process in members:
-            if process.pid not in interrupted:
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(signal.SIGINT)
-                interrupted.add(process.pid)
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _group(pgid: int) -> list[psutil.Process]:
-    """The live processes of process group `pgid`."""
-    members = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process)
-    return members
 
 
 def fail_lost_attempts(sweep: Sweep, names: list[str]) -> None:

@@ -1,0 +1,84 @@
+"""A search's options (`--trials`, `--sampler`, `--pruner`, ...): what they are, what they refuse,
+the rungs they make, and how they are said."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.errors import PipelineError
+from pipeline.sweep.space import Space
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("asha", "hyperband", "none")
+TPE_START_TRIALS = 10  # Optuna's TPE default start; a smaller budget gets a third of itself
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    trials: int  # the budget: trials that trained, finished, were pruned or failed on their own
+    sampler: str
+    seed: int
+    pruner: str  # one of PRUNERS
+    min_epochs: int  # the first rung
+    reduction_factor: int  # each rung is this many times the last; 1/this of a rung's trials go on
+
+    @property
+    def prune(self) -> bool:
+        return self.pruner != "none"
+
+    def start_trials(self) -> int:
+        """TPE's start: Optuna's 10 trials, or a third of a smaller budget, so most of it is modelled."""
+        return min(TPE_START_TRIALS, max(1, self.trials // 3)) if self.sampler == "tpe" else 0
+
+    def rungs(self, epochs: int) -> tuple[int, ...]:
+        """The epochs at which a trial may be pruned, then `epochs`: min_epochs x factor^k below it."""
+        if not self.prune:
+            return (epochs,)
+        rungs, rung = [], self.min_epochs
+        while rung < epochs:
+            rungs.append(rung)
+            rung *= self.reduction_factor
+        return (*rungs, epochs)
+
+    def describe(self) -> dict:
+        """What a search of one name must keep to go on (not its budget: more trials may be asked)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "trials"}
+
+
+def options_from(args) -> SearchOptions:
+    """The search's options as `python -m pipeline.sweep` takes them."""
+    return SearchOptions(
+        args.trials, args.sampler, args.sampler_seed, args.pruner, args.min_epochs, args.reduction_factor
+    )
+
+
+def check_options(options: SearchOptions) -> None:
+    """What the options alone can refuse."""
+    if options.trials < 1:
+        raise PipelineError(f"--trials must be 1 or more (a search of that many trials), got {options.trials}")
+    if options.sampler not in SAMPLERS:
+        raise PipelineError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler}")
+    if options.pruner not in PRUNERS:
+        raise PipelineError(f"--pruner must be one of {', '.join(PRUNERS)}, got {options.pruner}")
+    if options.prune and options.reduction_factor < 2:
+        raise PipelineError(f"--reduction-factor must be 2 or more, got {options.reduction_factor}")
+
+
+def check_against_space(options: SearchOptions, space: Space, epochs: int) -> None:
+    """What the options and the space (and its train.epochs) refuse together."""
+    if options.prune and not 1 <= options.min_epochs <= epochs:
+        raise PipelineError(
+            f"--min-epochs {options.min_epochs}, the first rung, must be from 1 to train.epochs ({epochs}): "
+            "lower it, or raise train.epochs"
+        )
+
+
+def describe_sampling(options: SearchOptions, start: int) -> str:
+    """How the search proposes, in words, and what its budget leaves to the model."""
+    if options.sampler == "random":
+        return "random sampling"
+    if options.sampler == "grid":
+        return "each point of the grid once, in a seeded order"
+    if options.trials <= start:
+        return f"random sampling: --trials {options.trials} is within TPE's start of {start} (a Latin hypercube)"
+    return f"TPE, after a start that covers the space (a Latin hypercube of {start} trial{'s' if start > 1 else ''})"
