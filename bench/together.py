@@ -6,7 +6,7 @@ the same 80/20 split of a local IDX mirror; an epoch is training plus validation
 runs the pipeline's own step (`pipeline.step.TrainStep`: on a GPU the forward compiled and the
 whole step a CUDA graph). Together, by route:
 
-- `streams` (a): `pipeline.step.train_together`, each trial's own step on a CUDA stream of its own,
+- `streams` (a): `pipeline.sweep.side_by_side.train_together`, each trial's own step on a CUDA stream of its own,
   so the GPU runs the trials' small kernels side by side. The same kernels as alone: the same bytes
   in deterministic mode (tests/test_training_loop.py checks that on the device).
 - `vmap` (b): the trials' weights stacked and run through `torch.func.vmap`, which turns each
@@ -44,13 +44,9 @@ from pipeline.idx import read_split
 from pipeline.loss_names import LOSS_NAMES
 from pipeline.losses import dataset_loss, vae_loss
 from pipeline.model import VAE, to_input
-from pipeline.step import (
-    TrainStep,
-    copy_of_default_generator,
-    make_optimizer,
-    own_stream,
-    train_together,
-)
+from pipeline.run_state import copy_of_default_generator
+from pipeline.step import TrainStep, make_optimizer, own_stream
+from pipeline.sweep.side_by_side import train_together
 
 ROUTES = ("streams", "vmap")
 LOSS_TOLERANCE = 0.01  # vmap's per-epoch losses against alone, relative, over a benchmark's epochs (streams: 0)

@@ -8,6 +8,7 @@ compact, and byte-identical for the same seed, so DVC's hashes are reproducible.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torch
 from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError
 from pipeline.idx import read_split
+from pipeline.params import Params
 from pipeline.paths import SPLIT_DIR
 
 
@@ -40,6 +42,32 @@ def part_on(part: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     """A part as tensors on `device`: uint8 images, int64 labels (what indexing and one_hot take)."""
     images, labels = load_part(part)
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device).long()
+
+
+class TrainingData(NamedTuple):
+    """The train stage's uint8 images on the device, named as MLflow's dataset contexts name them."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+
+
+def training_data(device: torch.device) -> TrainingData:
+    return TrainingData(part_on("train", device)[0], part_on("val", device)[0])
+
+
+def check_training_data(params: Params, data: TrainingData, world_size: int = 1) -> None:
+    """The data checked against the params that batch them, before any training."""
+    cfg = params.train
+    n_train = len(data.train)
+    if cfg.batch_size > n_train:
+        raise PipelineError(f"train.batch_size {cfg.batch_size} is larger than the {n_train} training images; lower it")
+    if params.model.input_dim != 1:
+        raise PipelineError(f"model.input_dim is {params.model.input_dim} but the images have 1 channel; set it to 1")
+    if cfg.batch_size % world_size or 0 < n_train % cfg.batch_size < world_size:
+        raise PipelineError(
+            f"train.batch_size {cfg.batch_size} (the global batch) must split evenly over "
+            f"train.num_processes {world_size}, with every batch at least one image per process"
+        )
 
 
 def split(

@@ -18,16 +18,14 @@ def report_epoch(
     model: VAE,
     validation: torch.Tensor,
     epochs: int,
-    trial: str | None = None,
 ) -> None:
-    """`row` of `epochs` to the run (`TrackedRun.log_epoch`), as an "epoch" event and as a line; in a
-    group, of `trial`, whose `seconds` are the whole group's epoch."""
+    """`row` of `epochs` to the run (`TrackedRun.log_epoch`), as an "epoch" event and as a line. In
+    a group, `seconds` are the whole group's epoch."""
     tracked.log_epoch(row, seconds, model, validation)
-    record("epoch", epoch=row.epoch, epochs=epochs, seconds=seconds, metrics=row.metrics, trial=trial)
+    record("epoch", epoch=row.epoch, epochs=epochs, seconds=seconds, metrics=row.metrics)
     print(
-        (f"{trial} " if trial else "")
-        + f"epoch {row.epoch}/{epochs}  "
+        f"epoch {row.epoch}/{epochs}  "
         + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.metrics.items())
-        + f"  ({seconds:.1f} s{' for the group' if trial else ''})",
+        + f"  ({seconds:.1f} s)",
         flush=True,
     )

@@ -91,12 +91,11 @@ class Follower:
 
 def describe(event: dict) -> str:
     """An event in a few words, as a sweep shows what a trial is doing."""
-    trial = f"{event['trial']} " if event.get("trial") else ""
     if event["event"] == "advance":
         doing = event["doing"] if event["doing"].startswith(event["stage"]) else f"{event['stage']} {event['doing']}"
         return f"{doing} ({event['done'] / event['total']:.0%})"
     if event["event"] == "epoch":
-        return f"{event['stage']} {trial}epoch {event['epoch']}/{event['epochs']} done"
+        return f"{event['stage']} epoch {event['epoch']}/{event['epochs']} done"
     return f"{event['stage']}"
 
 

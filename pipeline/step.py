@@ -1,5 +1,5 @@
-"""The training step and the epoch loop: what `pipeline.train` runs every batch, what the
-benchmarks time, and how several trials train side by side on one device.
+"""The training step and the epoch loop: what `pipeline.train` runs every batch, and what the
+benchmarks time.
 
 Everything here stays on the device: the data order is a seeded permutation drawn there, the loss
 sums and the first non-finite step are kept there, and nothing waits for the GPU until an epoch ends.
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -65,7 +64,7 @@ class TrainStep:
         self.model, self.optimizer, self.images, self.loss = model, optimizer, images, loss
         self.batch_size, self.channels_last, self.rank, self.world_size = batch_size, channels_last, rank, world_size
         self.autocast = AUTOCAST_DTYPES[precision]
-        self.noise_generator = noise_generator  # None: the device's default generator, as a run alone uses
+        self.noise_generator = noise_generator  # None: the device's default generator
         self.latent_dim = getattr(model, "module", model).config["latent_dim"]  # the model, or the one DDP wraps
         self.sums = torch.zeros(len(LOSS_NAMES), device=device)
         self.first_bad_step = torch.full((), -1, device=device)
@@ -270,47 +269,6 @@ def earliest_over_ranks(first_bad_step: torch.Tensor) -> torch.Tensor:
     return torch.where(earliest == none, -1, earliest)
 
 
-def copy_of_default_generator(device: torch.device) -> torch.Generator:
-    """A generator in the state `device`'s default generator is in now. A trial that takes its
-    noise from this copy draws exactly what a run alone would draw from the default generator,
-    whatever the trials beside it draw in between."""
-    generator = torch.Generator(device)
-    generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
-    return generator
-
-
-def train_together(
-    steps: Sequence[TrainStep], generators: Sequence[torch.Generator], beat: Callable[[], None] | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of each step (a trial: its own model, optimizer and noise generator), with
-    `generators[i]` drawing step i's data order: what `train_epoch` returns for each, each the
-    same bytes as alone. The trials' batches are interleaved; on CUDA each trial runs on a stream
-    of its own, so the GPU runs their small kernels (or CUDA graphs) side by side. `beat()` is
-    called after each step (a StallGuard's heartbeat)."""
-    if len(steps) > 1 and any(step.noise_generator is None for step in steps):
-        raise ValueError("trials trained together each need their own noise_generator (copy_of_default_generator)")
-    device = steps[0].images.device
-    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    streams = [step.stream for step in steps]
-    orders = []
-    for step, generator, stream in zip(steps, generators, streams):
-        with on_stream(stream, after=main):
-            orders.append(torch.randperm(len(step.images), generator=generator, device=device))
-            step.start_epoch()
-    batch_starts = (range(0, len(step.images), step.batch_size) for step in steps)
-    for starts in itertools.zip_longest(*batch_starts):  # a trial of fewer batches drops out early
-        for step, order, stream, start in zip(steps, orders, streams, starts):
-            if start is not None:
-                with on_stream(stream):
-                    step(order[start : start + step.batch_size])
-                if beat is not None:
-                    beat()
-    for stream in streams:
-        if stream is not None:
-            main.wait_stream(stream)
-    return [(step.sums / len(step.images), step.first_bad_step.clone()) for step in steps]
-
-
 def own_stream(device: torch.device, holder: object) -> torch.cuda.Stream:
     """A stream of `device` that no other live holder in this process has, nor `torch.cuda.graph`
     when given none, held until `holder` is collected. A CUDA graph is captured on its step's
@@ -329,12 +287,3 @@ def own_stream(device: torch.device, holder: object) -> torch.cuda.Stream:
         f"every CUDA stream of PyTorch's pool of {STREAM_POOL_SIZE} is held by a trial in this process: "
         "train fewer together on one GPU (--together)"
     )
-
-
-def on_stream(stream: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
-    """Run the block's work on `stream` (None: where it would run anyway), once `after` has done its own."""
-    if stream is None:
-        return contextlib.nullcontext()
-    if after is not None:
-        stream.wait_stream(after)
-    return torch.cuda.stream(stream)

@@ -7,18 +7,16 @@ checkpoint is written atomically at every epoch end, so a killed run resumes whe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from pipeline import atomic, history, model_files, torchrun, tracking
-from pipeline.data_parts import part_on
+from pipeline import atomic, history, model_files, run_state, torchrun, tracking
+from pipeline.data_parts import TrainingData, check_training_data, training_data
 from pipeline.device import (
     compiles_forward,
     configure_determinism,
@@ -29,8 +27,7 @@ from pipeline.device import (
 from pipeline.epoch_report import report_epoch
 from pipeline.errors import PipelineError
 from pipeline.history import EpochLosses
-from pipeline.losses import dataset_loss
-from pipeline.model import VAE, Reconstructor, to_input
+from pipeline.model import Reconstructor, to_input
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.paths import (
     CHECKPOINT_FILE,
@@ -41,8 +38,9 @@ from pipeline.paths import (
     TRAIN_METRICS,
 )
 from pipeline.progress import progress
+from pipeline.run_state import Training, stops_early
 from pipeline.stage import run_stage
-from pipeline.step import TrainStep, divergence, seeded_start, train_epoch
+from pipeline.step import TrainStep, divergence, train_epoch
 from pipeline.torchrun import Ranks
 
 KEPT_EPOCH_TAG = "kept_epoch"  # the epoch whose weights models/model.pt holds (train.keep_epoch)
@@ -62,7 +60,8 @@ def train(params: Params) -> None:
     precision = resolve_precision(cfg.precision, device, quiet=not ranks.writer)
     configure_determinism(cfg.deterministic)
     set_cpu_threads(cfg.num_threads)
-    data = load_data(params, ranks, device)
+    data = training_data(device)
+    check_training_data(params, data, ranks.world_size)
     experiment_id = tracking.connect(params.mlflow) if ranks.writer else None  # an unreachable store stops here
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
     state = start_or_resume(params, ranks, device, fingerprint)
@@ -76,6 +75,7 @@ def train(params: Params) -> None:
         compile=compiles,
         rank=ranks.rank,
         world_size=ranks.world_size,
+        noise_generator=state.noise,
     )
     step.resume_after(len(state.history))  # where beta's warm-up is
     if ranks.writer and cfg.kl_warmup_epochs > cfg.epochs:
@@ -99,12 +99,9 @@ def train(params: Params) -> None:
                     break
                 started = time.perf_counter()
                 row = run_epoch(epoch, state, step, data, cfg, ranks)
-                rng_by_rank = torchrun.gather_to_writer(model_files.random_states(state.generator), ranks)
+                rng_by_rank = torchrun.gather_to_writer(run_state.random_states(state), ranks)
                 if ranks.writer:
-                    state.history.append(row)
-                    is_best = history.last_is_best(state.history, cfg.min_delta)
-                    state.best_model = model_files.best_weights(state.model, is_best, state.best_model)
-                    save_checkpoint(state, fingerprint, rng_by_rank, tracked.run_id)
+                    run_state.save_checkpoint(state, fingerprint, rng_by_rank, tracked.run_id)
                     report_epoch(tracked, row, time.perf_counter() - started, state.model, data.validation, cfg.epochs)
             if ranks.writer:
                 finish(state, tracked, data.validation, cfg)
@@ -124,77 +121,18 @@ def train(params: Params) -> None:
             model_files.finish_checkpoint()
 
 
-def stops_early(rows: list[EpochLosses], cfg: TrainParams) -> bool:
-    """Whether `train.early_stopping` ends the run after these epochs (`history.stops_early`)."""
-    return history.stops_early(rows, cfg.early_stopping, cfg.min_delta)
-
-
-def save_checkpoint(state: Training, fingerprint: dict, rng_by_rank: list[dict], run_id: str | None) -> None:
-    model_files.save_checkpoint(
-        fingerprint,
-        state.model,
-        state.optimizer,
-        rng_by_rank,
-        history.to_saved(state.history),
-        run_id,
-        state.best_model,
-    )
-
-
-class Data(NamedTuple):
-    """uint8 images on the device, named as MLflow's dataset contexts name them."""
-
-    train: torch.Tensor
-    validation: torch.Tensor
-
-
-def load_data(params: Params, ranks: Ranks, device: torch.device) -> Data:
-    """The training and validation images on the device, checked against the params that batch them."""
-    cfg = params.train
-    data = Data(part_on("train", device)[0], part_on("val", device)[0])
-    n_train = len(data.train)
-    if cfg.batch_size > n_train:
-        raise PipelineError(f"train.batch_size {cfg.batch_size} is larger than the {n_train} training images; lower it")
-    if params.model.input_dim != 1:
-        raise PipelineError(f"model.input_dim is {params.model.input_dim} but the images have 1 channel; set it to 1")
-    if cfg.batch_size % ranks.world_size or 0 < n_train % cfg.batch_size < ranks.world_size:
-        raise PipelineError(
-            f"train.batch_size {cfg.batch_size} (the global batch) must split evenly over "
-            f"train.num_processes {ranks.world_size}, with every batch at least one image per process"
-        )
-    return data
-
-
-@dataclasses.dataclass
-class Training:
-    """What a run trains and how far it has got."""
-
-    model: VAE
-    step_model: torch.nn.Module  # what a training step calls: the model, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # draws each epoch's data order
-    history: list[EpochLosses]  # a row per finished epoch
-    run_id: str | None  # the MLflow run an interrupted run was logging into
-    continued: bool = False  # from a finished run's state, with more epochs
-    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights (history.best_row)
-
-
 def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerprint: dict) -> Training:
     """The model, optimizer and data order built from the seed; then, if a killed run of the same
     params and data left a checkpoint, its weights, optimizer, random states and history; or else,
     if a finished run of them trained fewer epochs than asked, all of those from its last epoch."""
     cfg = params.train
-    model, optimizer, generator = seeded_start(params, device)
-    step_model = model
     if ranks.world_size > 1:
         print(
             f"rank {ranks.rank} of {ranks.world_size} on {device}: "
             + ("training and writing every output" if ranks.writer else "training only"),
             flush=True,
         )
-        torch.manual_seed(params.seed + ranks.rank)  # each rank its own reparameterisation noise
-        step_model = torch.nn.parallel.DistributedDataParallel(model)
-    state = Training(model, step_model, optimizer, generator, [], None)
+    state = run_state.seeded(params, device, ranks.rank, ranks.world_size)
 
     # Rank 0 reads the checkpoint first and alone deletes a stale one; the others read after it.
     checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs) if ranks.writer else None
@@ -202,7 +140,7 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     if not ranks.writer:
         checkpoint = model_files.load_checkpoint(fingerprint, cfg.epochs)
     if checkpoint is not None and not (why_not := trained_past_its_stop(checkpoint, CHECKPOINT_FILE, cfg)):
-        restore(state, checkpoint, ranks)
+        run_state.restore(state, checkpoint, ranks.rank)
         state.run_id = checkpoint["run_id"]
         if ranks.writer:
             print(f"resuming from epoch {len(state.history)} of {cfg.epochs} ({CHECKPOINT_FILE})")
@@ -212,7 +150,7 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
         if finished is not None:
             why_not = trained_past_its_stop(finished, STATE_FILE, cfg)
         if finished is not None and not why_not:  # a new run (the finished run's record is its own), from its epochs
-            restore(state, finished, ranks)
+            run_state.restore(state, finished, ranks.rank)
             state.continued = True
             if ranks.writer:
                 print(f"continuing from epoch {len(state.history)} of {cfg.epochs} ({STATE_FILE})")
@@ -220,14 +158,6 @@ def start_or_resume(params: Params, ranks: Ranks, device: torch.device, fingerpr
     if why_not and ranks.writer:
         print(f"training from scratch: {why_not}")
     return state
-
-
-def restore(state: Training, checkpoint: dict, ranks: Ranks) -> None:
-    """The weights, optimizer, random states, history and best weights a checkpoint holds."""
-    state.best_model = model_files.restore_checkpoint(
-        checkpoint, state.model, state.optimizer, state.generator, ranks.rank
-    )
-    state.history = history.from_saved(checkpoint["history"])
 
 
 def trained_past_its_stop(checkpoint: dict, path: Path, cfg: TrainParams) -> str | None:
@@ -240,19 +170,19 @@ def trained_past_its_stop(checkpoint: dict, path: Path, cfg: TrainParams) -> str
 
 
 def run_epoch(
-    epoch: int, state: Training, step: TrainStep, data: Data, cfg: TrainParams, ranks: Ranks
+    epoch: int, state: Training, step: TrainStep, data: TrainingData, cfg: TrainParams, ranks: Ranks
 ) -> EpochLosses | None:
-    """Train one epoch and stop if the loss diverged; then, on rank 0, validate. Returns the epoch's
-    row of history (None on the other ranks)."""
+    """Train one epoch and stop if the loss diverged; then, on rank 0, validate and add it to the
+    history. Returns the epoch's row (None on the other ranks)."""
     with progress(len(data.train), f"epoch {epoch}/{cfg.epochs}", "images", leave=False, shown=ranks.writer) as advance:
-        train_parts, first_bad_step = train_epoch(step, state.generator, advance)
+        train_parts, first_bad_step = train_epoch(step, state.order, advance)
     if why := divergence(first_bad_step.item(), epoch, cfg.learning_rate):
         raise DivergedError(
             why + (f". The last good epoch ({epoch - 1}) is kept in {CHECKPOINT_FILE}" if epoch > 1 else "")
         )
     if not ranks.writer:
         return None
-    return EpochLosses.of(epoch, train_parts, dataset_loss(state.model, data.validation, cfg.channels_last, step.loss))
+    return run_state.end_epoch(state, epoch, train_parts, data.validation, cfg, step.loss)
 
 
 def finish(state: Training, tracked: tracking.TrackedRun, validation: torch.Tensor, cfg: TrainParams) -> None:

@@ -15,15 +15,15 @@ from pipeline.errors import PipelineError
 from pipeline.losses import dataset_loss, vae_loss
 from pipeline.model import VAE
 from pipeline.params import TrainParams
+from pipeline.run_state import copy_of_default_generator
 from pipeline.step import (
     STREAM_POOL_SIZE,
     TrainStep,
-    copy_of_default_generator,
     earliest_over_ranks,
     make_optimizer,
     train_epoch,
-    train_together,
 )
+from pipeline.sweep.side_by_side import train_together
 from tests.synthetic import make_images
 from tests.tolerances import BF16_LOSS_TOLERANCE
 

@@ -18,6 +18,7 @@ The files, in the order a sweep meets them:
     watch.py           a trial's command followed by its progress file, and stopped on a cancel
     groups.py          a search's trial, or a `--together` group: one process, then each lands
     together.py        that training process: rung after rung, the study's answer at each
+    side_by_side.py    several trials' epochs interleaved on one device, each on its own stream
     stall.py           a group that stops making progress, stopped with its stacks
     interrupts.py      what a cancel must not cut in half (a push)
     report.py          what the sweep leaves: the parent run, the trials' table and their runs' ends

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import atomic, history, model_files, tracking
-from pipeline.data_parts import part_on
+from pipeline import atomic, model_files, tracking
+from pipeline.data_parts import check_training_data, training_data
 from pipeline.device import (
     compiles_forward,
     configure_determinism,
@@ -38,21 +38,17 @@ from pipeline.device import (
 )
 from pipeline.epoch_report import report_epoch
 from pipeline.errors import PipelineError
-from pipeline.history import EpochLosses, kept_epoch, last_is_best, train_metrics
-from pipeline.losses import LOSS_PARAMS, dataset_loss
+from pipeline.history import kept_epoch, train_metrics
+from pipeline.losses import LOSS_PARAMS
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.paths import STATE_FILE
 from pipeline.progress import record
 from pipeline.provenance import PARENT_RUN_VARIABLE
+from pipeline.run_state import Training, end_epoch, random_states, restore, save_checkpoint, seeded
 from pipeline.stage import run_stage
-from pipeline.step import (
-    TrainStep,
-    copy_of_default_generator,
-    divergence,
-    seeded_start,
-    train_together,
-)
+from pipeline.step import TrainStep, divergence
 from pipeline.sweep import grid
+from pipeline.sweep.side_by_side import train_together
 from pipeline.sweep.stall import StallGuard
 
 STALL_STACKS = "stall-stacks.txt"  # a stalled group's every thread's stack, in each trial's MLflow run
@@ -81,25 +77,14 @@ def group_key(params: Params) -> str:
 
 @dataclasses.dataclass
 class Member:
-    """One trial of the group: its params, what it trains and how far it has got."""
+    """One trial of the group: its params, its run's state (run_state.Training) and its step."""
 
     trial: grid.Trial
     params: Params
     fingerprint: dict
-    model: torch.nn.Module
+    state: Training
     step: TrainStep
-    order: torch.Generator  # each epoch's data order
-    noise: torch.Generator  # the reparameterisation noise, where a run alone uses the default generator
-    cpu_state: torch.Tensor  # on CUDA, the CPU's random state a run alone keeps from its start to its end
     tracked: tracking.TrackedRun
-    history: list[EpochLosses] = dataclasses.field(default_factory=list)
-    best_model: dict[str, torch.Tensor] | None = None  # the best epoch's weights, as its run alone keeps them
-
-    def random_states(self) -> dict[str, torch.Tensor]:
-        """What `model_files.random_states` gives at the end of the trial's run alone."""
-        on_cuda = self.noise.device.type == "cuda"
-        rng = {"cpu": self.cpu_state if on_cuda else self.noise.get_state(), "permutation": self.order.get_state()}
-        return rng | ({"cuda": self.noise.get_state()} if on_cuda else {})
 
 
 def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = (), continues: bool = False) -> None:
@@ -115,7 +100,10 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
     precision = resolve_precision(cfg.precision, device)
     configure_determinism(cfg.deterministic)
     set_cpu_threads(cfg.num_threads)
-    train_images, validation = part_on("train", device)[0], part_on("val", device)[0]
+    data = training_data(device)
+    for params in all_params:
+        check_training_data(params, data)
+    train_images, validation = data
     experiment_id = tracking.connect(all_params[0].mlflow)
     compiles = compiles_forward(cfg.compile, device, 1)
     searched = bool(rungs)  # a search's trials learn their train.epochs when they stop
@@ -135,7 +123,7 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
         )
         for trial, params, text in zip(trials, all_params, texts)
     ]
-    first_epoch = len(members[0].history) + 1  # one for all: only a group of one continues
+    first_epoch = len(members[0].state.history) + 1  # one for all: only a group of one continues
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
     active = list(members)
 
@@ -152,7 +140,7 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
         ):
             for epoch in range(first_epoch, cfg.epochs + 1):
                 started = time.perf_counter()
-                ends = train_together([m.step for m in active], [m.order for m in active], guard.beat)
+                ends = train_together([m.step for m in active], [m.state.order for m in active], guard.beat)
                 for member, (train_parts, first_bad_step) in zip(list(active), ends):
                     if why := divergence(first_bad_step.item(), epoch, member.params.train.learning_rate):
                         print(f"{member.trial.name} failed: {why}", flush=True)
@@ -160,34 +148,13 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                         member.tracked.finish("FAILED")
                         active.remove(member)
                         continue
-                    member.history.append(
-                        EpochLosses.of(
-                            epoch,
-                            train_parts,
-                            dataset_loss(
-                                member.model,
-                                validation,
-                                cfg.channels_last,
-                                member.step.loss,
-                                noise_generator=member.noise,
-                            ),
-                        )
-                    )
+                    end_epoch(member.state, epoch, train_parts, validation, member.params.train, member.step.loss)
                     guard.beat()
-                    is_best = last_is_best(member.history, cfg.min_delta)
-                    member.best_model = model_files.best_weights(member.model, is_best, member.best_model)
                 seconds = time.perf_counter() - started  # the group's epoch: every trial's time, shared
                 guard.epoch_ended(seconds)
                 for member in active:
-                    report_epoch(
-                        member.tracked,
-                        member.history[-1],
-                        seconds,
-                        member.model,
-                        validation,
-                        cfg.epochs,
-                        member.trial.name,
-                    )
+                    state = member.state
+                    report_epoch(member.tracked, state.history[-1], seconds, state.model, validation, cfg.epochs)
                 if epoch in rungs:
                     with guard.paused():
                         pruned = _pruned_at_rung(active, epoch)
@@ -206,7 +173,7 @@ def _pruned_at_rung(active: list[Member], epoch: int) -> list[Member]:
     """The group's objectives at a rung to the sweep (the progress file), and the members its answer
     (a line of JSON on stdin) prunes there."""
     objectives = {
-        m.trial.name: kept_epoch(train_metrics(m.history, m.params.train.min_delta), m.params.train.keep_epoch)[1]
+        m.trial.name: kept_epoch(train_metrics(m.state.history, m.params.train.min_delta), m.params.train.keep_epoch)[1]
         for m in active
     }
     record("rung", epoch=epoch, objectives=objectives)
@@ -223,19 +190,11 @@ def _save(member: Member, out: Path, params_text: str, epochs_later: bool) -> No
     A search's trial (`epochs_later`) first gets the `train.epochs` it reached, with the params.yaml
     it lands with."""
     if epochs_later:
-        reached = grid.Trial(member.trial.name, grid.at_epochs(member.trial.overrides, len(member.history)))
+        reached = grid.Trial(member.trial.name, grid.at_epochs(member.trial.overrides, len(member.state.history)))
         text = grid.applied(reached, params_text)
         tracking.log_epochs_reached(member.tracked, parse_params(yaml.safe_load(text)), text)
-    model_files.save_checkpoint(
-        member.fingerprint,
-        member.model,
-        member.step.optimizer,
-        [member.random_states()],
-        history.to_saved(member.history),
-        member.tracked.run_id,
-        member.best_model,
-        path=out / f"{member.trial.name}.pt",
-    )
+    checkpoint = out / f"{member.trial.name}.pt"
+    save_checkpoint(member.state, member.fingerprint, [random_states(member.state)], member.tracked.run_id, checkpoint)
 
 
 def _start(
@@ -255,17 +214,21 @@ def _start(
     (for a search's, without the `train.epochs` it has yet to reach); one that `continues`, from
     the finished run of its experiment (its weights, Adam, random states and history), into a new
     run that names the one it continues, as a run alone with more epochs is."""
-    model, optimizer, order = seeded_start(params, device)
+    state = seeded(params, device)
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
-    finished = _finished_run(trial, fingerprint, params.train.epochs) if continues else None
-    best = model_files.restore_checkpoint(finished, model, optimizer, order) if finished else None
-    noise = copy_of_default_generator(device)  # as seeded, or as restored
+    if continues:
+        restore(state, _finished_run(trial, fingerprint, params.train.epochs))
     step = TrainStep.from_params(
-        params.train, model, optimizer, train_images, precision=precision, compile=compiles, noise_generator=noise
+        params.train,
+        state.model,
+        state.optimizer,
+        train_images,
+        precision=precision,
+        compile=compiles,
+        noise_generator=state.noise,
     )
-    rows = history.from_saved(finished["history"]) if finished else []
-    step.resume_after(len(rows))  # where beta's warm-up is
-    continues_run_id = tracking.run_that_trained(experiment_id) if finished else None
+    step.resume_after(len(state.history))  # where beta's warm-up is
+    continues_run_id = tracking.run_that_trained(experiment_id) if continues else None
     os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
     try:
         tracked = tracking.training_run(
@@ -281,11 +244,11 @@ def _start(
         )
     finally:
         del os.environ["DVC_EXP_NAME"]
-    if rows:
-        tracked.log_history(rows)  # the epochs it continues from, as a run alone logs them
+    if state.history:
+        tracked.log_history(state.history)  # the epochs it continues from, as a run alone logs them
     else:
-        tracked.log_untrained(model, validation)  # step 0, as a run alone logs it
-    return Member(trial, params, fingerprint, model, step, order, noise, torch.get_rng_state(), tracked, rows, best)
+        tracked.log_untrained(state.model, validation)  # step 0, as a run alone logs it
+    return Member(trial, params, fingerprint, state, step, tracked)
 
 
 def _finished_run(trial: grid.Trial, fingerprint: dict, epochs: int) -> dict:

@@ -1,0 +1,54 @@
+"""Several trials' epochs side by side in one process, on one device: `train_epoch` of each, their
+batches interleaved and, on CUDA, each trial's step on a stream of its own, so the GPU runs their
+small kernels (or CUDA graphs) together."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pipeline.step import TrainStep
+
+
+def train_together(
+    steps: Sequence[TrainStep], generators: Sequence[torch.Generator], beat: Callable[[], None] | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of each step (a trial: its own model, optimizer and noise generator), with
+    `generators[i]` drawing step i's data order: what `train_epoch` returns for each, each the
+    same bytes as alone. The trials' batches are interleaved; on CUDA each trial runs on a stream
+    of its own, so the GPU runs their small kernels (or CUDA graphs) side by side. `beat()` is
+    called after each step (a StallGuard's heartbeat)."""
+    if len(steps) > 1 and any(step.noise_generator is None for step in steps):
+        raise ValueError("trials trained together each need their own noise_generator (run_state.Training.noise)")
+    device = steps[0].images.device
+    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    streams = [step.stream for step in steps]
+    orders = []
+    for step, generator, stream in zip(steps, generators, streams):
+        with on_stream(stream, after=main):
+            orders.append(torch.randperm(len(step.images), generator=generator, device=device))
+            step.start_epoch()
+    batch_starts = (range(0, len(step.images), step.batch_size) for step in steps)
+    for starts in itertools.zip_longest(*batch_starts):  # a trial of fewer batches drops out early
+        for step, order, stream, start in zip(steps, orders, streams, starts):
+            if start is not None:
+                with on_stream(stream):
+                    step(order[start : start + step.batch_size])
+                if beat is not None:
+                    beat()
+    for stream in streams:
+        if stream is not None:
+            main.wait_stream(stream)
+    return [(step.sums / len(step.images), step.first_bad_step.clone()) for step in steps]
+
+
+def on_stream(stream: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
+    """Run the block's work on `stream` (None: where it would run anyway), once `after` has done its own."""
+    if stream is None:
+        return contextlib.nullcontext()
+    if after is not None:
+        stream.wait_stream(after)
+    return torch.cuda.stream(stream)
