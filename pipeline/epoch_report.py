@@ -1,5 +1,5 @@
 """An epoch's end, reported the one way whether a run trains alone (the train stage) or in a sweep's
-group (pipeline.sweep.together): to its MLflow run, to the progress file, and as a line."""
+group (pipeline.sweep.training): to its MLflow run, to the progress file, and as a line."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pipeline.params import TrainParams
 # Batch means of per-image sums, so numbers do not depend on the batch size.
 LossParts = NamedTuple("LossParts", [(name, torch.Tensor) for name in LOSS_NAMES])
 # The train params the loss reads (`loss_function`): each is an evaluate param too (dvc.yaml; the
-# layout test holds it), and trials trained together may differ in each (pipeline.sweep.together).
+# layout test holds it), and trials trained together may differ in each (pipeline.sweep.training).
 LOSS_PARAMS = ("beta", "reconstruction", "free_bits")
 # A latent dimension is active when its posterior mean varies across images, Cov_x E[z|x] above
 # this (Burda et al., 2016): the ones below it carry no information about the image.

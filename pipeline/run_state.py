@@ -1,5 +1,5 @@
 """A training run's state, and what an epoch does to it, written once for the train stage and for a
-sweep's training process (pipeline.sweep.together): the seeded start, a checkpoint's restore, an
+sweep's training process (pipeline.sweep.training): the seeded start, a checkpoint's restore, an
 epoch's end (validation, the history, the best weights), the early-stopping rule and the checkpoint.
 
 A run draws its reparameterisation noise, in training and validation alike, from a generator of its

@@ -102,7 +102,6 @@ def search_env() -> dict[str, str]:
             ["-S", "train.beta=1,4", "-S", "train.early_stopping=2", "--trials", "2"],
             "train.early_stopping ends a trial by itself",
         ),
-        (["-S", "train.beta=1,4", "-S", "train.early_stopping=2", "--together", "2"], "set it to 0, or sweep a grid"),
     ],
 )
 def test_a_bad_search_is_refused_in_one_line_before_any_work(refusing_project, args, said, monkeypatch, capsys):

@@ -23,6 +23,7 @@ import mlflow
 import optuna
 import psutil
 import pytest
+import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.history import OBJECTIVE
@@ -214,13 +215,13 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
     sweep = started(
         sweep_command(*GRID, "-S", "train.epochs=10", "--name", "grid"), sweep_project, env=sweep_env(cluster)
     )
-    read_until(sweep, r"2 running \(.*train epoch.*train epoch")
+    read_until(sweep, r"2 running \(.*training epoch.*training epoch")
     stop_node(second_node, signal.SIGKILL)
     output = sweep.stdout.read()
     assert sweep.wait(timeout=600) == 0, output
     assert "4 finished, 0 running, 0 failed, 0 waiting" in output, output
     assert "(attempt 2)" in output, "the lost trial ran again"
-    assert re.search(r"outside `dvc exp run` \(clone, data, push\)$", output, re.MULTILINE), output
+    assert re.search(r"outside `dvc exp run` \(clone, data, its training process, push\)$", output, re.MULTILINE)
 
     names = [f"grid-{i}" for i in range(1, 5)]
     assert experiments_on_remote(sweep_project) == names, "each trial pushed once"
@@ -382,6 +383,38 @@ def test_on_one_machine_a_diverged_trial_is_reported_once_and_ctrl_c_keeps_what_
         )
     ]
     assert not left, f"the cancelled trial's stages, or the sweep's Ray, still run: {left}"
+
+
+def test_a_grid_trial_trains_in_its_process_stops_early_and_lands_as_its_run_alone(tmp_path):
+    """A grid's trial trains in one process, then lands by one `dvc exp run`: with
+    `train.early_stopping` it stops where its run alone stops (epoch 1 is the last that improves
+    by more than train.min_delta, so patience 1 stops after epoch 2 of 3), with the same bytes, in
+    one MLflow run that says why it stopped."""
+    project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"), **{"train.epochs": 3})
+    stopping = ["-S", "train.early_stopping=1", "-S", "train.min_delta=1e9"]
+    done = run(sweep_command("-S", "seed=1,2", *stopping, "--name", "es"), project, env=cluster_env(), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^es-1 +FINISHED +2 ", done.stdout, re.MULTILINE), done.stdout
+    assert "outside `dvc exp run` (clone, data, its training process, push)" in done.stdout
+    # As the trial's task has it: Ray's one thread, which the sweep sets as train.num_threads.
+    alone = ["-S", "seed=1", *stopping, "-S", "train.num_threads=1"]
+    run(["dvc", "exp", "run", "-n", "alone", *alone], project, env=cluster_env())
+
+    def train_outs(experiment: str) -> dict[str, str]:
+        ref = next(
+            r
+            for r in run(["git", "for-each-ref", "--format=%(refname)"], project).stdout.split()
+            if r.endswith(f"/{experiment}")
+        )
+        lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project).stdout)
+        return {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
+
+    assert train_outs("es-1") == train_outs("alone"), "model.pt, state.pt and the histories"
+    client, _, children = nested_runs(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}", "es")
+    assert sorted(child.info.run_name for child in children) == ["es-1", "es-2"], "one run a trial"
+    for child in children:
+        assert child.data.tags["stopped_early"].startswith("stopped early after epoch 2 of 3"), child.data.tags
+        assert [m.step for m in client.get_metric_history(child.info.run_id, OBJECTIVE)] == [1, 2]
 
 
 def test_what_a_trial_starts_ends_when_its_ray_worker_is_killed():

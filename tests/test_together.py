@@ -191,7 +191,7 @@ def test_ctrl_c_mid_group_keeps_what_landed_and_the_same_command_trains_only_the
     marker = owner_marker()
     env = project_env() | GIT_IDENTITY | marker | {"PIPELINE_PROGRESS_SECONDS": "0"}
     first = started(sweep, project, env=env)
-    seen = read_until(first, r"group 2: together cc-3 epoch \d")
+    seen = read_until(first, r"group 2: training epoch \d")
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the driver's whole process group
     output = seen + first.stdout.read()
     assert first.wait(timeout=300) == 130, output

@@ -14,10 +14,10 @@ The files, in the order a sweep meets them:
     promotion.py       ASHA's rule: which paused trial goes on
     cluster.py         the tasks on Ray: at most --max-concurrent, a lost node's again, Ctrl-C
     board.py           where the trials report what they do, for the driver's progress lines
-    trial.py           a grid trial's task: clone, `dvc exp run`, push
+    trial.py           a trial's clone, its data, its push; a torchrun trial's task (`dvc exp run`)
     watch.py           a trial's command followed by its progress file, and stopped on a cancel
-    groups.py          a search's trial, or a `--together` group: one process, then each lands
-    together.py        that training process: rung after rung, the study's answer at each
+    groups.py          a trial's task, or a `--together` group's: one process, then each lands
+    training.py        that training process: epoch after epoch, the study's answer at each rung
     side_by_side.py    several trials' epochs interleaved on one device, each on its own stream
     stall.py           a group that stops making progress, stopped with its stacks
     interrupts.py      what a cancel must not cut in half (a push)

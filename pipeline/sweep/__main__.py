@@ -30,7 +30,7 @@ from pipeline.sweep import cluster, report, search, search_options, search_repor
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
 from pipeline.sweep.proposals import Proposals
-from pipeline.sweep.shared import Resources, Sweep
+from pipeline.sweep.shared import Resources, Sweep, Task
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -226,7 +226,7 @@ def sweep_trials(
             time.monotonic() - started,
             len(decoders) == 1,
             plan.tracking.registered_model,
-            "together" if args.together else "searched" if proposals is not None else "alone",
+            how_trained(args, tasks, proposals),
         )
     except BaseException as exc:  # whatever ends the sweep here, its run does not stay RUNNING
         if client.get_run(parent_run_id).info.status == "RUNNING":
@@ -242,6 +242,15 @@ def sweep_trials(
             flush=True,
         )
     return 130 if outcome.cancelled else 1 if outcome.failed else 0
+
+
+def how_trained(args: argparse.Namespace, tasks: list[Task], proposals: Proposals | None) -> str:
+    """Where a trial's seconds outside `dvc exp run` went (report.OUTSIDE_DVC_EXP_RUN's keys)."""
+    if args.together:
+        return "together"
+    if proposals is not None:
+        return "searched"
+    return "torchrun" if tasks and all(task.torchrun for task in tasks) else "alone"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ from pipeline.sweep.watch import STOP_GRACE_SECONDS
 def tasks(trials: list[grid.Trial], params: list[Params], together: int) -> list[Task]:
     """A task per trial; with `together`, a task per group of trials that can share a process."""
     if not together:
-        return [Task(trial.name, (trial,), False) for trial in trials]
+        return [
+            Task(trial.name, (trial,), False, torchrun=params.train.num_processes > 1)
+            for trial, params in zip(trials, params)
+        ]
     return [
         Task(f"group {number}", tuple(trials[i] for i in members), True)
         for number, members in enumerate(groups(params, together), 1)
@@ -156,11 +159,11 @@ def run_sweep(
             }  # a lost node's task runs again from here, less what it had landed
             cpu_only = resources.cpu_only
             running[
-                group_task.options(**options).remote(
+                trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
+                if task.torchrun
+                else group_task.options(**options).remote(
                     sweep, task.label, list(task.trials), board, cpu_only, task.rungs, task.continues, task.together
                 )
-                if task.together or task.rungs is not None  # a search's trial climbs its rungs in one process
-                else trial_task.options(**options).remote(sweep, task.label, task.trials[0].overrides, board, cpu_only)
             ] = task
 
     def collect(refs) -> None:

@@ -1,7 +1,7 @@
-"""Trials trained in one process: a search's trial (a group of one, climbing every rung in that
-process), or with `--together N` the grid or a search's proposals in groups of at most N trials that
-can share a process. A group is the Ray task a grid's trial otherwise is (trial.py): in a temporary
-clone at the sweep's commit, one process trains the group (together.py), then each trial lands as
+"""Trials trained in one process: each trial alone (a group of one; a search's climbs every rung in
+that process), or with `--together N` the grid or a search's proposals in groups of at most N trials
+that can share a process. The Ray task of a group: in a temporary
+clone at the sweep's commit, one process trains the group (training.py), then each trial lands as
 its own DVC experiment by one `dvc exp run`, whose train stage finds the trial's finished
 checkpoint and only finishes (evaluate and visualize run as usual), and is pushed as a trial is. A
 search's group trains on with the trials its study does not prune at each rung; a pruned one lands
@@ -24,7 +24,7 @@ from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
 from pipeline.sweep.shared import Rungs, Sweep, TrialFailed, TrialResult
-from pipeline.sweep.together import group_key
+from pipeline.sweep.training import group_key
 from pipeline.sweep.trial import (
     checkout,
     continue_paused,
@@ -60,7 +60,7 @@ def run_group(
     search's group (`rungs`) asks the study at each rung which trials stop there; those land as
     the experiments of the epochs they reached. A search's paused trial promoted (`continues`: the
     epochs it reached, a group of one) goes on from its experiment, and replaces it. A group of
-    `--together` has the threads of a run alone (`threads_as_alone`); a search's trial alone, Ray's."""
+    `--together` has the threads of a run alone (`threads_as_alone`); a trial alone, Ray's."""
     started = time.monotonic()
     board.start.remote(label, ray.get_runtime_context().get_node_id())
     fail_lost_attempts(sweep, [trial.name for trial in trials])
@@ -135,10 +135,10 @@ def _train(
         answer.write(json.dumps({"stop": stop}) + "\n")
         answer.flush()
 
-    board.doing.remote(label, "training together")
+    board.doing.remote(label, "training together" if len(trials) > 1 else "training")
     try:
         run_watched(
-            [sys.executable, "-m", "pipeline.sweep.together", str(spec)],
+            [sys.executable, "-m", "pipeline.sweep.training", str(spec)],
             label,
             repo,
             env,

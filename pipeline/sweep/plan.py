@@ -55,10 +55,10 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.trials is not None:
         search_options.check_options(search_options.options_from(args))
     sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
-    if (args.together or args.trials is not None) and any(params.train.early_stopping for params in checked):
+    if args.trials is not None and any(params.train.early_stopping for params in checked):
         raise PipelineError(
-            "train.early_stopping ends a trial by itself, and a search (--trials) or trials trained together "
-            "(--together) train each trial to the epochs they choose: set it to 0, or sweep a grid one trial at a time"
+            "train.early_stopping ends a trial by itself, and a search (--trials) trains each trial to the epochs "
+            "its pruner chooses: set it to 0, or sweep a grid"
         )
     if (args.together or args.trials is not None) and any(params.train.num_processes > 1 for params in checked):
         raise PipelineError(

@@ -87,7 +87,7 @@ def finish(
     """Everything a sweep leaves once its trials have ended, on the parent run and on screen. Where
     the trials are not `comparable` (their decoders differ), none is named best. With a
     `registered_model`, its alias `best` points at the best trial's version. `trained`: alone,
-    searched or together (OUTSIDE_DVC_EXP_RUN)."""
+    searched, together or torchrun (OUTSIDE_DVC_EXP_RUN)."""
     summary = summarize(outcome, wall_seconds, comparable)
     configurations = repeats.repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
@@ -223,9 +223,10 @@ def point_best_alias(client: mlflow.MlflowClient, sweep: Sweep, registered_model
 
 # What a finished trial's seconds outside `dvc exp run` hold, by how the sweep's trials trained.
 OUTSIDE_DVC_EXP_RUN = {
-    "alone": "clone, data, push",
+    "alone": "clone, data, its training process, push",
     "searched": "clone, data, its training process, which climbs its rungs, push",
     "together": "clone, data, its share of its group's training process, push",
+    "torchrun": "clone, data, push",
 }
 
 

@@ -7,7 +7,7 @@ study lives in the project, in `mlruns/optuna.db` beside the MLflow store, so th
 again goes on from every trial it has; on Ray it is an actor on the driver's node, which every
 node's trials reach.
 
-A trial climbs its rungs in one process (groups.py, together.py), stopping at each for the study's
+A trial climbs its rungs in one process (groups.py, training.py), stopping at each for the study's
 answer, and lands as the experiment of the epochs it reached, with `train.epochs` that count, by
 one `dvc exp run`; the bytes are those of its run alone, which more epochs continue bit for bit."""
 

@@ -106,8 +106,9 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What one Ray task runs: a trial, or a group of trials trained together (`--together`). A
-    search's trial alone is a group of one, which climbs its rungs in one process."""
+    """What one Ray task runs: one trial, or a group of trials trained together (`--together`),
+    trained in one process (pipeline.sweep.training), then each landed by one `dvc exp run`. But a
+    trial of `train.num_processes` > 1 (`torchrun`): its own `dvc exp run` trains it, under torchrun."""
 
     label: str  # the trial's name, or "group N"
     trials: tuple[grid.Trial, ...]
@@ -115,6 +116,7 @@ class Task:
     attempt: int = 1
     rungs: Rungs | None = None  # a search's trials: where they may be pruned
     continues: int = 0  # a paused trial promoted: the epochs of the experiment it continues
+    torchrun: bool = False
 
 
 class TaskSource(Protocol):

@@ -34,8 +34,9 @@ from pipeline.sweep.watch import run_watched
 
 
 def run_trial(sweep: Sweep, name: str, overrides: tuple[str, ...], board, cpu_only: bool) -> TrialResult:
-    """The Ray task of a grid's trial: start to pushed experiment, one `dvc exp run` in a temporary
-    clone. (A search's trial, which stops at rungs, is a group of one: groups.run_group.)"""
+    """The Ray task of a grid's trial of `train.num_processes` > 1, which trains under torchrun:
+    start to pushed experiment, one `dvc exp run` in a temporary clone. (Every other trial trains
+    in one process, a group of one or more: groups.run_group.)"""
     started = time.monotonic()
     # No ray.get here: a task blocked in it lends its CPUs out, and the node would run one trial too many.
     board.start.remote(name, ray.get_runtime_context().get_node_id())

@@ -1,4 +1,4 @@
-"""`python -m pipeline.sweep.together SPEC`: one group of a sweep's trials, trained together in this
+"""`python -m pipeline.sweep.training SPEC`: one group of a sweep's trials, trained together in this
 process on one device, each exactly as it would train alone, into an MLflow run of its own.
 
 Each trial draws from generators of its own, in the calls a run alone makes: its initial weights
@@ -10,7 +10,8 @@ have written after its last epoch; `dvc exp run` of the trial then finds it and 
 Run by the sweep in its clone of the repository (the data split there), never by hand. SPEC is a
 JSON file: {"trials": [{"name", "overrides"}], "out": folder, "rungs": [epochs], "continues": epochs}.
 Writes, atomically, per trial, `<out>/<name>.pt` (trained) or `<out>/<name>.failed` (why not). A
-search's group stops at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on
+trial that `train.early_stopping` stops leaves the group then, as its run alone stops. A search's
+group stops at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on
 stdin): the trials it prunes leave the group there, as the checkpoints of the epochs they reached.
 A promoted trial (`continues`, a group of one) goes on from the finished run of its paused
 experiment, models/state.pt, as `dvc exp run` with more epochs continues it."""
@@ -44,7 +45,7 @@ from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.paths import STATE_FILE
 from pipeline.progress import record
 from pipeline.provenance import PARENT_RUN_VARIABLE
-from pipeline.run_state import Training, end_epoch, random_states, restore, save_checkpoint, seeded
+from pipeline.run_state import Training, end_epoch, random_states, restore, save_checkpoint, seeded, stops_early
 from pipeline.stage import run_stage
 from pipeline.step import TrainStep, divergence
 from pipeline.sweep import grid
@@ -139,6 +140,8 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
             StallGuard(stalled) as guard,
         ):
             for epoch in range(first_epoch, cfg.epochs + 1):
+                if not active:  # every trial diverged, or stopped early
+                    break
                 started = time.perf_counter()
                 ends = train_together([m.step for m in active], [m.state.order for m in active], guard.beat)
                 for member, (train_parts, first_bad_step) in zip(list(active), ends):
@@ -155,12 +158,13 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                 for member in active:
                     state = member.state
                     report_epoch(member.tracked, state.history[-1], seconds, state.model, validation, cfg.epochs)
+                ended = [m for m in active if stops_early(m.state.history, m.params.train)]  # train.early_stopping
                 if epoch in rungs:
                     with guard.paused():
-                        pruned = _pruned_at_rung(active, epoch)
-                    for member in pruned:
-                        _save(member, out, params_text, searched)
-                        active.remove(member)
+                        ended += _pruned_at_rung(active, epoch)
+                for member in ended:
+                    _save(member, out, params_text, searched)
+                    active.remove(member)
     except BaseException:
         for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
             member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
