@@ -85,8 +85,9 @@ def train(params: Params) -> None:
             flush=True,
         )
     continues_run_id = tracking.run_that_trained(experiment_id) if state.continued else None
+    identity = tracking.Identity.of_this_execution()
     tracked = tracking.training_run(
-        experiment_id, state.run_id, params, device, precision, data._asdict(), continues_run_id
+        experiment_id, state.run_id, params, device, precision, data._asdict(), identity, continues_run_id
     )
     tracked.log_history(state.history)
     if ranks.writer and not state.history:  # a run from scratch: its step 0

@@ -233,21 +233,11 @@ def _start(
     )
     step.resume_after(len(state.history))  # where beta's warm-up is
     continues_run_id = tracking.run_that_trained(experiment_id) if continues else None
-    os.environ["DVC_EXP_NAME"] = trial.name  # the run's name and dvc.exp_name tag, as under `dvc exp run`
-    try:
-        tracked = tracking.training_run(
-            experiment_id,
-            None,
-            params,
-            device,
-            precision,
-            {"train": train_images, "validation": validation},
-            continues_run_id,
-            params_text=params_text,
-            epochs_later=epochs_later,
-        )
-    finally:
-        del os.environ["DVC_EXP_NAME"]
+    identity = tracking.Identity(trial.name, None if epochs_later else params_text)  # as its `dvc exp run` names it
+    datasets = {"train": train_images, "validation": validation}
+    tracked = tracking.training_run(
+        experiment_id, None, params, device, precision, datasets, identity, continues_run_id
+    )
     if state.history:
         tracked.log_history(state.history)  # the epochs it continues from, as a run alone logs them
     else:

@@ -3,6 +3,7 @@ logs (run.py), and which run that is, tied to the model it trained or evaluates 
 reports results and changes none: editing it reruns no stage."""
 
 from pipeline.tracking.link import (
+    Identity,
     dvc_tags,
     log_data,
     log_epochs_reached,
@@ -16,6 +17,7 @@ from pipeline.tracking.run import TrackedRun
 from pipeline.tracking.store import connect
 
 __all__ = [
+    "Identity",
     "TrackedRun",
     "connect",
     "dvc_tags",

@@ -86,6 +86,22 @@ def write_record(record: Record) -> None:
     atomic.write_text(RUN_FILE, json.dumps(dataclasses.asdict(record)) + "\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a new training run is named and records as its params.yaml: the DVC experiment it is
+    (None: none, so the commit and the params that differ name it) and that experiment's
+    params.yaml (None: not known yet, where `train.epochs` is settled when training stops, as a
+    search's trial's is; `log_epochs_reached` logs both then)."""
+
+    experiment: str | None
+    params_text: str | None
+
+    @classmethod
+    def of_this_execution(cls) -> Identity:
+        """This process's: the experiment `dvc exp run` names (DVC_EXP_NAME), and params.yaml."""
+        return cls(os.environ.get("DVC_EXP_NAME"), PARAMS_FILE.read_text())
+
+
 def training_run(
     experiment_id: str | None,
     resumed_run_id: str | None,
@@ -93,16 +109,13 @@ def training_run(
     device: torch.device,
     precision: str,
     datasets: dict[str, torch.Tensor],
+    identity: Identity,
     continues_run_id: str | None = None,
-    params_text: str | None = None,
-    epochs_later: bool = False,
 ) -> TrackedRun:
-    """The run to train into: the interrupted run again when training resumes, otherwise this
-    execution's new run, with its data (`datasets`: context -> uint8 images) as inputs, the
+    """The run to train into: the interrupted run again when training resumes, otherwise a new run
+    of this `identity`, with its data (`datasets`: context -> uint8 images) as inputs, the
     precision it trains in (`train.precision` resolved) and the finished run it continues, if
-    any, as tags. `params_text`: the params.yaml a trial of a sweep would have (default: the file).
-    `epochs_later`: a search's trial in a group, whose `train.epochs` is the rung it is pruned at
-    or the last, logged with params.yaml once known (`log_epochs_reached`)."""
+    any, as tags."""
     if experiment_id is None:
         return TrackedRun(None)
     tracked = None
@@ -116,7 +129,7 @@ def training_run(
                 file=sys.stderr,
             )
     if tracked is None:
-        tracked = _new_run(experiment_id, params, "train", device, params_text, epochs_later)
+        tracked = _new_run(experiment_id, params, "train", device, identity)
         tracked.set_tags(
             {PRECISION_TAG: precision} | ({CONTINUED_RUN_TAG: continues_run_id} if continues_run_id else {})
         )
@@ -164,7 +177,7 @@ def run_for_stage(
     model_id, training_run_id = (
         (trained.model_id, trained.training_run_id) if trained else _find_trained_model(experiment_id, model_sha256)
     )
-    tracked = _new_run(experiment_id, params, stage, device)
+    tracked = _new_run(experiment_id, params, stage, device, Identity.of_this_execution())
     tracked.model_id = model_id
     link = (
         {MODEL_SHA256_TAG: model_sha256}
@@ -208,33 +221,27 @@ def _find_trained_model(experiment_id: str, model_sha256: str) -> tuple[str | No
     return (found[0].model_id, found[0].source_run_id) if found else (None, None)
 
 
-def _new_run(
-    experiment_id: str,
-    params: Params,
-    stage: str,
-    device: torch.device,
-    params_text: str | None = None,
-    epochs_later: bool = False,
-) -> TrackedRun:
-    """A new run of this execution, named and labelled: its params, params.yaml and the packages
+def _new_run(experiment_id: str, params: Params, stage: str, device: torch.device, identity: Identity) -> TrackedRun:
+    """A new run, named and labelled as `identity` says: its params, params.yaml and the packages
     it ran with, where it comes from (MLflow's source and git tags), where it runs."""
     source = provenance.source()
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=provenance.run_name(params, source))
+    name = identity.experiment or provenance.run_name(params, source)
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name)
     tracked = TrackedRun(run.info.run_id)
     flat = provenance.flat_yaml(params)
-    if epochs_later:
+    if identity.params_text is None:
         del flat[EPOCHS_PARAM]
     else:
-        tracked.log_text(params_text or PARAMS_FILE.read_text(), PARAMS_FILE.name)
+        tracked.log_text(identity.params_text, PARAMS_FILE.name)
     tracked.log_params(flat)
-    tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags())
+    tracked.set_tags(runtime_tags(device) | provenance.source_tags(source, stage) | dvc_tags(identity.experiment))
     tracked.log_text(provenance.environment(), "environment/requirements.txt")
     return tracked
 
 
 def log_epochs_reached(tracked: TrackedRun, params: Params, params_text: str) -> None:
-    """What `training_run(..., epochs_later=True)` held back: `train.epochs` and params.yaml, those
-    of the experiment the trial lands as."""
+    """What a run of an `Identity` without params.yaml held back: `train.epochs` and params.yaml,
+    those of the experiment the trial lands as."""
     tracked.log_params({EPOCHS_PARAM: provenance.flat_yaml(params)[EPOCHS_PARAM]})
     tracked.log_text(params_text, PARAMS_FILE.name)
 
@@ -256,15 +263,16 @@ def runtime_tags(device: torch.device) -> dict[str, str]:
     return tags
 
 
-def dvc_tags() -> dict[str, str]:
-    """What ties the run to DVC: the experiment name under `dvc exp run`, and the dvc.lock the
-    stage started from (DVC writes the new one after the stage); and, for a trial of a sweep, the
-    sweep's run as MLflow's parent, so the UI nests it there."""
+def dvc_tags(experiment: str | None = None) -> dict[str, str]:
+    """What ties the run to DVC: the `experiment`'s name (default: the one `dvc exp run` gives this
+    process), and the dvc.lock the stage started from (DVC writes the new one after the stage);
+    and, for a trial of a sweep, the sweep's run as MLflow's parent, so the UI nests it there."""
     tags = {}
     if os.environ.get(PARENT_RUN_VARIABLE):
         tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_RUN_VARIABLE]
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    experiment = experiment or os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        tags["dvc.exp_name"] = experiment
     lock = Path("dvc.lock")
     if lock.exists():
         tags["dvc.lock.parent_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
