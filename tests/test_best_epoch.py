@@ -31,6 +31,7 @@ NOTHING_IMPROVES_BY = 1e6
 # main before these params: with their defaults the model must be the bytes this commit trains.
 BEFORE_THESE_PARAMS = "afc00f39c3586dfb49698125e9df7f91e28ea7f4"
 NEW_TRAIN_PARAMS = ("early_stopping", "min_delta", "keep_epoch", "kl_warmup_epochs", "free_bits", "num_threads")
+NEW_DATA_PARAMS = ("train_images", "test_images")
 # A run that keeps its best epoch, with a KL warm-up that lasts past the kill and free bits.
 KL_TERM = {"train.kl_warmup_epochs": 2, "train.free_bits": 0.25}
 KEPT_BEST = {"train.epochs": 3, "train.keep_epoch": "best", "train.min_delta": NOTHING_IMPROVES_BY, **KL_TERM}
@@ -168,8 +169,11 @@ def test_the_default_params_train_the_bytes_the_code_before_these_params_trained
     (before / "project.tar").unlink()
     params = yaml.safe_load((reproduced / "params.yaml").read_text())
     assert [params["train"][key] for key in NEW_TRAIN_PARAMS] == [0, 0.0, "last", 0, 0.0, 0], "the defaults"
+    assert [params["data"][key] for key in NEW_DATA_PARAMS] == [None, None], "all of the images"
     for key in NEW_TRAIN_PARAMS:  # the code before them refuses keys it does not know
         del params["train"][key]
+    for key in NEW_DATA_PARAMS:
+        del params["data"][key]
     (before / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], before)
     run(["git", "add", "-A"], before)
