@@ -107,14 +107,6 @@ def best_weights(model: VAE, is_best: bool, best: dict[str, torch.Tensor] | None
     return best
 
 
-def random_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """This process's random states: the CPU's, the data order's and the GPU's."""
-    rng = {"cpu": torch.get_rng_state(), "permutation": generator.get_state()}
-    if generator.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(generator.device)
-    return rng
-
-
 def save_checkpoint(
     fingerprint: dict,
     model: VAE,
@@ -126,7 +118,7 @@ def save_checkpoint(
     path: Path = CHECKPOINT_FILE,
 ) -> None:
     """All a killed run needs to go on as if it had not stopped: weights, optimizer, every process's
-    random states (`random_states` of each rank, in rank order), the epochs' history (`history.to_saved`),
+    random states (`run_state.random_states` of each rank, in rank order), the epochs' history (`history.to_saved`),
     the best epoch's weights (`train.keep_epoch: best` keeps them) and the MLflow run. A sweep training
     trials together writes each trial's to a `path` of its own."""
     save_torch(

@@ -52,8 +52,12 @@ def seeded(params: Params, device: torch.device, rank: int = 0, world_size: int 
 def copy_of_default_generator(device: torch.device) -> torch.Generator:
     """A generator in the state `device`'s default generator is in now."""
     generator = torch.Generator(device)
-    generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    generator.set_state(default_generator_state(device))
     return generator
+
+
+def default_generator_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def random_states(state: Training) -> dict[str, torch.Tensor]:
@@ -66,7 +70,7 @@ def random_states(state: Training) -> dict[str, torch.Tensor]:
 def restore(state: Training, checkpoint: dict, rank: int = 0) -> None:
     """The weights, optimizer, random states, history and best weights a checkpoint holds."""
     state.best_model = model_files.restore_checkpoint(checkpoint, state.model, state.optimizer, state.order, rank)
-    state.noise.set_state(copy_of_default_generator(state.noise.device).get_state())
+    state.noise.set_state(default_generator_state(state.noise.device))  # as restore_checkpoint left it
     state.cpu_state = torch.get_rng_state()
     state.history = history.from_saved(checkpoint["history"])
 

@@ -15,9 +15,17 @@ from pipeline import history
 from pipeline.errors import PipelineError
 from pipeline.losses import DatasetLoss
 from pipeline.model import VAE
-from pipeline.model_files import load_checkpoint, random_states, save_checkpoint
+from pipeline.model_files import load_checkpoint, save_checkpoint
+from pipeline.params import Params
 from pipeline.paths import CHECKPOINT_FILE
+from pipeline.run_state import random_states, seeded
 from tests.projects import ROOT
+
+
+def cpu_run_states() -> list[dict[str, torch.Tensor]]:
+    """The random states a checkpoint of a one-process CPU run keeps."""
+    return [random_states(seeded(Params(), torch.device("cpu")))]
+
 
 # The losses (train's and val's reconstruction, KL, total, optimised), the active units, the KL by dimension.
 HISTORY = [[1, 30.0, 4.0, 34.0, 34.0, 29.0, 4.5, 33.5, 33.5, 2, 2.0, 2.5]]
@@ -31,7 +39,7 @@ def test_a_checkpoint_trained_on_cuda_is_refused_on_the_cpu_and_kept(tmp_path, m
         FINGERPRINT,
         model,
         torch.optim.Adam(model.parameters()),
-        [random_states(torch.Generator())],
+        cpu_run_states(),
         HISTORY,
         None,
         model.state_dict(),
@@ -54,7 +62,7 @@ def test_a_checkpoint_written_after_a_resume_is_the_bytes_of_one_written_without
     """The rows loaded from a checkpoint and those trained after it are written alike."""
     monkeypatch.chdir(tmp_path)
     model = VAE()
-    optimizer, rng = torch.optim.Adam(model.parameters()), [random_states(torch.Generator())]
+    optimizer, rng = torch.optim.Adam(model.parameters()), cpu_run_states()
     epochs = [history.EpochLosses.of(epoch, torch.rand(4), validation(torch.rand(4))) for epoch in (1, 2)]
 
     save_checkpoint(FINGERPRINT, model, optimizer, rng, history.to_saved(epochs), None, model.state_dict())
