@@ -459,7 +459,7 @@ def test_on_one_machine_a_trial_runs_at_the_priority_of_a_run_alone():
     probe = (
         "import argparse, os, ray\n"
         "from pipeline.sweep import cluster\n"
-        "options = dict(gpus_per_trial=None, cpus_per_trial=None, together=0, max_concurrent=0)\n"
+        "options = dict(gpus_per_trial=None, cpus_per_trial=None, together=0, max_concurrent=0, trials=None)\n"
         "cluster.start_ray(argparse.Namespace(**options))\n"
         "print('worker niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\n"
     )

@@ -12,7 +12,6 @@ Every file of the package, and its job: pipeline/sweep/__init__.py."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import threading
@@ -150,10 +149,6 @@ def sweep_trials(
     params_of = {trial.name: params for trial, params in zip(plan.trials, plan.params)}
     tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
     proposals, kept = None, {}
-    if plan.space is not None:  # each proposal waits for room, so the sampler sees every result before it
-        resources = dataclasses.replace(
-            resources, max_concurrent=min(resources.max_concurrent or resources.capacity, resources.capacity)
-        )
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args, resources)
     if plan.space is not None:  # a search: its trials are proposed as it goes, and it keeps those it had

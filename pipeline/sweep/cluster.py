@@ -52,7 +52,8 @@ def start_ray(args: argparse.Namespace) -> Resources:
     package as the driver has it. Without --gpus-per-trial, a group trained together takes a whole
     GPU where the cluster has one, and a trial alone none; without --cpus-per-trial, a group on the
     CPU takes a whole node (its trials use every core, as a run alone does), and anything else one
-    CPU. A task no node can hold is refused now, not left pending. Returns what each task gets."""
+    CPU. A task no node can hold is refused now, not left pending. Returns what each task gets, and
+    how many run at once."""
     address = os.environ.get("RAY_ADDRESS")
     if not address:  # a Ray of our own
         # Ray runs its workers at nice 15, and a trial's `dvc exp run` is its worker's child: beside
@@ -90,11 +91,14 @@ def start_ray(args: argparse.Namespace) -> Resources:
             f"no node of the Ray cluster has {cpus_per_trial:g} CPUs and {gpus_per_trial:g} "
             "GPUs for a task: lower --cpus-per-trial / --gpus-per-trial, or add a node"
         )
-    fits = sum(
-        int(min(n.get("CPU", 0) // cpus_per_trial, n.get("GPU", 0) // gpus_per_trial if gpus_per_trial else 1e9))
-        for n in nodes
-    )
-    return Resources(cpus_per_trial, gpus_per_trial, args.max_concurrent, fits or 1)
+    max_concurrent = args.max_concurrent
+    if args.trials is not None:  # a search: each proposal waits for room, so the sampler sees every result before it
+        fits = sum(
+            int(min(n.get("CPU", 0) // cpus_per_trial, n.get("GPU", 0) // gpus_per_trial if gpus_per_trial else 1e9))
+            for n in nodes
+        )
+        max_concurrent = min(max_concurrent or fits, fits) or 1
+    return Resources(cpus_per_trial, gpus_per_trial, max_concurrent)
 
 
 class Progress:

@@ -72,8 +72,7 @@ class Resources:
 
     cpus_per_trial: float
     gpus_per_trial: float
-    max_concurrent: int  # tasks at once (0: as many as Ray takes)
-    capacity: int  # tasks the cluster runs at once, each of cpus_per_trial and gpus_per_trial
+    max_concurrent: int  # tasks at once (0: as many as Ray takes; a search's: at most what the cluster fits)
 
     @property
     def cpu_only(self) -> bool:

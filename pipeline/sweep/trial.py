@@ -1,8 +1,9 @@
-"""One trial of a sweep, as a Ray task on whichever node has room for it: the repository at the
-sweep's commit from the git remote, the data from the DVC remote, `dvc exp run` with the trial's
-params, and the experiment pushed back to both remotes, so it outlives the node that ran it. On one
-machine (no RAY_ADDRESS) the clone is of this repository, on its DVC cache and MLflow store, and the
-experiment is pushed straight back here: no remote and no server.
+"""What a trial's Ray task does around its training (groups.py): the repository at the sweep's
+commit from the git remote, the data from the DVC remote, and the landed experiment pushed back to
+both remotes, so it outlives the node that ran it; and the whole task of a trial that trains under
+torchrun (`train.num_processes` > 1), `dvc exp run` with its params. On one machine (no RAY_ADDRESS)
+the clone is of this repository, on its DVC cache and MLflow store, and the experiment is pushed
+straight back here: no remote and no server.
 
 A failed trial (a diverged loss, a bad stage) raises TrialFailed, which is not run again; a lost
 node is a system failure, whose task the driver runs again elsewhere, and the lost attempt's MLflow
