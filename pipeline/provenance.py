@@ -156,10 +156,8 @@ def overrides(run_params: dict[str, str], commit: str | None) -> dict[str, str] 
 
 
 def run_name(params: Params, src: Source) -> str | None:
-    """The DVC experiment's name under `dvc exp run` (queued ones too), so that `dvc exp show` and
-    MLflow's runs list agree; under `dvc repro`, the commit and the params that differ from it."""
-    if os.environ.get("DVC_EXP_NAME"):
-        return os.environ["DVC_EXP_NAME"]
+    """The name of a run that is no DVC experiment (under `dvc repro`): the commit and the params
+    that differ from it. An experiment's run takes the experiment's name (tracking.Identity)."""
     if src.commit is None:
         return None  # MLflow makes one up
     changed = overrides(flat_yaml(params), src.commit) or {}
