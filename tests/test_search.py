@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
 from pipeline.params import Params
 from pipeline.provenance import CONTINUED_RUN_TAG
-from pipeline.sweep import grid, report, search, search_options, search_report, space
+from pipeline.sweep import front, grid, report, search, search_options, search_report, space
 from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.shared import Outcome, Sweep, TrialResult
 from pipeline.sweep.trial import experiment_results
@@ -101,6 +101,15 @@ def search_env() -> dict[str, str]:
         (
             ["-S", "train.beta=1,4", "-S", "train.early_stopping=2", "--trials", "2"],
             "train.early_stopping ends a trial by itself",
+        ),
+        (["-S", "train.beta=1,4", "--trials", "2", "--objectives", "val_total"], "--objectives takes val_neg_elbo"),
+        (
+            ["-S", "train.beta=1,4", "--trials", "2", "--objectives", "rate,distortion", "--pruner", "asha"],
+            "--pruner asha ranks a rung's trials by one number",
+        ),
+        (
+            ["-S", "train.beta=1,4", "-S", "train.keep_epoch=best", "--trials", "2", "--objectives", "rate,distortion"],
+            "train.keep_epoch: best keeps the epoch of the best val_total",
         ),
     ],
 )
@@ -180,24 +189,31 @@ def test_the_same_seed_proposes_the_same_trials_and_another_seed_others(tmp_path
 HELD_OUT = ["train.learning_rate=0.0005,0.002,0.008", "train.beta=1,4", "model.latent_dim=2,8"]  # 12 points
 
 
+def default_options(trials: int, seed: int = 0) -> search_options.SearchOptions:
+    """The default search's options (TPE, its start, successive halving)."""
+    return search_options.SearchOptions(trials, "tpe", seed, "asha", 1, 3)
+
+
 def search_study(sets: list[str], trials: int, seed: int = 0, storage: str = "sqlite://") -> search.SearchStudy:
-    """The default search's study (TPE, its start, successive halving), in memory unless `storage`."""
-    parsed = space.parse(sets, default_params_text())
-    return search.SearchStudy("s", parsed, search_options.SearchOptions(trials, "tpe", seed, "asha", 1, 3), storage, 9)
+    """The default search's study, in memory unless `storage`."""
+    return search.SearchStudy("s", space.parse(sets, default_params_text()), default_options(trials, seed), storage, 9)
 
 
-def log_search_on_a_parent(tmp_path: Path, study: search.SearchStudy) -> tuple[mlflow.MlflowClient, str]:
-    """search_report.log_search of `study` onto a parent run of a fresh store: the client and the run."""
+def log_search_on_a_parent(
+    tmp_path: Path, study: search.SearchStudy, options: search_options.SearchOptions
+) -> tuple[mlflow.MlflowClient, str, list | None]:
+    """search_report.log_search of `study` onto a parent run of a fresh store: the client, the run
+    and what it returned (a two-objective search's front)."""
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.create_run(client.create_experiment("e")).info.run_id
     sweep = Sweep("", "", None, client.tracking_uri, "0", parent)
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client.tracking_uri)  # where mlflow.log_table writes, as the sweep's driver sets it
     try:
-        search_report.log_search(client, sweep, study.study, Outcome())
+        logged = search_report.log_search(client, sweep, study.study, Outcome(), options, "mse")
     finally:
         mlflow.set_tracking_uri(before)
-    return client, parent
+    return client, parent, logged
 
 
 def told_by_point(study: search.SearchStudy, asked) -> float:
@@ -205,7 +221,7 @@ def told_by_point(study: search.SearchStudy, asked) -> float:
     number, trial, _ = asked
     values = dict(o.split("=") for o in trial.overrides)
     objective = float(values["train.learning_rate"]) * 1000 + float(values["train.beta"])
-    study.tell(number, objective, False, {"epochs": 9, "metrics": {OBJECTIVE: objective}})
+    study.tell(number, {OBJECTIVE: objective}, False, {"epochs": 9, "metrics": {OBJECTIVE: objective}})
     return objective
 
 
@@ -244,7 +260,7 @@ def test_a_proposal_of_a_point_that_trains_now_takes_its_result_when_it_ends():
     copies = [t for t in study.study.trials if search.SAME_AS_ATTR in t.user_attrs]
     assert copies and all(t.state == optuna.trial.TrialState.RUNNING for t in copies), "no result known yet"
     study.report(first[0], 1, 30.0)
-    study.tell(first[0], 30.0, True, {"epochs": 1, "metrics": {OBJECTIVE: 30.0}})
+    study.tell(first[0], {OBJECTIVE: 30.0}, True, {"epochs": 1, "metrics": {OBJECTIVE: 30.0}})
     for copy in copies:
         told = study.study.trials[copy.number]
         assert told.state == optuna.trial.TrialState.PRUNED and told.intermediate_values == {1: 30.0}
@@ -260,7 +276,7 @@ def test_a_paused_slow_starter_is_promoted_once_later_trials_rank_it_among_the_b
         pruned = study.report(number, 1, objective)
         if objective < 43.0:
             assert study.promote() is None, "no paused trial is among the best ⌊n/3⌋ yet"
-        study.tell(number, objective if not pruned else None, pruned, {"epochs": 1, "metrics": {OBJECTIVE: objective}})
+        study.tell(number, {OBJECTIVE: objective}, pruned, {"epochs": 1, "metrics": {OBJECTIVE: objective}})
         assert pruned == (objective != 32.0)
     number, trial, epochs = study.promote()
     assert (trial.name, epochs) == ("s-2", 1)
@@ -295,8 +311,8 @@ def test_importances_are_skipped_in_one_line_when_every_trial_has_the_same_objec
     study = search_study(["visualize.num_images=4,5,6"], trials=3)
     for _ in range(3):
         number, _, _ = study.ask()
-        study.tell(number, 25.0, False, {"epochs": 9, "mlflow_run_id": None, "metrics": {OBJECTIVE: 25.0}})
-    client, parent = log_search_on_a_parent(tmp_path, study)
+        study.tell(number, {OBJECTIVE: 25.0}, False, {"epochs": 9, "mlflow_run_id": None, "metrics": {OBJECTIVE: 25.0}})
+    client, parent, _ = log_search_on_a_parent(tmp_path, study, default_options(3))
     said = capsys.readouterr().out
     assert (
         said == f"no parameter importances: the 3 trials that trained every epoch all have {OBJECTIVE} 25.0000, "
@@ -347,14 +363,15 @@ def test_a_search_run_again_is_refused_with_another_space(tmp_path):
 
 def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
     parsed = space.parse(["train.learning_rate=interval(0.0001, 0.01)", "train.beta=0.5,1,2"], default_params_text())
-    study = search.SearchStudy("s", parsed, search_options.SearchOptions(6, "random", 0, "asha", 1, 3), "sqlite://", 3)
+    options = search_options.SearchOptions(6, "random", 0, "asha", 1, 3)
+    study = search.SearchStudy("s", parsed, options, "sqlite://", 3)
     for _ in range(6):
         number, trial, _ = study.ask()
         values = dict(o.split("=") for o in trial.overrides)
         objective = float(values["train.learning_rate"]) * 1000
         attrs = {"epochs": 3, "mlflow_run_id": None, "metrics": {OBJECTIVE: objective}}
-        study.tell(number, objective, False, attrs)
-    client, parent = log_search_on_a_parent(tmp_path, study)
+        study.tell(number, attrs["metrics"], False, attrs)
+    client, parent, _ = log_search_on_a_parent(tmp_path, study, options)
     artifacts = {a.path for a in client.list_artifacts(parent, "search")}
     assert artifacts == {
         "search/history.json",
@@ -370,12 +387,55 @@ def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
     assert [row["best_so_far"] for row in rows] == [min(r[OBJECTIVE] for r in rows[: i + 1]) for i in range(len(rows))]
 
 
+def test_a_two_objective_search_logs_its_rate_distortion_front(tmp_path):
+    """With --objectives rate,distortion the study has two directions and each landed trial is told
+    its validation KL and reconstruction; the parent run gets the front (the trials no other beats
+    on both, lowest rate first) as a table, a figure and a tag."""
+    parsed = space.parse(["train.beta=0.25,0.5,1,2,4,8"], default_params_text())
+    options = search_options.SearchOptions(6, "random", 0, "none", 1, 3, ("rate", "distortion"))
+    study = search.SearchStudy("s", parsed, options, "sqlite://", 3)
+    assert study.study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    for _ in range(6):
+        number, trial, _ = study.ask()
+        beta = float(dict(o.split("=") for o in trial.overrides)["train.beta"])
+        # A larger beta: less rate, more distortion; but beta 2 is made worse than beta 4 on both.
+        rate, distortion = 10 / beta, (20 + 5 * beta if beta != 2 else 40)
+        metrics = {"val_kl": rate, "val_reconstruction": distortion, OBJECTIVE: rate + distortion}
+        study.tell(number, metrics, False, {"epochs": 3, "mlflow_run_id": None, "metrics": metrics})
+    assert [t.values for t in search.trained(study.study) if t.params["train.beta"] == 4] == [[2.5, 40.0]]
+    client, parent, logged = log_search_on_a_parent(tmp_path, study, options)
+    assert [point.params["train.beta"] for point in logged] == [8, 4, 1, 0.5, 0.25], "beta 2 is dominated"
+    assert {a.path for a in client.list_artifacts(parent, "search")} == {
+        "search/front.json",
+        "search/rate_distortion.png",
+    }
+    table = json.loads(Path(client.download_artifacts(parent, "search/front.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(row["train.beta"], row["rate"], row["distortion"]) for row in rows] == [
+        (8, 1.25, 60.0),
+        (4, 2.5, 40.0),
+        (1, 10.0, 25.0),
+        (0.5, 20.0, 22.5),
+        (0.25, 40.0, 21.25),
+    ]
+    assert client.get_run(parent).data.tags[front.FRONT_TAG] == " ".join(row["trial"] for row in rows)
+
+
+def test_a_pruned_trial_is_drawn_but_never_on_the_front():
+    """It trained fewer epochs: a point of another model than its params', so it cannot beat one."""
+    full = [front.Point("a", 1.0, 10.0, {}, False), front.Point("b", 2.0, 5.0, {}, False)]
+    pruned = front.Point("c", 0.5, 4.0, {}, True)  # would dominate both
+    assert front.pareto_front([*full, pruned]) == full
+    assert front.pareto_front([*full, front.Point("d", 3.0, 6.0, {}, False)]) == full, "d is worse than b on both"
+
+
 @dataclasses.dataclass(frozen=True)
 class Searched:
     project: Path
     output: subprocess.CompletedProcess
     together: subprocess.CompletedProcess  # the same search, its trials trained together
     same: subprocess.CompletedProcess  # the default search of two points that train the same model
+    rate_distortion: subprocess.CompletedProcess  # a two-objective search of three betas
     env: dict[str, str]
 
 
@@ -384,10 +444,10 @@ def searched(tmp_path_factory) -> Searched:
     """A 2-epoch search of 4 points with a budget of 5, a rung at 1 epoch, one trial at a time (Ray
     gives each one thread), in which a pruned trial is promoted later; a search of 2 of those
     points with its trials trained together on one thread; a search of 3 trials (TPE, Hyperband)
-    over 2 points that differ only in a figure's param; then the last pruned trial's params trained alone
-    on one thread for 1 and for 2 epochs, the promoted one's for 2, and the last pruned trial
-    applied and continued to 2 as a user types it (these four the train stage alone: its outputs
-    are what the tests compare)."""
+    over 2 points that differ only in a figure's param; a two-objective search of 3 betas; then
+    the last pruned trial's params trained alone on one thread for 1 and for 2 epochs, the promoted
+    one's for 2, and the last pruned trial applied and continued to 2 as a user types it (these
+    four the train stage alone: its outputs are what the tests compare)."""
     tmp = tmp_path_factory.mktemp("search")
     project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
     env = search_env()
@@ -419,6 +479,13 @@ def searched(tmp_path_factory) -> Searched:
         check=False,
         env=env,
     )
+    rate_distortion = run(
+        [*SEARCH, "-S", "train.beta=0.25,1,4", *PART_OF_THE_DATA, "--trials", "3", "--objectives", "rate,distortion"]
+        + ["-n", "rd"],
+        project,
+        check=False,
+        env=env,
+    )
     # As a user's shell types them: no OMP_NUM_THREADS, so torch would take every core but for the
     # threads the command (or the applied experiment) sets.
     typed = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
@@ -432,7 +499,7 @@ def searched(tmp_path_factory) -> Searched:
     run(["dvc", "exp", "apply", "srch-4"], project, env=env)
     run(["dvc", "exp", "run", "-n", "srch-4-more", "-S", "train.epochs=2", "train"], project, env=typed)
     run(["git", "checkout", "--", "."], project)
-    return Searched(project, output, together, same, env)
+    return Searched(project, output, together, same, rate_distortion, env)
 
 
 PART_OF_THE_DATA = ("-S", "data.train_images=200", "-S", "data.test_images=30")  # of the mirror's 240 and 60
@@ -635,3 +702,33 @@ def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_i
         }
         rows = {context: json.loads(dataset.profile)["features_shape"][0] for context, dataset in contexts.items()}
         assert rows == {"train": 160, "validation": 40, "test": 30}, "80/20 of 200, and the first 30 test images"
+
+
+def test_a_rate_distortion_search_lands_its_trials_and_logs_and_prints_their_front(searched):
+    """`--objectives rate,distortion` as a user types it: no pruning, each trial trains every epoch
+    and lands; the table shows each trial's rate and distortion; the front printed last is the one
+    on the parent run, and it is the trials' Pareto front by their own metrics; no trial is named best."""
+    done = searched.rate_distortion
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(seed 0), no pruning, 3 trials to go" in done.stdout, done.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{searched.project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
+    parent = client.search_runs([experiment], filter_string="attributes.run_name = 'rd'")[0]
+    assert parent.info.status == "FINISHED" and "best_trial" not in parent.data.tags
+    assert (parent.data.params["sweep.objective"], parent.data.params["sweep.pruner"]) == ("rate,distortion", "none")
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    trials = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted(t["trial"] for t in trials) == ["rd-1", "rd-2", "rd-3"] and {t["epochs"] for t in trials} == {2}
+    points = [front.Point(t["trial"], t["val_kl"], t["val_reconstruction"], {}, False) for t in trials]
+    expected = [point.trial for point in front.pareto_front(points)]
+    logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/front.json")).read_text())
+    assert [row[0] for row in logged["data"]] == expected
+    assert parent.data.tags[front.FRONT_TAG] == " ".join(expected)
+    assert "search/rate_distortion.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    printed = done.stdout[done.stdout.index("the rate-distortion front, lowest rate first") :].splitlines()[2:]
+    assert [line.split()[0] for line in printed if line.strip()] == expected, done.stdout
+    study = optuna.load_study(study_name="rd", storage=f"sqlite:///{searched.project / search.SEARCH_STORE}")
+    by_name = {t["trial"]: t for t in trials}
+    for trial in search.trained(study):
+        landed = by_name[trial.user_attrs["experiment"]]
+        assert trial.values == [landed["val_kl"], landed["val_reconstruction"]], "each trial told its rate, distortion"

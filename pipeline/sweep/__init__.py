@@ -24,4 +24,5 @@ The files, in the order a sweep meets them:
     report.py          what the sweep leaves: the parent run, the trials' table and their runs' ends
     repeats.py         repeats over `seed`: each configuration's mean and spread
     search_report.py   what a search adds: its history, the params' importances, Optuna's tags
+    front.py           a two-objective search's rate-distortion front: its table, figure and lines
 """

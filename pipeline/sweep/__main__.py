@@ -25,7 +25,8 @@ from dvc.repo.experiments.utils import gen_random_name
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
-from pipeline.sweep import cluster, report, search, search_options, search_report
+from pipeline.history import OBJECTIVE
+from pipeline.sweep import cluster, front, report, search, search_options, search_report
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
 from pipeline.sweep.proposals import Proposals
@@ -91,10 +92,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     search.add_argument("--sampler", default="tpe", help="tpe (default), random or grid (lists only)")
     search.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
     search.add_argument(
+        "--objectives",
+        default="val_neg_elbo",
+        help="what the search minimises: val_neg_elbo (default), or rate,distortion (the validation KL and "
+        "reconstruction, the rate-distortion front of Alemi et al. 2018, with Optuna's multi-objective TPE)",
+    )
+    search.add_argument(
         "--pruner",
-        default="hyperband",
-        help="hyperband (default: brackets of successive halving, from different first rungs), asha "
-        "(successive halving, asynchronous), or none (every trial to train.epochs)",
+        help="hyperband (the default with one objective: brackets of successive halving, from different first "
+        "rungs), asha (successive halving, asynchronous), or none (every trial to train.epochs; the default with "
+        "two objectives)",
     )
     search.add_argument("--min-epochs", type=int, default=1, help="the first rung: epochs before any pruning (1)")
     search.add_argument(
@@ -148,7 +155,7 @@ def sweep_trials(
             print(f"kept from before: {', '.join(kept)} (experiments here already)", flush=True)
     params_of = {trial.name: params for trial, params in zip(plan.trials, plan.params)}
     tasks = cluster.tasks(trials, [params_of[trial.name] for trial in trials], args.together)
-    proposals, kept = None, {}
+    proposals, kept, rate_distortion = None, {}, None
     client = mlflow.MlflowClient()
     parent_run_id = report.open_parent_run(client, plan, args, resources)
     if plan.space is not None:  # a search: its trials are proposed as it goes, and it keeps those it had
@@ -209,7 +216,9 @@ def sweep_trials(
             outcome.kept = {name: result for name, (_, result) in kept.items()}
             trials = [trial for trial, _ in kept.values()] + proposals.trials()
             try:
-                search_report.log_search(client, sweep, study, outcome)
+                rate_distortion = search_report.log_search(
+                    client, sweep, study, outcome, options, plan.params[0].train.reconstruction
+                )
             except Exception as exc:  # the history's figures: the trials and the summary are logged all the same
                 print(f"warning: the search's history and importances were not logged: {exc}", flush=True)
         decoders = {params.train.reconstruction for params in plan.params}
@@ -222,7 +231,10 @@ def sweep_trials(
             len(decoders) == 1,
             plan.tracking.registered_model,
             how_trained(args, tasks, proposals),
+            search_options.options_from(args).metrics if proposals is not None else (OBJECTIVE,),
         )
+        if rate_distortion is not None:
+            front.print_front(rate_distortion)
     except BaseException as exc:  # whatever ends the sweep here, its run does not stay RUNNING
         if client.get_run(parent_run_id).info.status == "RUNNING":
             client.set_terminated(parent_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -55,6 +55,12 @@ def prepare(args: argparse.Namespace) -> Plan:
     if args.trials is not None:
         search_options.check_options(search_options.options_from(args))
     sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
+    if args.trials is not None and len(search_options.options_from(args).objectives) > 1:
+        if any(params.train.keep_epoch != "last" for params in checked):
+            raise PipelineError(
+                "train.keep_epoch: best keeps the epoch of the best val_total, and --objectives rate,distortion "
+                "places each trial by its last epoch: set train.keep_epoch to last"
+            )
     if args.trials is not None and any(params.train.early_stopping for params in checked):
         raise PipelineError(
             "train.early_stopping ends a trial by itself, and a search (--trials) trains each trial to the epochs "

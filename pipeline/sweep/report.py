@@ -52,14 +52,15 @@ def open_parent_run(client: mlflow.MlflowClient, plan: Plan, args: argparse.Name
         "sweep.together": args.together,
     }
     if plan.space is not None:
+        options = search_options.options_from(args)
         params |= {
             "sweep.sampler": args.sampler,
             "sweep.sampler_seed": args.sampler_seed,
-            "sweep.objective": OBJECTIVE,
-            "sweep.pruner": args.pruner,
+            "sweep.objective": ",".join(options.objectives),
+            "sweep.pruner": options.pruner,
             "sweep.min_epochs": args.min_epochs,
             "sweep.reduction_factor": args.reduction_factor,
-            "sweep.rungs": " ".join(map(str, search_options.options_from(args).rungs(plan.params[0].train.epochs))),
+            "sweep.rungs": " ".join(map(str, options.rungs(plan.params[0].train.epochs))),
         }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
@@ -83,19 +84,21 @@ def finish(
     comparable: bool = True,
     registered_model: str | None = None,
     trained: str = "alone",
+    ranked_by: tuple[str, ...] = (OBJECTIVE,),
 ) -> Summary:
     """Everything a sweep leaves once its trials have ended, on the parent run and on screen. Where
-    the trials are not `comparable` (their decoders differ), none is named best. With a
-    `registered_model`, its alias `best` points at the best trial's version. `trained`: alone,
-    searched, together or torchrun (OUTSIDE_DVC_EXP_RUN)."""
-    summary = summarize(outcome, wall_seconds, comparable)
+    the trials are not `comparable` (their decoders differ), or are `ranked_by` two metrics (a
+    front, not a best: front.py), none is named best. With a `registered_model`, its alias `best`
+    points at the best trial's version. `trained`: alone, searched, together or torchrun
+    (OUTSIDE_DVC_EXP_RUN)."""
+    summary = summarize(outcome, wall_seconds, comparable and len(ranked_by) == 1)
     configurations = repeats.repeats(trials, outcome)
     log_trials_table(sweep, trials, outcome)
     if configurations:
         repeats.log_repeats_table(sweep, configurations)
     settle_trial_runs(client, sweep, outcome)
     log_summary(client, sweep, trials, outcome, summary)
-    print_table(trials, outcome, summary, trained)
+    print_table(trials, outcome, summary, trained, ranked_by)
     if registered_model and summary.best is not None:
         point_best_alias(client, sweep, registered_model, summary.best.name)
     if not comparable:
@@ -230,23 +233,31 @@ OUTSIDE_DVC_EXP_RUN = {
 }
 
 
-def print_table(trials: list[grid.Trial], outcome: Outcome, summary: Summary, trained: str = "alone") -> None:
-    """The trials' table, each row with the params that differ between trials (those every trial
-    sets alike said once, above it), then the times: `trained` (a key of OUTSIDE_DVC_EXP_RUN) says
-    where a trial's seconds outside `dvc exp run` went."""
+def print_table(
+    trials: list[grid.Trial],
+    outcome: Outcome,
+    summary: Summary,
+    trained: str = "alone",
+    ranked_by: tuple[str, ...] = (OBJECTIVE,),
+) -> None:
+    """The trials' table, each row with the metrics they are `ranked_by` and the params that differ
+    between trials (those every trial sets alike said once, above it), then the times: `trained`
+    (a key of OUTSIDE_DVC_EXP_RUN) says where a trial's seconds outside `dvc exp run` went."""
     alike = set.intersection(*(set(trial.overrides) for trial in trials)) if len(trials) > 1 else set()
     if alike:
         print(f"\nevery trial: {' '.join(o for o in trials[0].overrides if o in alike)}")
-    print(f"\n{'trial':<16}{'status':<12}{'epochs':>7}{OBJECTIVE:>14}  params")
+    widths = {name: max(14, len(name) + 2) for name in ranked_by}
+    print(f"\n{'trial':<16}{'status':<12}{'epochs':>7}{''.join(f'{n:>{w}}' for n, w in widths.items())}  params")
     for trial in trials:
         swept = " ".join(o for o in trial.overrides if o not in alike)
         result = outcome.result(trial.name)
-        score = f"{result.metrics.get(OBJECTIVE, float('nan')):.4f}" if result else "-"
+        scores = {n: f"{result.metrics.get(n, float('nan')):.4f}" if result else "-" for n in ranked_by}
+        score = "".join(f"{scores[n]:>{w}}" for n, w in widths.items())
         epochs = f"{result.epochs}" if result else "-"
         status = "PRUNED" if result and result.pruned else outcome.status(trial.name)
         mark = "  <- best" if summary.best is not None and trial.name == summary.best.name else ""
         mark += "  (kept from before)" if trial.name in outcome.kept else ""
-        print(f"{trial.name:<16}{status:<12}{epochs:>7}{score:>14}  {swept}{mark}")
+        print(f"{trial.name:<16}{status:<12}{epochs:>7}{score}  {swept}{mark}")
     earlier = [f"{r.name} epoch {r.kept_epoch}" for t in trials if (r := outcome.result(t.name)) and r.kept_epoch]
     if earlier:
         print(f"{OBJECTIVE} of the epoch each trial kept (train.keep_epoch: best), not its last: {', '.join(earlier)}")

@@ -60,7 +60,7 @@ def open_study(name: str, space: Space, options: SearchOptions, storage: str, ep
             study_name=name,
             storage=storage,
             pruner=pruners[options.pruner](),
-            direction="minimize",
+            directions=["minimize"] * len(options.objectives),
             load_if_exists=True,
         )
     started_with = {"space": space.describe(), "options": options.describe()}
@@ -113,7 +113,7 @@ class SearchStudy:
 
     def __init__(self, name: str, space: Space, options: SearchOptions, storage: str, epochs: int):
         self.study = open_study(name, space, options, storage, epochs)
-        self.name, self.space, self.seed = name, space, options.seed
+        self.name, self.space, self.seed, self.metrics = name, space, options.seed, options.metrics
         self.rungs, self.reduction_factor = options.rungs(epochs), options.reduction_factor
         self.asked: dict[int, optuna.Trial] = {}
         self.copies: dict[int, list[int]] = collections.defaultdict(list)  # a training trial -> its copies
@@ -205,7 +205,7 @@ class SearchStudy:
             copy.report(value, step)
         if same.user_attrs.get(CANCELLED_ATTR):
             copy.set_user_attr(CANCELLED_ATTR, True)
-        self._tell(number, same.value if same.state == TrialState.COMPLETE else None, state=same.state)
+        self._tell(number, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
 
     def _copies_of(self, number: int) -> None:
         """The copies that waited for trial `number`'s end, told it."""
@@ -220,12 +220,13 @@ class SearchStudy:
         trial.report(value, epochs)
         return trial.should_prune()
 
-    def tell(self, number: int, value: float | None, pruned: bool, attrs: dict) -> None:
-        """A landed trial: COMPLETE with its objective, or PRUNED at its last reported rung."""
+    def tell(self, number: int, metrics: dict[str, float], pruned: bool, attrs: dict) -> None:
+        """A landed trial, by its `metrics`: COMPLETE with its objectives, or PRUNED at its last
+        reported rung."""
         for key, attr in attrs.items():
             self.asked[number].set_user_attr(key, attr)
         state = TrialState.PRUNED if pruned else TrialState.COMPLETE
-        self._tell(number, None if pruned else value, state=state)
+        self._tell(number, None if pruned else [metrics[name] for name in self.metrics], state=state)
         self._copies_of(number)
 
     def fail(self, number: int, reason: str, cancelled: bool) -> None:
@@ -237,9 +238,9 @@ class SearchStudy:
         self._tell(number, state=TrialState.FAIL)
         self._copies_of(number)
 
-    def _tell(self, number: int, value: float | None = None, state: TrialState = TrialState.COMPLETE) -> None:
+    def _tell(self, number: int, values: list[float] | None = None, state: TrialState = TrialState.COMPLETE) -> None:
         try:
-            self.study.tell(number, value, state=state, skip_if_finished=True)
+            self.study.tell(number, values, state=state, skip_if_finished=True)
         except RuntimeError as exc:  # the grid sampler stops a study after its last point, as if in optimize()
             if "Study.stop" not in str(exc):
                 raise

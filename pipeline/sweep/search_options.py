@@ -6,11 +6,17 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.errors import PipelineError
+from pipeline.history import OBJECTIVE
 from pipeline.sweep.space import Space
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("asha", "hyperband", "none")
 TPE_START_TRIALS = 10  # Optuna's TPE default start; a smaller budget gets a third of itself
+# What a search minimises, by the names --objectives takes, and the metric of each: the negative
+# ELBO alone, or a VAE's two, its rate and distortion (Alemi et al., "Fixing a Broken ELBO", 2018):
+# the KL and the reconstruction, on the validation images, of the trial's last epoch.
+OBJECTIVE_METRICS = {OBJECTIVE: OBJECTIVE, "rate": "val_kl", "distortion": "val_reconstruction"}
+RATE_DISTORTION = ("rate", "distortion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,10 +27,16 @@ class SearchOptions:
     pruner: str  # one of PRUNERS
     min_epochs: int  # the first rung
     reduction_factor: int  # each rung is this many times the last; 1/this of a rung's trials go on
+    objectives: tuple[str, ...] = (OBJECTIVE,)  # keys of OBJECTIVE_METRICS
 
     @property
     def prune(self) -> bool:
         return self.pruner != "none"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric of each objective, as a trial's metrics name it."""
+        return tuple(OBJECTIVE_METRICS[objective] for objective in self.objectives)
 
     def start_trials(self) -> int:
         """TPE's start: Optuna's 10 trials, or a third of a smaller budget, so most of it is modelled."""
@@ -41,14 +53,23 @@ class SearchOptions:
         return (*rungs, epochs)
 
     def describe(self) -> dict:
-        """What a search of one name must keep to go on (not its budget: more trials may be asked)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "trials"}
+        """What a search of one name must keep to go on (not its budget: more trials may be asked).
+        The objectives only where not the default, as a study started before they could be chosen."""
+        described = {k: v for k, v in dataclasses.asdict(self).items() if k != "trials"}
+        if self.objectives == (OBJECTIVE,):
+            del described["objectives"]
+        else:
+            described["objectives"] = list(self.objectives)
+        return described
 
 
 def options_from(args) -> SearchOptions:
-    """The search's options as `python -m pipeline.sweep` takes them."""
+    """The search's options as `python -m pipeline.sweep` takes them. The pruner's default is
+    Hyperband with one objective, and none with two (check_options says why)."""
+    objectives = tuple(name.strip() for name in args.objectives.split(","))
+    pruner = args.pruner or ("hyperband" if len(objectives) == 1 else "none")
     return SearchOptions(
-        args.trials, args.sampler, args.sampler_seed, args.pruner, args.min_epochs, args.reduction_factor
+        args.trials, args.sampler, args.sampler_seed, pruner, args.min_epochs, args.reduction_factor, objectives
     )
 
 
@@ -60,6 +81,15 @@ def check_options(options: SearchOptions) -> None:
         raise PipelineError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler}")
     if options.pruner not in PRUNERS:
         raise PipelineError(f"--pruner must be one of {', '.join(PRUNERS)}, got {options.pruner}")
+    if options.objectives not in ((OBJECTIVE,), RATE_DISTORTION, RATE_DISTORTION[::-1]):
+        raise PipelineError(
+            f"--objectives takes {OBJECTIVE} (the default) or rate,distortion, got {','.join(options.objectives)}"
+        )
+    if len(options.objectives) > 1 and options.prune:
+        raise PipelineError(
+            f"--pruner {options.pruner} ranks a rung's trials by one number, and --objectives rate,distortion has "
+            "two: a trial behind at a rung can end on the front. Leave --pruner out (none with two objectives)"
+        )
     if options.prune and options.reduction_factor < 2:
         raise PipelineError(f"--reduction-factor must be 2 or more, got {options.reduction_factor}")
 

@@ -1,5 +1,6 @@
 """What a search adds to its sweep's parent run: the optimisation history and the params'
-importances (fANOVA), and on each landed trial's run the tags Optuna's MLflowCallback sets."""
+importances (fANOVA), or with two objectives the rate-distortion front (front.py), and on each
+landed trial's run the tags Optuna's MLflowCallback sets."""
 
 from __future__ import annotations
 
@@ -13,15 +14,26 @@ from mlflow.entities import RunTag
 from optuna.trial import TrialState
 
 from pipeline.history import OBJECTIVE
-from pipeline.sweep import search
+from pipeline.sweep import front, search
+from pipeline.sweep.search_options import SearchOptions
 from pipeline.sweep.shared import Outcome, Sweep
 
+DISTORTION_UNITS = {"mse": "squared error", "bce": "cross-entropy, nats"}  # by train.reconstruction
 
-def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, outcome: Outcome) -> None:
+
+def log_search(
+    client: mlflow.MlflowClient,
+    sweep: Sweep,
+    study: optuna.Study,
+    outcome: Outcome,
+    options: SearchOptions,
+    reconstruction: str,
+) -> list[front.Point] | None:
     """The search on its parent run: the optimisation history and the params' importances (fANOVA,
     as Optuna computes it) as figures and tables, of the trials that trained (a repeated proposal
-    adds nothing); and on each trial's run landed now, Optuna's trial number and state (the tags
-    Optuna's MLflowCallback sets) and where it was pruned."""
+    adds nothing), or with two objectives the rate-distortion front, which it returns; and on each
+    trial's run landed now, Optuna's trial number and state (the tags Optuna's MLflowCallback sets)
+    and where it was pruned."""
     landed = search.trained(study)
     first, last = {}, {}  # experiment -> its first study trial (a promoted one's pause) and its last
     for trial in landed:
@@ -39,6 +51,19 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
                 ],
             )
     ended = [t for t in landed if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if len(options.objectives) > 1:
+        last_of = {trial.user_attrs["experiment"]: trial for trial in ended}  # a promoted trial's continuation
+        points = [
+            front.Point(
+                name,
+                trial.user_attrs["metrics"][front.RATE],
+                trial.user_attrs["metrics"][front.DISTORTION],
+                trial.params,
+                trial.state == TrialState.PRUNED,
+            )
+            for name, trial in last_of.items()
+        ]
+        return front.log_front(client, sweep, points, DISTORTION_UNITS[reconstruction])
     history: dict[str, list] = {"number": [], "trial": [], "state": [], "epochs": [], OBJECTIVE: [], "best_so_far": []}
     best = float("inf")
     for trial in ended:
@@ -63,7 +88,7 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
         why_not = _why_no_importances([t for t in ended if t.state == TrialState.COMPLETE])
         if why_not:
             print(f"no parameter importances: {why_not}", flush=True)
-            return
+            return None
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         importances = optuna.importance.get_param_importances(trained, evaluator=evaluator)
         mlflow.log_table(
@@ -77,6 +102,7 @@ def log_search(client: mlflow.MlflowClient, sweep: Sweep, study: optuna.Study, o
         client.log_figure(sweep.parent_run_id, axes.figure, "search/param_importances.png")
         plt.close(axes.figure)
     print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), flush=True)
+    return None
 
 
 def _why_no_importances(complete: list[optuna.trial.FrozenTrial]) -> str | None:

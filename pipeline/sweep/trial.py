@@ -104,7 +104,7 @@ def push_and_report(
                 "mlflow_run_id": run_id,
                 "metrics": metrics,
             }
-            ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics[OBJECTIVE], pruned, landed))
+            ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics, pruned, landed))
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
 
