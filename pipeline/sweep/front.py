@@ -70,15 +70,22 @@ def figure(points: list[Point], front: list[Point], distortion_units: str) -> Fi
     of its points labelled with its trial and searched params."""
     fig = Figure(figsize=(8, 6), layout="constrained")
     axes = fig.add_subplot()
-    full = [point for point in points if not point.pruned]
+    off = [point for point in points if not point.pruned and point not in front]
     pruned = [point for point in points if point.pruned]
-    axes.scatter([p.rate for p in full], [p.distortion for p in full], color="tab:blue", label="trained every epoch")
+    axes.scatter([p.rate for p in off], [p.distortion for p in off], color="tab:blue", label="off the front")
     if pruned:
         axes.scatter([p.rate for p in pruned], [p.distortion for p in pruned], marker="x", color="grey", label="pruned")
     axes.plot([p.rate for p in front], [p.distortion for p in front], "o-", color="tab:red", label="front", zorder=3)
-    for point in front:
+    middle = (min(p.rate for p in points) + max(p.rate for p in points)) / 2
+    for point in front:  # labels toward the middle, so none runs off the plot
+        right = point.rate <= middle
         axes.annotate(
-            point.label(), (point.rate, point.distortion), xytext=(6, 4), textcoords="offset points", fontsize=7
+            point.label(),
+            (point.rate, point.distortion),
+            xytext=(6 if right else -6, 4),
+            textcoords="offset points",
+            ha="left" if right else "right",
+            fontsize=7,
         )
     axes.set_xlabel("rate: validation KL per image (nats)")
     axes.set_ylabel(f"distortion: validation reconstruction per image ({distortion_units})")
