@@ -103,6 +103,8 @@ def search_env() -> dict[str, str]:
             "train.early_stopping ends a trial by itself",
         ),
         (["-S", "train.beta=1,4", "--trials", "2", "--objectives", "val_total"], "--objectives takes val_neg_elbo"),
+        (["-S", "train.beta=1,4", "--trials", "2", "--timeout", "ten minutes"], "--timeout takes a duration above 0"),
+        (["-S", "train.beta=1,4", "--timeout", "10m"], "--timeout is a search's budget: give --trials too"),
         (
             ["-S", "train.beta=1,4", "--trials", "2", "--objectives", "rate,distortion", "--pruner", "asha"],
             "--pruner asha ranks a rung's trials by one number",
@@ -704,6 +706,7 @@ def test_a_search_of_points_that_train_alike_trains_each_once_and_ends_without_i
         assert rows == {"train": 160, "validation": 40, "test": 30}, "80/20 of 200, and the first 30 test images"
 
 
+@pytest.mark.slow
 def test_a_rate_distortion_search_lands_its_trials_and_logs_and_prints_their_front(searched):
     """`--objectives rate,distortion` as a user types it: no pruning, each trial trains every epoch
     and lands; the table shows each trial's rate and distortion; the front printed last is the one
@@ -732,3 +735,92 @@ def test_a_rate_distortion_search_lands_its_trials_and_logs_and_prints_their_fro
     for trial in search.trained(study):
         landed = by_name[trial.user_attrs["experiment"]]
         assert trial.values == [landed["val_kl"], landed["val_reconstruction"]], "each trial told its rate, distortion"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgeted:
+    project: Path
+    spent: subprocess.CompletedProcess  # --timeout 1s
+    more: subprocess.CompletedProcess  # the same command, --timeout 1h
+    whole: subprocess.CompletedProcess  # the same search, another name, no budget, --no-warm-start
+    warm: subprocess.CompletedProcess  # the same space, another name: every point taken from the project
+    later: subprocess.CompletedProcess  # the same, at a later commit: none taken
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory) -> Budgeted:
+    """A 2-point search with a rung at epoch 1 of 2, one trial at a time: out of time in its first
+    trial, then the same command with a larger budget, then the same search whole under another
+    name; then a search of the same space that takes the project's experiments, and one at a later
+    commit, which cannot."""
+    tmp = tmp_path_factory.mktemp("budget")
+    project = make_project(tmp / "project", write_mirror(tmp / "mirror"), **{"train.epochs": 2})
+    env = search_env()
+    command = [*SEARCH, "-S", f"train.learning_rate={KEPT_LR},{PRUNED_LR}", *PRUNING, *PART_OF_THE_DATA]
+    command += ["--max-concurrent", "1"]
+    spent = run([*command, "--timeout", "1s", "-n", "bud"], project, check=False, env=env)
+    more = run([*command, "--timeout", "1h", "-n", "bud"], project, check=False, env=env)
+    whole = run([*command, "--no-warm-start", "-n", "all"], project, check=False, env=env)
+    warm = run([*command, "-n", "warm"], project, check=False, env=env)
+    (project / "NOTES.md").write_text("a later commit\n")
+    run(["git", "add", "NOTES.md"], project)
+    run(["git", "commit", "-qm", "a later commit"], project, env=env)
+    later = run([*command, "--trials", "1", "-n", "later"], project, check=False, env=env)
+    return Budgeted(project, spent, more, whole, warm, later)
+
+
+@pytest.mark.slow
+def test_a_search_out_of_time_lands_what_ran_and_the_same_command_goes_on_to_the_trials_of_one_run(budgeted):
+    """--timeout 1s, counted from the first trial's start (which reaches no rung within a second on
+    any machine: a clone, the data, a process that imports torch): that trial stops at its first
+    rung and lands, paused, and no other starts. The same command with a larger budget continues it,
+    then asks the rest: the trials and bytes of the same search run without a budget."""
+    project, spent = budgeted.project, budgeted.spent
+    assert spent.returncode == 0, spent.stdout + spent.stderr
+    assert "--timeout 1 s is spent: no trial starts" in spent.stdout, spent.stdout
+    assert "bud-2" not in spent.stdout, "no trial started after the budget"
+    study = optuna.load_study(study_name="bud", storage=f"sqlite:///{project / search.SEARCH_STORE}")
+    first = study.trials[0]
+    assert (first.state, first.user_attrs[search.TIMED_OUT_ATTR], first.user_attrs["epochs"]) == (
+        optuna.trial.TrialState.PRUNED,
+        True,
+        1,
+    ), "landed at the rung it reached"
+    more = budgeted.more
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "bud-1 continues: it paused at epoch 1, --timeout stopped it there" in more.stdout, more.stdout
+    assert budgeted.whole.returncode == 0, budgeted.whole.stdout + budgeted.whole.stderr
+    assert "warm start" not in budgeted.whole.stdout, "--no-warm-start"
+    for budget, whole in (("bud-1", "all-1"), ("bud-2", "all-2")):
+        assert train_outputs(project, budget) == train_outputs(project, whole), budget
+    assert [train_outputs(project, name)["epochs"] for name in ("bud-1", "bud-2")] == [2, 1], "bud-2 pruned at 1"
+
+
+@pytest.mark.slow
+def test_a_search_takes_the_experiments_of_its_commit_in_its_space_as_finished_trials(budgeted):
+    """The four experiments of the space are taken, each told as it trained (COMPLETE with its
+    objective at train.epochs, or PRUNED with its rung's), none counted against --trials, and no
+    point is trained again; at a later commit, none is taken, and one line says why."""
+    warm = budgeted.warm
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "warm start: took 4 of the project's experiments as finished trials (all-1, all-2, bud-1, bud-2)" in (
+        warm.stdout
+    ), warm.stdout
+    assert "every point of the space has been tried (2): the search ends with 0 of --trials 2" in warm.stdout
+    study = optuna.load_study(study_name="warm", storage=f"sqlite:///{budgeted.project / search.SEARCH_STORE}")
+    taken = {t.user_attrs["experiment"]: t for t in search.trained(study)}
+    assert sorted(taken) == ["all-1", "all-2", "bud-1", "bud-2"], "nothing trained"
+    for name, trial in taken.items():
+        metrics = json.loads(
+            run(
+                ["git", "show", f"{experiment_ref(budgeted.project, name)}:metrics/train.json"], budgeted.project
+            ).stdout
+        )
+        told = trial.value if metrics["epochs"] == 2 else trial.intermediate_values[1]  # metrics/train.json rounds
+        assert told == pytest.approx(metrics[OBJECTIVE], abs=1e-6), name
+        state = optuna.trial.TrialState.COMPLETE if metrics["epochs"] == 2 else optuna.trial.TrialState.PRUNED
+        assert trial.state == state and sorted(trial.intermediate_values) == [1], name
+    later = budgeted.later
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert "warm start: 4 experiment(s) of other commits not taken" in later.stdout, later.stdout
+    assert "later-1 finished" in later.stdout or "later-1 pruned" in later.stdout, later.stdout

@@ -9,6 +9,7 @@ The files, in the order a sweep meets them:
     space.py           a search's space (`--trials`) as Optuna's distributions
     search_options.py  a search's options (`--sampler`, `--pruner`, ...), their refusals, the rungs
     search.py          the study: its proposals, copies of points already tried, its pruning
+    warm_start.py      the project's experiments that lie in the space, taken as finished trials
     proposals.py       the search's next tasks, asked of the study as room frees
     covering_start.py  TPE's start: a Latin hypercube of the space
     promotion.py       ASHA's rule: which paused trial goes on

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
-from pipeline.sweep import cluster, front, report, search, search_options, search_report
+from pipeline.sweep import cluster, front, report, search, search_options, search_report, warm_start
 from pipeline.sweep.interrupts import ctrl_c_as_flag
 from pipeline.sweep.plan import Plan, dvc, experiments_here, prepare
 from pipeline.sweep.proposals import Proposals
@@ -103,6 +103,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "rungs), asha (successive halving, asynchronous), or none (every trial to train.epochs; the default with "
         "two objectives)",
     )
+    search.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="the search's time budget from its first trial's start (90s, 30m, 2h, 1h30m): then no trial starts, "
+        "and running trials stop at their next rung and land; the same command with a larger one goes on",
+    )
+    search.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="leave out the project's experiments of this commit that lie in the space (by default the study "
+        "takes them as finished trials)",
+    )
     search.add_argument("--min-epochs", type=int, default=1, help="the first rung: epochs before any pruning (1)")
     search.add_argument(
         "--reduction-factor",
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 epochs, options = plan.params[0].train.epochs, search_options.options_from(args)
                 search_options.check_against_space(options, plan.space, epochs)
                 study = search.open_study(args.name, plan.space, options, search.storage_url(), epochs)
+                if not args.no_warm_start:
+                    warm_start.take(study, plan.space, options, epochs, plan.commit, plan.params_text)
             resources = cluster.start_ray(args)
             if ctrl_c.is_set():
                 print("interrupted before any trial started", file=sys.stderr)
@@ -164,10 +178,19 @@ def sweep_trials(
         actor = search.Search.options(scheduling_strategy=here).remote(
             args.name, plan.space, options, search.storage_url(), plan.params[0].train.epochs
         )
-        proposals = Proposals(actor, args.name, options, plan.params[0].train.epochs, args.together, plan.params_text)
+        proposals = Proposals(
+            actor,
+            args.name,
+            options,
+            plan.params[0].train.epochs,
+            args.together,
+            plan.params_text,
+            search_options.timeout_seconds(args.timeout),
+        )
         kept = search.landed_before(study)
-        if kept:
-            print(f"kept from before: {', '.join(kept)} (landed by this search before)", flush=True)
+        landed_here = [name for name, (_, result) in kept.items() if name not in search.imported(study)]
+        if landed_here:
+            print(f"kept from before: {', '.join(landed_here)} (landed by this search before)", flush=True)
         pruner = {"asha": "successive halving", "hyperband": "Hyperband"}.get(options.pruner)
         print(
             f"search {args.name}: {search_options.describe_sampling(options, study.user_attrs['start_trials'])} "

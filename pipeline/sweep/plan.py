@@ -54,6 +54,9 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
     if args.trials is not None:
         search_options.check_options(search_options.options_from(args))
+        search_options.timeout_seconds(args.timeout)
+    elif args.timeout is not None:
+        raise PipelineError("--timeout is a search's budget: give --trials too, or leave it out for a grid")
     sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
     if args.trials is not None and len(search_options.options_from(args).objectives) > 1:
         if any(params.train.keep_epoch != "last" for params in checked):

@@ -1,7 +1,10 @@
 """A search's next trials, asked of its study (the Ray actor search.Search) as room frees on the
-cluster: the tasks the cluster runs (shared.TaskSource), a promoted trial first, as in ASHA."""
+cluster: the tasks the cluster runs (shared.TaskSource), a promoted trial first, as in ASHA, until
+--timeout is spent."""
 
 from __future__ import annotations
+
+import time
 
 import ray
 
@@ -15,8 +18,18 @@ class Proposals:
     """The search's next trials, asked of the study as room frees, until --trials count: a task
     each, or with --together a task per group of up to that many that can train together."""
 
-    def __init__(self, search, name: str, options: SearchOptions, epochs: int, together: int, params_text: str):
+    def __init__(
+        self,
+        search,
+        name: str,
+        options: SearchOptions,
+        epochs: int,
+        together: int,
+        params_text: str,
+        timeout: float | None = None,
+    ):
         self.search, self.name, self.together, self.params_text = search, name, together, params_text
+        self.timeout, self.deadline = timeout, None  # the budget, in seconds from the first trial's start
         self.rungs = options.rungs(epochs)
         self.budget = options.trials
         self.promotes = options.prune and not together  # a paused trial continues alone, as it trained
@@ -26,20 +39,40 @@ class Proposals:
         self.ready: list[Task] = []  # asked together, in groups of one key, not yet handed out
 
     def next(self) -> Task | None:
-        """A paused trial that ASHA's rule promotes now, else the next trial asked; while trials
-        are left to ask (a promotion comes first, as in ASHA)."""
+        """A paused trial that goes on now (one --timeout stopped, or one ASHA's rule promotes),
+        else the next trial asked; while trials are left to ask (a promotion comes first, as in
+        ASHA) and --timeout is not spent. The budget counts from the first trial's start: Ray's
+        start and the checks before are not the trials' time."""
+        if self.deadline is not None and time.time() >= self.deadline:
+            self._spent()
         if not self.ready and self.left and self.promotes:
             promoted = ray.get(self.search.promote.remote())
             if promoted is not None:
                 self.ready = [self._continuation(*promoted)]
         if not self.ready:
             self.ready = self._ask(min(max(self.together, 1), self.left))
+        if self.ready and self.timeout is not None and self.deadline is None:
+            self.deadline = time.time() + self.timeout
+            ray.get(self.search.spend_by.remote(self.deadline))
         return self.ready.pop(0) if self.ready else None
 
-    def _continuation(self, number: int, trial: grid.Trial, epochs: int) -> Task:
-        """The task that continues a promoted trial from the experiment it paused as."""
+    def _spent(self) -> None:
+        """--timeout is spent: no trial starts, and those running stop at their next rung and land."""
+        if self.left or self.ready:
+            print(
+                f"--timeout {self.timeout:g} s is spent: no trial starts, and those running stop at their next rung "
+                "and land; the same command with a larger --timeout goes on from there",
+                flush=True,
+            )
+        self.withdraw()
+
+    def _continuation(self, number: int, trial: grid.Trial, epochs: int, timed_out: bool) -> Task:
+        """The task that continues a paused trial from the experiment it paused as."""
         self.asked[trial.name] = number
-        print(f"{trial.name} promoted: it paused at epoch {epochs}, and is now among the best there", flush=True)
+        why = "--timeout stopped it there" if timed_out else "and is now among the best there"
+        print(
+            f"{trial.name} {'continues' if timed_out else 'promoted'}: it paused at epoch {epochs}, {why}", flush=True
+        )
         task = Task(
             trial.name, (trial,), False, rungs=Rungs(self.search, self.rungs, {trial.name: number}), continues=epochs
         )

@@ -14,6 +14,7 @@ one `dvc exp run`; the bytes are those of its run alone, which more epochs conti
 from __future__ import annotations
 
 import collections
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,8 @@ SEARCH_STORE = Path("mlruns") / "optuna.db"
 # Tags of each trial in the study (Optuna's user attributes), read back by a search run again.
 CANCELLED_ATTR = "cancelled"  # a FAIL that Ctrl-C caused: it does not count against --trials
 SAME_AS_ATTR = "same_as"  # a proposal of a point another trial holds: that trial's result, no training
+IMPORTED_ATTR = "taken_from_project"  # an experiment the project held already (warm_start.py)
+TIMED_OUT_ATTR = "stopped_by_timeout"  # paused at a rung once --timeout was spent: the search again continues it
 # Proposals in a row of points the study holds before the search proposes an untried one at random.
 REPEATS_BEFORE_AN_UNTRIED_POINT = 20
 
@@ -87,20 +90,27 @@ def open_study(name: str, space: Space, options: SearchOptions, storage: str, ep
 
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count against --trials: trained and ended, not by Ctrl-C, and not a paused
-    trial's promotion (it trains a point the budget counted already)."""
+    """The trials that count against --trials: trained and ended, not by Ctrl-C, not a paused
+    trial's promotion (it trains a point the budget counted already), and not an experiment the
+    project held already (it cost the search nothing)."""
     return [
         trial
         for trial in trained(study)
         if trial.state.is_finished()
         and not trial.user_attrs.get(CANCELLED_ATTR)
         and CONTINUES_ATTR not in trial.user_attrs
+        and not trial.user_attrs.get(IMPORTED_ATTR)
     ]
 
 
 def trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's trials that trained (or train now) as experiments: not the repeated proposals."""
     return [trial for trial in study.get_trials(deepcopy=False) if "experiment" in trial.user_attrs]
+
+
+def _paused(trial: optuna.trial.FrozenTrial) -> bool:
+    """Pruned at its last rung, as the experiment of that rung's epochs, so it can go on."""
+    return trial.state == TrialState.PRUNED and not trial.user_attrs.get(IMPORTED_ATTR)
 
 
 class SearchStudy:
@@ -116,6 +126,7 @@ class SearchStudy:
         self.name, self.space, self.seed, self.metrics = name, space, options.seed, options.metrics
         self.rungs, self.reduction_factor = options.rungs(epochs), options.reduction_factor
         self.asked: dict[int, optuna.Trial] = {}
+        self.deadline: float | None = None  # --timeout's end, on this node's clock
         self.copies: dict[int, list[int]] = collections.defaultdict(list)  # a training trial -> its copies
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
             self.study.set_trial_user_attr(trial._trial_id, CANCELLED_ATTR, True)  # an earlier Ctrl-C's
@@ -158,37 +169,52 @@ class SearchStudy:
         else:
             return None
         self.asked[trial.number] = trial
-        points = [t for t in trained(self.study) if CONTINUES_ATTR not in t.user_attrs]
-        proposed = grid.Trial(f"{self.name}-{len(points) + 1}", self.space.overrides(trial.params))
+        ours = [
+            t for t in trained(self.study) if CONTINUES_ATTR not in t.user_attrs and not t.user_attrs.get(IMPORTED_ATTR)
+        ]
+        names, count = {t.user_attrs["experiment"] for t in trained(self.study)}, len(ours) + 1
+        while f"{self.name}-{count}" in names:  # a name an experiment the project held has
+            count += 1
+        proposed = grid.Trial(f"{self.name}-{count}", self.space.overrides(trial.params))
         trial.set_user_attr("experiment", proposed.name)
         trial.set_user_attr("overrides", list(proposed.overrides))
         return trial.number, proposed, repeated
 
-    def promote(self) -> tuple[int, grid.Trial, int] | None:
-        """A paused trial that ASHA's rule promotes now (promotion.py), as a new trial of the study
-        that continues it: its number, the trial (its experiment's name and overrides) and the
-        epochs it reached; None where none is promotable."""
+    def spend_by(self, deadline: float) -> None:
+        """From `deadline` (time.time()) on, a trial that reaches a rung stops there (--timeout)."""
+        self.deadline = deadline
+
+    def promote(self) -> tuple[int, grid.Trial, int, bool] | None:
+        """A paused trial that goes on now, as a new trial of the study that continues it: one that
+        --timeout stopped, else one that ASHA's rule promotes (promotion.py). Its number, the trial
+        (its experiment's name and overrides), the epochs it reached and whether --timeout stopped
+        it; None where none goes on."""
         latest: dict[str, optuna.trial.FrozenTrial] = {}  # each experiment's last trial: a promotion's, or its own
         for trial in trained(self.study):
             if not trial.user_attrs.get(CANCELLED_ATTR) and trial.state != TrialState.FAIL:
                 latest[trial.user_attrs["experiment"]] = trial
-        reached = [
-            Reached(name, step, value, paused=trial.state == TrialState.PRUNED and step == trial.last_step)
-            for name, trial in latest.items()
-            for step, value in trial.intermediate_values.items()
-        ]
-        chosen = promotable(reached, self.rungs[:-1], self.reduction_factor)
-        if chosen is None:
-            return None
-        paused = latest[chosen.name]
-        attrs = {"experiment": chosen.name, "overrides": paused.user_attrs["overrides"], CONTINUES_ATTR: paused.number}
+        timed_out = [t for t in latest.values() if t.state == TrialState.PRUNED and t.user_attrs.get(TIMED_OUT_ATTR)]
+        if timed_out:
+            paused = timed_out[0]
+        else:
+            reached = [
+                Reached(name, step, value, paused=_paused(trial) and step == trial.last_step)
+                for name, trial in latest.items()
+                for step, value in trial.intermediate_values.items()
+            ]
+            chosen = promotable(reached, self.rungs[:-1], self.reduction_factor)
+            if chosen is None:
+                return None
+            paused = latest[chosen.name]
+        name = paused.user_attrs["experiment"]
+        attrs = {"experiment": name, "overrides": paused.user_attrs["overrides"], CONTINUES_ATTR: paused.number}
         self.study.enqueue_trial(paused.params, user_attrs=attrs)
         trial = self.study.ask(dict(self.space.dimensions))
         for step, value in sorted(paused.intermediate_values.items()):  # its rungs so far, for the pruner
             trial.report(value, step)
             trial.should_prune()
         self.asked[trial.number] = trial
-        return trial.number, grid.Trial(chosen.name, tuple(attrs["overrides"])), chosen.epochs
+        return trial.number, grid.Trial(name, tuple(attrs["overrides"])), paused.last_step, bool(timed_out)
 
     def _copy(self, trial: optuna.Trial, same: optuna.trial.FrozenTrial) -> None:
         """A proposal of `same`'s point: its result told now, or when it ends."""
@@ -215,9 +241,13 @@ class SearchStudy:
                 self._tell_copy(copy, same)
 
     def report(self, number: int, epochs: int, value: float) -> bool:
-        """The trial's objective after `epochs`; whether the pruner stops it there."""
+        """The trial's objective after `epochs`; whether it stops there: pruned, or paused there
+        once --timeout is spent (then tagged, for the search run again to continue it)."""
         trial = self.asked[number]
         trial.report(value, epochs)
+        if self.deadline is not None and time.time() >= self.deadline:
+            trial.set_user_attr(TIMED_OUT_ATTR, True)
+            return True
         return trial.should_prune()
 
     def tell(self, number: int, metrics: dict[str, float], pruned: bool, attrs: dict) -> None:
@@ -253,6 +283,11 @@ def storage_url() -> str:
     """The study's storage: SQLite in the project, beside the MLflow store."""
     SEARCH_STORE.parent.mkdir(exist_ok=True)
     return f"sqlite:///{SEARCH_STORE.resolve()}"
+
+
+def imported(study: optuna.Study) -> set[str]:
+    """The experiments the study took from the project (warm_start.py)."""
+    return {t.user_attrs["experiment"] for t in trained(study) if t.user_attrs.get(IMPORTED_ATTR)}
 
 
 def landed_before(study: optuna.Study) -> dict[str, tuple[grid.Trial, TrialResult]]:

@@ -4,6 +4,7 @@ the rungs they make, and how they are said."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from pipeline.errors import PipelineError
 from pipeline.history import OBJECTIVE
@@ -92,6 +93,24 @@ def check_options(options: SearchOptions) -> None:
         )
     if options.prune and options.reduction_factor < 2:
         raise PipelineError(f"--reduction-factor must be 2 or more, got {options.reduction_factor}")
+
+
+DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
+
+
+def timeout_seconds(timeout: str | None) -> float | None:
+    """--timeout in seconds: `90`, `90s`, `30m`, `2h`, `1h30m` (None: no budget)."""
+    if timeout is None:
+        return None
+    matched = DURATION.fullmatch(timeout.strip())
+    seconds = (
+        sum(float(matched[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+        if matched and timeout.strip()
+        else 0
+    )
+    if seconds <= 0:
+        raise PipelineError(f"--timeout takes a duration above 0, such as 90s, 30m, 2h or 1h30m, got '{timeout}'")
+    return seconds
 
 
 def check_against_space(options: SearchOptions, space: Space, epochs: int) -> None:
