@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -28,8 +29,9 @@ from pipeline.provenance import CONTINUED_RUN_TAG
 from pipeline.sweep import front, grid, report, search, search_options, search_report, space
 from pipeline.sweep.__main__ import main as sweep_main
 from pipeline.sweep.shared import Outcome, Sweep, TrialResult
+from pipeline.sweep.training import UNLANDED
 from pipeline.sweep.trial import experiment_results
-from tests.processes import owner_marker, processes_started_with, read_until
+from tests.processes import owner_marker, processes_started_with
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
 from tests.synthetic import write_mirror
 
@@ -37,7 +39,7 @@ SEARCH = [sys.executable, "-m", "pipeline.sweep"]
 PRUNED_LR, KEPT_LR = "0.000001", "0.002"  # at one epoch the first is far worse: it is pruned at the first rung
 # A slow starter: behind KEPT_LR at one epoch, so pruned there, and ahead of the two worse ones after it.
 PROMOTED_LR, SLOWER_LR = "0.001", "0.0001"
-# The grid sampler with seed 5 proposes them in this order (Optuna's seeded order, one at a time):
+# The grid sampler with seed 198 proposes them in this order (each proposal seeded by its number):
 # srch-1 goes on; srch-2, srch-3 and srch-4 are pruned at epoch 1; once four have reached it, the
 # best ⌊4/2⌋ there are srch-1 and srch-2, and srch-2 is promoted before the fifth trial is asked;
 # no point is left for a fifth.
@@ -47,7 +49,7 @@ PROMOTING = [
     "--sampler",
     "grid",
     "--sampler-seed",
-    "5",
+    "198",
     "--trials",
     "5",
     "--min-epochs",
@@ -55,10 +57,10 @@ PROMOTING = [
     "--reduction-factor",
     "2",
 ]
-# The grid sampler with seed 1 proposes the better one first (Optuna's seeded order), so the worse one
+# The grid sampler with seed 2 proposes the better one first (each proposal seeded by its number), so the worse one
 # is pruned at its first rung: a trial promoted at a rung is one among the best 1/2 there.
 PRUNING = [
-    *("--pruner", "asha", "--sampler", "grid", "--sampler-seed", "1", "--trials", "2"),
+    *("--pruner", "asha", "--sampler", "grid", "--sampler-seed", "2", "--trials", "2"),
     *("--min-epochs", "1", "--reduction-factor", "2"),
 ]
 
@@ -280,8 +282,8 @@ def test_a_paused_slow_starter_is_promoted_once_later_trials_rank_it_among_the_b
             assert study.promote() is None, "no paused trial is among the best ⌊n/3⌋ yet"
         study.tell(number, {OBJECTIVE: objective}, pruned, {"epochs": 1, "metrics": {OBJECTIVE: objective}})
         assert pruned == (objective != 32.0)
-    number, trial, epochs = study.promote()
-    assert (trial.name, epochs) == ("s-2", 1)
+    number, trial, epochs, timed_out = study.promote()
+    assert (trial.name, epochs, timed_out) == ("s-2", 1, False)
     continued = study.study.trials[number]
     assert continued.intermediate_values == {1: 33.0} and continued.user_attrs["experiment"] == "s-2"
     assert study.promote() is None, "promoted once: it is training now, not paused"
@@ -631,47 +633,70 @@ def test_a_search_together_prunes_inside_its_group_and_lands_the_same_bytes(sear
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_the_same_search_keeps_what_landed_and_goes_on_proposing(tmp_path, started):
+def test_a_stopped_search_run_again_lands_the_trials_and_bytes_of_one_run(tmp_path, started):
+    """One trial at a time, the default search: Ctrl-C once its first trial has finished an epoch,
+    then the same command, in which that trial's Ray worker is killed while it trains again. The
+    trial goes on from its kept epoch each time, and the search lands what the same search without
+    a stop lands in another project: the same points, the same bytes; nothing is left running, and
+    no checkpoint is left once every trial has landed."""
     marker = owner_marker()
-    project = make_project(tmp_path / "project", write_mirror(tmp_path / "mirror"), **{"train.epochs": 1})
-    command = [
-        *SEARCH,
-        "-S",
-        "train.learning_rate=tag(log, interval(0.0005, 0.005))",
-        "--trials",
-        "2",
-        "--sampler",
-        "random",
-        "--max-concurrent",
-        "1",
-        "-n",
-        "ctl",
-    ]
     env = search_env() | marker
-    first = started(command, project, env=env)
-    seen = read_until(first, r"^ctl-1 finished")
-    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C, to the driver's whole process group
-    seen += first.stdout.read()
-    assert first.wait(timeout=300) == 130, seen
-    landed_first = run(["dvc", "exp", "list", "--names-only"], project).stdout.split()
-    assert "ctl-1" in landed_first, seen
+    mirror = write_mirror(tmp_path / "mirror")
+    command = [*SEARCH, "-S", "train.learning_rate=tag(log, interval(0.0005, 0.005))", *PART_OF_THE_DATA]
+    command += ["--trials", "2", "--max-concurrent", "1", "-n", "res"]
+    stopped, whole = (make_project(tmp_path / name, mirror, **{"train.epochs": 2}) for name in ("stopped", "whole"))
+    kept = stopped / UNLANDED / "res-1.pt"
 
-    again = run(command, project, check=False, env=env)
-    assert again.returncode == 0, again.stdout + again.stderr
-    kept = re.search(r"^kept from before: (.*) \(landed", again.stdout, re.MULTILINE)
-    assert kept and set(kept[1].split(", ")) == set(landed_first), again.stdout
-    study = optuna.load_study(study_name="ctl", storage=f"sqlite:///{project / search.SEARCH_STORE}")
-    ended = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(ended) == 2, "two trials count, the cancelled one not"
-    names = sorted(t.user_attrs["experiment"] for t in ended)
-    assert sorted(run(["dvc", "exp", "list", "--names-only"], project).stdout.split()) == names
-    first_lr = {t.params["train.learning_rate"] for t in ended if t.user_attrs["experiment"] in landed_first}
-    later_lr = {t.params["train.learning_rate"] for t in ended if t.user_attrs["experiment"] not in landed_first}
-    assert not first_lr & later_lr, "the sampler went on, not over the first run's points again"
+    first = started(command, stopped, env=env)
+    wait_for(kept.exists, first)  # res-1 has finished an epoch, and trains on
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C, to the driver's whole process group
+    said = first.stdout.read()
+    assert first.wait(timeout=300) == 130, said
+
+    again = started(command, stopped, env=env)
+    training = wait_for(
+        lambda: [p for p in processes_started_with(marker) if "pipeline.sweep.training" in p.cmdline()], again
+    )
+    training[0].parent().kill()  # its Ray worker: the driver runs the task again
+    said = again.stdout.read()
+    assert again.wait(timeout=600) == 0, said
+    assert "res-1 resumes: it was stopped before it landed" in said, said
+    assert run([*command], whole, check=False, env=env).returncode == 0
+
+    def landed(project: Path) -> dict[str, tuple]:
+        study = optuna.load_study(study_name="res", storage=f"sqlite:///{project / search.SEARCH_STORE}")
+        trials = {t.user_attrs["experiment"]: t for t in search.trained(study)}
+        return {name: (t.state, t.params, train_outputs(project, name)) for name, t in trials.items()}
+
+    assert landed(stopped) == landed(whole) and sorted(landed(whole)) == ["res-1", "res-2"]
+    assert not list((stopped / UNLANDED).glob("*.pt")), "each checkpoint goes once its trial lands"
+    client = mlflow.MlflowClient(f"sqlite:///{stopped / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae-pipeline").experiment_id
+    runs = {r.info.run_id: r for r in client.search_runs([experiment], "attributes.run_name = 'res-1'")}
+    last = next(r for r in runs.values() if r.info.status == "FINISHED")
+    chain = [last]
+    while CONTINUED_RUN_TAG in chain[-1].data.tags:
+        chain.append(runs[chain[-1].data.tags[CONTINUED_RUN_TAG]])
+    # The killed worker's run, where its training had begun, or else the Ctrl-C'd one: never from scratch.
+    assert len(chain) >= 2, "the landed run goes on from the run of a stopped training"
+    assert [m.step for m in client.get_metric_history(last.info.run_id, OBJECTIVE)] == [1, 2]
     left = [
-        p.cmdline() for p in processes_started_with(marker) if re.search(r"dvc exp run|raylet", " ".join(p.cmdline()))
+        p.cmdline()
+        for p in processes_started_with(marker)
+        if re.search(r"dvc exp run|raylet|sweep.training", " ".join(p.cmdline()))
     ]
     assert not left, left
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300):
+    """`condition()`'s first true value, polled while `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        assert proc.poll() is None, f"it ended first:\n{proc.stdout.read()}"
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")
 
 
 @pytest.mark.slow

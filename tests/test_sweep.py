@@ -323,7 +323,7 @@ def test_a_search_on_the_cluster_prunes_and_lands_on_the_remotes_its_study_with_
     cluster's node, and land on the remotes, the worse one pruned at its first rung."""
     done = run(
         sweep_command(
-            *("-S", "train.learning_rate=0.002,0.000001", "--trials", "2", "--sampler", "grid", "--sampler-seed", "1"),
+            *("-S", "train.learning_rate=0.002,0.000001", "--trials", "2", "--sampler", "grid", "--sampler-seed", "2"),
             *("--pruner", "asha", "--min-epochs", "1", "--reduction-factor", "2", "--name", "srch"),
         ),
         sweep_project,

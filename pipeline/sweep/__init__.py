@@ -18,8 +18,8 @@ The files, in the order a sweep meets them:
     trial.py           a trial's clone, its data, its push; a torchrun trial's task (`dvc exp run`)
     watch.py           a trial's command followed by its progress file, and stopped on a cancel
     groups.py          a trial's task, or a `--together` group's: one process, then each lands
-    training.py        that training process: epoch after epoch, the study's answer at each rung
-    side_by_side.py    several trials' epochs interleaved on one device, each on its own stream
+    training.py        that process: epoch after epoch (each kept until it lands), the study's answer at rungs
+    side_by_side.py    several trials' epochs interleaved on one device; which trials can share one
     stall.py           a group that stops making progress, stopped with its stacks
     interrupts.py      what a cancel must not cut in half (a push)
     report.py          what the sweep leaves: the parent run, the trials' table and their runs' ends

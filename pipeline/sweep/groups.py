@@ -24,7 +24,8 @@ from pipeline.params import PARAMS_FILE, Params
 from pipeline.paths import CHECKPOINT_FILE
 from pipeline.sweep import grid
 from pipeline.sweep.shared import Rungs, Sweep, TrialFailed, TrialResult
-from pipeline.sweep.training import group_key
+from pipeline.sweep.side_by_side import group_key
+from pipeline.sweep.training import UNLANDED
 from pipeline.sweep.trial import (
     checkout,
     continue_paused,
@@ -73,8 +74,11 @@ def run_group(
         split_as(trials[0], repo, env)
         out = repo.parent / "trained"
         out.mkdir()
+        keep = Path(sweep.git_url) / UNLANDED if sweep.local_cache else None  # on one machine: in the project
         pruned_at: dict[str, int] = {}  # a search's trial -> the rung it was pruned at
-        ended: dict[str, TrialResult | str] = _train(label, trials, repo, out, env, board, rungs, continues, pruned_at)
+        ended: dict[str, TrialResult | str] = _train(
+            label, trials, repo, out, env, board, rungs, continues, pruned_at, keep
+        )
         share = (time.monotonic() - started) / len(trials)  # each trial's part of the clone and the training
         for trial in trials:
             if trial.name not in ended:
@@ -83,6 +87,8 @@ def run_group(
                 ended[trial.name] = _land(
                     sweep, label, landing, repo, out, env, board, share, rungs, bool(epochs), bool(continues)
                 )
+            if keep:  # landed, or failed on its own: nothing to go on from
+                (keep / f"{trial.name}.pt").unlink(missing_ok=True)
     return ended
 
 
@@ -109,6 +115,7 @@ def _train(
     rungs: Rungs | None,
     continues: int,
     pruned_at: dict[str, int],
+    keep: Path | None,
 ) -> dict[str, str]:
     """Run the group's process, and answer it at each rung of a search; returns why each trial that
     did not train did not."""
@@ -120,6 +127,7 @@ def _train(
                 "out": str(out),
                 "rungs": list(rungs.epochs[:-1]) if rungs else [],
                 "continues": continues,
+                "keep": str(keep) if keep else None,
             }
         )
     )

@@ -30,6 +30,7 @@ class Proposals:
     ):
         self.search, self.name, self.together, self.params_text = search, name, together, params_text
         self.timeout, self.deadline = timeout, None  # the budget, in seconds from the first trial's start
+        self.spent = False
         self.rungs = options.rungs(epochs)
         self.budget = options.trials
         self.promotes = options.prune and not together  # a paused trial continues alone, as it trained
@@ -45,6 +46,10 @@ class Proposals:
         start and the checks before are not the trials' time."""
         if self.deadline is not None and time.time() >= self.deadline:
             self._spent()
+        if not self.ready and not self.spent:
+            resumed = ray.get(self.search.resume.remote())
+            if resumed is not None:
+                self.ready = [self._resumed(*resumed)]
         if not self.ready and self.left and self.promotes:
             promoted = ray.get(self.search.promote.remote())
             if promoted is not None:
@@ -56,8 +61,21 @@ class Proposals:
             ray.get(self.search.spend_by.remote(self.deadline))
         return self.ready.pop(0) if self.ready else None
 
+    def _resumed(self, number: int, trial: grid.Trial, continues: int) -> Task:
+        """The task of a trial a stop left unlanded: it goes on from the last epoch it finished (the
+        checkpoint its task kept in the project), as the same trial of the study."""
+        self.asked[trial.name] = number
+        if not continues:  # a promotion does not count against --trials; this trial does, once it ends
+            self.left = max(self.left - 1, 0)
+        print(f"{trial.name} resumes: it was stopped before it landed, and goes on from its last epoch", flush=True)
+        rungs = Rungs(self.search, self.rungs, {trial.name: number})
+        task = Task(trial.name, (trial,), bool(self.together), rungs=rungs, continues=continues)
+        self.tasks.append(task)
+        return task
+
     def _spent(self) -> None:
         """--timeout is spent: no trial starts, and those running stop at their next rung and land."""
+        self.spent = True
         if self.left or self.ready:
             print(
                 f"--timeout {self.timeout:g} s is spent: no trial starts, and those running stop at their next rung "

@@ -33,7 +33,6 @@ from pipeline.sweep.space import Space
 
 SEARCH_STORE = Path("mlruns") / "optuna.db"
 # Tags of each trial in the study (Optuna's user attributes), read back by a search run again.
-CANCELLED_ATTR = "cancelled"  # a FAIL that Ctrl-C caused: it does not count against --trials
 SAME_AS_ATTR = "same_as"  # a proposal of a point another trial holds: that trial's result, no training
 IMPORTED_ATTR = "taken_from_project"  # an experiment the project held already (warm_start.py)
 TIMED_OUT_ATTR = "stopped_by_timeout"  # paused at a rung once --timeout was spent: the search again continues it
@@ -75,9 +74,15 @@ def open_study(name: str, space: Space, options: SearchOptions, storage: str, ep
             f"search '{name}' was started with another space or other options (in {SEARCH_STORE}): run it "
             "again as it was, or give this one another --name"
         )
-    # Seeded by --sampler-seed and, going on, the count of trials the study has: a sampler seeded
-    # afresh would propose the first run's points again.
-    seed, start = options.seed + len(study.trials), study.user_attrs.get("start_trials", 0)
+    study.sampler = sampler(space, options, study.user_attrs.get("start_trials", 0), len(study.trials))
+    return study
+
+
+def sampler(space: Space, options: SearchOptions, start: int, number: int) -> optuna.samplers.BaseSampler:
+    """The sampler that proposes trial `number`, seeded by --sampler-seed and that number: the
+    proposal of a trial is the same whether its search ran without a stop or went on after one
+    (a sampler seeded once would have drawn its numbers in another order)."""
+    seed = int(np.random.SeedSequence([options.seed, number]).generate_state(1)[0])
     samplers = {
         "tpe": lambda: CoveringStart(
             space, start, optuna.samplers.TPESampler(n_startup_trials=start, seed=seed), options.seed
@@ -85,19 +90,17 @@ def open_study(name: str, space: Space, options: SearchOptions, storage: str, ep
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
     }
-    study.sampler = samplers[options.sampler]()
-    return study
+    return samplers[options.sampler]()
 
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count against --trials: trained and ended, not by Ctrl-C, not a paused
+    """The trials that count against --trials: trained and ended (not stopped by Ctrl-C), not a paused
     trial's promotion (it trains a point the budget counted already), and not an experiment the
     project held already (it cost the search nothing)."""
     return [
         trial
         for trial in trained(study)
         if trial.state.is_finished()
-        and not trial.user_attrs.get(CANCELLED_ATTR)
         and CONTINUES_ATTR not in trial.user_attrs
         and not trial.user_attrs.get(IMPORTED_ATTR)
     ]
@@ -119,32 +122,49 @@ class SearchStudy:
 
     A point is trained once. A proposal of a point that a trial holds (ended, or training now) is a
     copy: it takes that trial's result, now or when it ends, so the sampler learns the point's
-    value again, and it trains nothing and does not count against --trials."""
+    value again, and it trains nothing and does not count against --trials.
+
+    A trial that Ctrl-C or a killed driver stopped stays RUNNING in the study, and a run again of
+    the search resumes it first, as the same trial: the same number, rungs and pruner's bracket, so
+    what the search proposes and prunes after it is what it would have without the stop."""
 
     def __init__(self, name: str, space: Space, options: SearchOptions, storage: str, epochs: int):
         self.study = open_study(name, space, options, storage, epochs)
-        self.name, self.space, self.seed, self.metrics = name, space, options.seed, options.metrics
+        self.name, self.space, self.options, self.metrics = name, space, options, options.metrics
+        self.seed = options.seed
         self.rungs, self.reduction_factor = options.rungs(epochs), options.reduction_factor
         self.asked: dict[int, optuna.Trial] = {}
         self.deadline: float | None = None  # --timeout's end, on this node's clock
         self.copies: dict[int, list[int]] = collections.defaultdict(list)  # a training trial -> its copies
-        for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-            self.study.set_trial_user_attr(trial._trial_id, CANCELLED_ATTR, True)  # an earlier Ctrl-C's
-            self._tell(trial.number, state=TrialState.FAIL)
+        stopped = self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING])  # by Ctrl-C, or a killed driver
+        self.stopped = [trial for trial in stopped if "experiment" in trial.user_attrs]
+        for trial in stopped:
+            self.asked[trial.number] = optuna.trial.Trial(self.study, trial._trial_id)
+        by_name = {trial.user_attrs["experiment"]: trial.number for trial in self.stopped}
+        for trial in stopped:  # a copy waits for the trial it copies, as before the stop
+            if SAME_AS_ATTR in trial.user_attrs:
+                self.copies[by_name[trial.user_attrs[SAME_AS_ATTR]]].append(trial.number)
 
     def counted(self) -> int:
         return len(counted(self.study))
 
     def held(self) -> dict[tuple, optuna.trial.FrozenTrial]:
-        """The points tried: those of trials that trained or train now, less those Ctrl-C cancelled."""
-        return {
-            self.space.point(trial.params): trial
-            for trial in trained(self.study)
-            if not trial.user_attrs.get(CANCELLED_ATTR)
-        }
+        """The points tried: those of trials that trained, train now, or wait to go on after a stop."""
+        return {self.space.point(trial.params): trial for trial in trained(self.study)}
 
     def tried(self) -> int:
         return len(self.held())
+
+    def resume(self) -> tuple[int, grid.Trial, int] | None:
+        """The next trial a stop left RUNNING, to go on as itself: its number, the trial, and the
+        epochs of the paused experiment it continues (0: it continues none). None: no such trial."""
+        if not self.stopped:
+            return None
+        trial = self.stopped.pop(0)
+        name, overrides = trial.user_attrs["experiment"], tuple(trial.user_attrs["overrides"])
+        continues = trial.user_attrs.get(CONTINUES_ATTR)
+        paused = 0 if continues is None else self.study.get_trials(deepcopy=False)[continues].last_step
+        return trial.number, grid.Trial(name, overrides), paused
 
     def ask(self) -> tuple[int, grid.Trial, list[str]] | None:
         """The next trial's number in the study, the trial (named as DVC names a sweep's experiments,
@@ -152,6 +172,8 @@ class SearchStudy:
         None once every point of a finite space has been tried."""
         held, repeated = self.held(), []
         while len(held) < self.space.size():
+            start = self.study.user_attrs.get("start_trials", 0)
+            self.study.sampler = sampler(self.space, self.options, start, len(self.study.trials))
             if len(repeated) < REPEATS_BEFORE_AN_UNTRIED_POINT:
                 trial = self.study.ask(dict(self.space.dimensions))
             else:  # the sampler keeps to the points it has: an untried one, drawn as the seed and count say
@@ -191,7 +213,7 @@ class SearchStudy:
         it; None where none goes on."""
         latest: dict[str, optuna.trial.FrozenTrial] = {}  # each experiment's last trial: a promotion's, or its own
         for trial in trained(self.study):
-            if not trial.user_attrs.get(CANCELLED_ATTR) and trial.state != TrialState.FAIL:
+            if trial.state != TrialState.FAIL:
                 latest[trial.user_attrs["experiment"]] = trial
         timed_out = [t for t in latest.values() if t.state == TrialState.PRUNED and t.user_attrs.get(TIMED_OUT_ATTR)]
         if timed_out:
@@ -229,8 +251,6 @@ class SearchStudy:
         copy = self.asked.pop(number)
         for step, value in sorted(same.intermediate_values.items()):
             copy.report(value, step)
-        if same.user_attrs.get(CANCELLED_ATTR):
-            copy.set_user_attr(CANCELLED_ATTR, True)
         self._tell(number, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
 
     def _copies_of(self, number: int) -> None:
@@ -260,11 +280,11 @@ class SearchStudy:
         self._copies_of(number)
 
     def fail(self, number: int, reason: str, cancelled: bool) -> None:
-        """A trial that did not land: failed on its own (counted), or cancelled by Ctrl-C (not)."""
-        trial = self.asked[number]
-        trial.set_user_attr("reason", reason)
+        """A trial that did not land: failed on its own (FAIL, counted), or stopped by Ctrl-C, which
+        leaves it RUNNING, for the search run again to resume (and its copies waiting for it)."""
         if cancelled:
-            trial.set_user_attr(CANCELLED_ATTR, True)
+            return
+        self.asked[number].set_user_attr("reason", reason)
         self._tell(number, state=TrialState.FAIL)
         self._copies_of(number)
 

@@ -1,16 +1,41 @@
 """Several trials' epochs side by side in one process, on one device: `train_epoch` of each, their
 batches interleaved and, on CUDA, each trial's step on a stream of its own, so the GPU runs their
-small kernels (or CUDA graphs) together."""
+small kernels (or CUDA graphs) together; and which trials can (`group_key`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 from collections.abc import Callable, Sequence
 
 import torch
 
+from pipeline.losses import LOSS_PARAMS
+from pipeline.params import Params
 from pipeline.step import TrainStep
+
+# What every trial of a group must share to train in one process: all but these are one for all
+# (each trial has its own Adam, and its own loss: every param the loss reads).
+PER_TRIAL_KEYS = {
+    "seed": None,
+    "train": ("learning_rate", *LOSS_PARAMS),
+    "evaluate": None,
+    "visualize": None,
+}
+
+
+def group_key(params: Params) -> str:
+    """The params a group's trials share (the model's shape, batch, precision, device, epochs, data):
+    trials of one key can train together, trials of two keys cannot."""
+    shared = dataclasses.asdict(params)
+    for section, keys in PER_TRIAL_KEYS.items():
+        if keys is None:
+            shared.pop(section)
+        else:
+            shared[section] = {k: v for k, v in shared[section].items() if k not in keys}
+    return json.dumps(shared, sort_keys=True)
 
 
 def train_together(

@@ -14,7 +14,11 @@ trial that `train.early_stopping` stops leaves the group then, as its run alone 
 group stops at each rung for the sweep's answer (pipeline.progress's "rung" event, a line on
 stdin): the trials it prunes leave the group there, as the checkpoints of the epochs they reached.
 A promoted trial (`continues`, a group of one) goes on from the finished run of its paused
-experiment, models/state.pt, as `dvc exp run` with more epochs continues it."""
+experiment, models/state.pt, as `dvc exp run` with more epochs continues it.
+
+On one machine ("keep": UNLANDED in the project) each trial's checkpoint of its last epoch is kept
+until it lands: stopped (Ctrl-C, a killed driver or Ray worker), it goes on from there when it
+trains again, its rung at that epoch asked again, to the bytes it would have had without the stop."""
 
 from __future__ import annotations
 
@@ -37,10 +41,10 @@ from pipeline.device import (
     resolve_precision,
     set_cpu_threads,
 )
+from pipeline.dvc_process import stop_when_orphaned
 from pipeline.epoch_report import report_epoch
 from pipeline.errors import PipelineError
 from pipeline.history import kept_epoch, train_metrics
-from pipeline.losses import LOSS_PARAMS
 from pipeline.params import PARAMS_FILE, Params, parse_params
 from pipeline.paths import STATE_FILE
 from pipeline.progress import record
@@ -49,31 +53,11 @@ from pipeline.run_state import Training, end_epoch, random_states, restore, save
 from pipeline.stage import run_stage
 from pipeline.step import TrainStep, divergence
 from pipeline.sweep import grid
-from pipeline.sweep.side_by_side import train_together
+from pipeline.sweep.side_by_side import group_key, train_together
 from pipeline.sweep.stall import StallGuard
 
 STALL_STACKS = "stall-stacks.txt"  # a stalled group's every thread's stack, in each trial's MLflow run
-
-# What every trial of a group must share to train in one process: all but these are one for all
-# (each trial has its own Adam, and its own loss: every param the loss reads).
-PER_TRIAL_KEYS = {
-    "seed": None,
-    "train": ("learning_rate", *LOSS_PARAMS),
-    "evaluate": None,
-    "visualize": None,
-}
-
-
-def group_key(params: Params) -> str:
-    """The params a group's trials share (the model's shape, batch, precision, device, epochs, data):
-    trials of one key can train together, trials of two keys cannot."""
-    shared = dataclasses.asdict(params)
-    for section, keys in PER_TRIAL_KEYS.items():
-        if keys is None:
-            shared.pop(section)
-        else:
-            shared[section] = {k: v for k, v in shared[section].items() if k not in keys}
-    return json.dumps(shared, sort_keys=True)
+UNLANDED = Path("mlruns") / "unlanded"  # in the project: each training trial's last finished epoch
 
 
 @dataclasses.dataclass
@@ -86,11 +70,20 @@ class Member:
     state: Training
     step: TrainStep
     tracked: tracking.TrackedRun
+    kept: Path | None  # where its checkpoint is kept until it lands (None: nowhere)
+    resumed: bool  # from the kept checkpoint of a stopped training
 
 
-def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = (), continues: bool = False) -> None:
+def train_group(
+    trials: list[grid.Trial],
+    out: Path,
+    rungs: tuple[int, ...] = (),
+    continues: bool = False,
+    keep: Path | None = None,
+) -> None:
     """Train the trials together; a search's (`rungs`: the epochs at which it may prune them) asks
-    the sweep at each rung which of them stop there; a promoted one `continues` its paused run."""
+    the sweep at each rung which of them stop there; a promoted one `continues` its paused run;
+    one whose checkpoint is in `keep` goes on from it (and each epoch's is kept there)."""
     params_text = PARAMS_FILE.read_text()
     texts = [grid.applied(trial, params_text) for trial in trials]
     all_params = [parse_params(yaml.safe_load(text)) for text in texts]
@@ -121,10 +114,13 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
             validation,
             searched,
             continues,
+            keep / f"{trial.name}.pt" if keep else None,
         )
         for trial, params, text in zip(trials, all_params, texts)
     ]
-    first_epoch = len(members[0].state.history) + 1  # one for all: only a group of one continues
+    first_epoch = len(members[0].state.history) + 1
+    if any(len(member.state.history) != first_epoch - 1 for member in members):
+        raise PipelineError("the group's trials start from different epochs: they cannot train together")
     print(f"training {', '.join(trial.name for trial in trials)} together on {device}", flush=True)
     active = list(members)
 
@@ -134,11 +130,24 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
             atomic.write_text(out / f"{member.trial.name}.failed", reason)
             member.tracked.log_text(stacks, STALL_STACKS)
 
+    def settle(epoch: int) -> None:
+        """The members `train.early_stopping` or the sweep's answer at a rung stops after `epoch`,
+        saved for their landing and out of the group."""
+        ended = [m for m in active if stops_early(m.state.history, m.params.train)]
+        if epoch in rungs:
+            with guard.paused():
+                ended += _pruned_at_rung(active, epoch)
+        for member in ended:
+            _save(member, out, params_text, searched)
+            active.remove(member)
+
     try:
         with (
             tracking.TrackedRun(os.environ.get(PARENT_RUN_VARIABLE)).monitor_system(resumed=True),
             StallGuard(stalled) as guard,
         ):
+            if first_epoch > 1 and all(m.resumed for m in members):  # stopped after this epoch's checkpoint
+                settle(first_epoch - 1)
             for epoch in range(first_epoch, cfg.epochs + 1):
                 if not active:  # every trial diverged, or stopped early
                     break
@@ -158,13 +167,11 @@ def train_group(trials: list[grid.Trial], out: Path, rungs: tuple[int, ...] = ()
                 for member in active:
                     state = member.state
                     report_epoch(member.tracked, state.history[-1], seconds, state.model, validation, cfg.epochs)
-                ended = [m for m in active if stops_early(m.state.history, m.params.train)]  # train.early_stopping
-                if epoch in rungs:
-                    with guard.paused():
-                        ended += _pruned_at_rung(active, epoch)
-                for member in ended:
-                    _save(member, out, params_text, searched)
-                    active.remove(member)
+                    if member.kept:
+                        save_checkpoint(
+                            state, member.fingerprint, [random_states(state)], member.tracked.run_id, member.kept
+                        )
+                settle(epoch)
     except BaseException:
         for member in active:  # KILLED: MLflow's status for a run its user stopped (Ctrl-C)
             member.tracked.finish("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
@@ -213,14 +220,23 @@ def _start(
     validation: torch.Tensor,
     epochs_later: bool = False,
     continues: bool = False,
+    kept: Path | None = None,
 ) -> Member:
     """The trial as its run alone starts: seeded, and its MLflow run named as DVC names the trial
     (for a search's, without the `train.epochs` it has yet to reach); one that `continues`, from
     the finished run of its experiment (its weights, Adam, random states and history), into a new
-    run that names the one it continues, as a run alone with more epochs is."""
+    run that names the one it continues, as a run alone with more epochs is. A checkpoint `kept`
+    from a stopped training of it goes before either."""
     state = seeded(params, device)
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
-    if continues:
+    stopped = model_files.load_torch(kept, "cpu") if kept is not None and kept.exists() else None
+    if stopped is not None and (
+        stopped["fingerprint"] != fingerprint or len(stopped["history"]) >= params.train.epochs
+    ):
+        stopped = None  # another trial's of the same name, or a finished one's: not this training's
+    if stopped is not None:
+        restore(state, stopped)
+    elif continues:
         restore(state, _finished_run(trial, fingerprint, params.train.epochs))
     step = TrainStep.from_params(
         params.train,
@@ -232,7 +248,7 @@ def _start(
         noise_generator=state.noise,
     )
     step.resume_after(len(state.history))  # where beta's warm-up is
-    continues_run_id = tracking.run_that_trained(experiment_id) if continues else None
+    continues_run_id = stopped["run_id"] if stopped else tracking.run_that_trained(experiment_id) if continues else None
     identity = tracking.Identity(trial.name, None if epochs_later else params_text)  # as its `dvc exp run` names it
     datasets = {"train": train_images, "validation": validation}
     tracked = tracking.training_run(
@@ -242,7 +258,7 @@ def _start(
         tracked.log_history(state.history)  # the epochs it continues from, as a run alone logs them
     else:
         tracked.log_untrained(state.model, validation)  # step 0, as a run alone logs it
-    return Member(trial, params, fingerprint, state, step, tracked)
+    return Member(trial, params, fingerprint, state, step, tracked, kept, stopped is not None)
 
 
 def _finished_run(trial: grid.Trial, fingerprint: dict, epochs: int) -> dict:
@@ -254,9 +270,11 @@ def _finished_run(trial: grid.Trial, fingerprint: dict, epochs: int) -> dict:
 
 
 def main() -> None:
+    stop_when_orphaned([os.getppid()])  # its Ray worker lost: stopped as Ctrl-C stops it, its checkpoints kept
     spec = json.loads(Path(sys.argv[1]).read_text())
     trials = [grid.Trial(t["name"], tuple(t["overrides"])) for t in spec["trials"]]
-    train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ())), bool(spec.get("continues")))
+    keep = Path(spec["keep"]) if spec.get("keep") else None
+    train_group(trials, Path(spec["out"]), tuple(spec.get("rungs", ())), bool(spec.get("continues")), keep)
 
 
 if __name__ == "__main__":
