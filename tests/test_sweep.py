@@ -27,6 +27,7 @@ import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.history import OBJECTIVE
+from pipeline.params import flatten
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, ROOT, make_project, project_env, run
 from tests.servers import HeldDownloads, free_port, serve_mlflow
@@ -184,15 +185,8 @@ def exp_show(project: Path) -> dict[str, dict]:
                 data = rev["data"]
                 params = data["params"]["params.yaml"]["data"]
                 metrics = {k: v for file in data["metrics"].values() for k, v in file["data"].items()}
-                found[rev["name"]] = {"params": flat(params), "metrics": metrics}
+                found[rev["name"]] = {"params": flatten(params), "metrics": metrics}
     return found
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
 
 
 def nested_runs(tracking_uri: str, parent_name: str):

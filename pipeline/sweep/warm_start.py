@@ -12,7 +12,6 @@ nothing), and a pruned one is never promoted (its experiment is not at the rung 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import subprocess
@@ -52,14 +51,6 @@ def experiments() -> dict[str, tuple[str, str]]:
     return found
 
 
-def _flat(params: dict, prefix: str = "") -> dict:
-    """Nested params by dotted key, as -S names them."""
-    flat = {}
-    for key, value in params.items():
-        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return flat
-
-
 def _in(distribution, value) -> bool:
     if isinstance(distribution, CategoricalDistribution):
         return value in distribution.choices
@@ -78,15 +69,15 @@ def _trial(name: str, ref: str, space: Space, options: SearchOptions, epochs: in
         rows = list(csv.DictReader(io.StringIO(git("show", f"{ref}:{TRAIN_HISTORY}"))))
     except (PipelineError, ParamsError, json.JSONDecodeError, yaml.YAMLError):
         return "unreadable"
-    nested = dataclasses.asdict(params)
-    values = {key: _flat(nested)[key] for key in space.dimensions}
+    flat = params.flat()
+    values = {key: flat[key] for key in space.dimensions}
     if not all(_in(space.dimensions[key], value) for key, value in values.items()):
         return "outside the space"
     try:
-        expected = dataclasses.asdict(grid.check([grid.Trial(name, space.overrides(values))], params_text)[0])
+        expected = grid.check([grid.Trial(name, space.overrides(values))], params_text)[0].flat()
     except PipelineError:
         return "outside the space"
-    if any(value != _flat(nested).get(key) for key, value in _flat(expected).items() if key not in MAY_DIFFER):
+    if any(value != flat[key] for key, value in expected.items() if key not in MAY_DIFFER):
         return "with other fixed params"
     rungs = options.rungs(epochs)
     if not rungs[0] <= trained <= epochs:
