@@ -146,6 +146,7 @@ SHARED_BUILDS = {
     "bundle": "bundle",
     "swept_together": "swept-together",
     "searched": "searched",
+    "budgeted": "budgeted",
     "refusing_project": "search-refusals",
 }
 # Where each xdist worker leaves the processes it found still running, for the session's verdict.

@@ -236,8 +236,9 @@ def sweep_trials(
         outcome = cluster.run_sweep(sweep, tasks, resources, args.retries, ctrl_c, proposals)
         if proposals is not None:
             proposals.settle(outcome)
-            outcome.kept = {name: result for name, (_, result) in kept.items()}
-            trials = [trial for trial, _ in kept.values()] + proposals.trials()
+            asked = proposals.trials()  # a trial kept from before and continued now is listed once, as asked
+            outcome.kept = {name: result for name, (_, result) in kept.items() if name not in outcome.finished}
+            trials = [trial for name, (trial, _) in kept.items() if name not in {t.name for t in asked}] + asked
             try:
                 rate_distortion = search_report.log_search(
                     client, sweep, study, outcome, options, plan.params[0].train.reconstruction
