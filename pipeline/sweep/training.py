@@ -230,10 +230,8 @@ def _start(
     state = seeded(params, device)
     fingerprint = model_files.training_fingerprint(params, precision, device.type)
     stopped = model_files.load_torch(kept, "cpu") if kept is not None and kept.exists() else None
-    if stopped is not None and (
-        stopped["fingerprint"] != fingerprint or len(stopped["history"]) >= params.train.epochs
-    ):
-        stopped = None  # another trial's of the same name, or a finished one's: not this training's
+    if stopped is not None and (stopped["fingerprint"] != fingerprint or len(stopped["history"]) > params.train.epochs):
+        stopped = None  # another training's of the same name (other params, code or data): not this one's
     if stopped is not None:
         restore(state, stopped)
     elif continues:
