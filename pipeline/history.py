@@ -79,6 +79,14 @@ def to_csv(history: list[EpochLosses]) -> str:
     return out.getvalue()
 
 
+def from_csv(text: str) -> list[EpochLosses]:
+    """metrics/history.csv read back (to_csv's), without the KL per dimension it does not hold."""
+    return [
+        EpochLosses(int(row[EPOCH]), {c: float(row[c]) for c in COLUMNS}, (), int(float(row[ACTIVE_UNITS])))
+        for row in csv.DictReader(io.StringIO(text))
+    ]
+
+
 def latent_to_csv(history: list[EpochLosses]) -> str:
     """metrics/latent.csv: each epoch's validation KL of each latent dimension, a row each (the
     long form, so one chart draws a line per dimension whatever model.latent_dim is)."""

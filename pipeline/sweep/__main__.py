@@ -188,7 +188,8 @@ def sweep_trials(
             search_options.timeout_seconds(args.timeout),
         )
         kept = search.landed_before(study)
-        landed_here = [name for name, (_, result) in kept.items() if name not in search.imported(study)]
+        taken = search.imported(study)
+        landed_here = [name for name in kept if name not in taken]
         if landed_here:
             print(f"kept from before: {', '.join(landed_here)} (landed by this search before)", flush=True)
         pruner = {"asha": "successive halving", "hyperband": "Hyperband"}.get(options.pruner)
@@ -255,7 +256,7 @@ def sweep_trials(
             len(decoders) == 1,
             plan.tracking.registered_model,
             how_trained(args, tasks, proposals),
-            search_options.options_from(args).metrics if proposals is not None else (OBJECTIVE,),
+            options.metrics if proposals is not None else (OBJECTIVE,),
         )
         if rate_distortion is not None:
             front.print_front(rate_distortion)

@@ -52,13 +52,14 @@ def prepare(args: argparse.Namespace) -> Plan:
             raise PipelineError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(args, option):g}")
     if args.together < 0:
         raise PipelineError(f"--together must be 1 or more trials a process (0: each trial alone), got {args.together}")
-    if args.trials is not None:
-        search_options.check_options(search_options.options_from(args))
+    options = search_options.options_from(args) if args.trials is not None else None
+    if options is not None:
+        search_options.check_options(options)
         search_options.timeout_seconds(args.timeout)
     elif args.timeout is not None:
         raise PipelineError("--timeout is a search's budget: give --trials too, or leave it out for a grid")
     sets, trials, commit, params_text, checked, searched = _grid_at_head(args)
-    if args.trials is not None and len(search_options.options_from(args).objectives) > 1:
+    if options is not None and len(options.objectives) > 1:
         if any(params.train.keep_epoch != "last" for params in checked):
             raise PipelineError(
                 "train.keep_epoch: best keeps the epoch of the best val_total, and --objectives rate,distortion "

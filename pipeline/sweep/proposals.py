@@ -30,7 +30,6 @@ class Proposals:
     ):
         self.search, self.name, self.together, self.params_text = search, name, together, params_text
         self.timeout, self.deadline = timeout, None  # the budget, in seconds from the first trial's start
-        self.spent = False
         self.rungs = options.rungs(epochs)
         self.budget = options.trials
         self.promotes = options.prune and not together  # a paused trial continues alone, as it trained
@@ -44,9 +43,10 @@ class Proposals:
         else the next trial asked; while trials are left to ask (a promotion comes first, as in
         ASHA) and --timeout is not spent. The budget counts from the first trial's start: Ray's
         start and the checks before are not the trials' time."""
-        if self.deadline is not None and time.time() >= self.deadline:
+        spent = self.deadline is not None and time.time() >= self.deadline
+        if spent:
             self._spent()
-        if not self.ready and not self.spent:
+        if not self.ready and not spent:
             resumed = ray.get(self.search.resume.remote())
             if resumed is not None:
                 self.ready = [self._resumed(*resumed)]
@@ -75,7 +75,6 @@ class Proposals:
 
     def _spent(self) -> None:
         """--timeout is spent: no trial starts, and those running stop at their next rung and land."""
-        self.spent = True
         if self.left or self.ready:
             print(
                 f"--timeout {self.timeout:g} s is spent: no trial starts, and those running stop at their next rung "
@@ -153,8 +152,9 @@ class Proposals:
         return list({trial.name: trial for task in self.tasks for trial in task.trials}.values())
 
     def settle(self, outcome: Outcome) -> None:
-        """Each asked trial that did not land told to the study: failed on its own, or cancelled."""
+        """Each asked trial that failed on its own told to the study; one Ctrl-C cancelled is left
+        as it is, RUNNING, for the search run again to resume."""
         for name, number in self.asked.items():
-            if name not in outcome.finished:
-                reason = outcome.failed.get(name, CANCELLED)
-                ray.get(self.search.fail.remote(number, reason, reason == CANCELLED))
+            reason = outcome.failed.get(name, CANCELLED) if name not in outcome.finished else None
+            if reason not in (None, CANCELLED):
+                ray.get(self.search.fail.remote(number, reason))

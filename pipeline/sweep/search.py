@@ -131,7 +131,7 @@ class SearchStudy:
     def __init__(self, name: str, space: Space, options: SearchOptions, storage: str, epochs: int):
         self.study = open_study(name, space, options, storage, epochs)
         self.name, self.space, self.options, self.metrics = name, space, options, options.metrics
-        self.seed = options.seed
+        self.start = self.study.user_attrs.get("start_trials", 0)  # TPE's start, as the search's first run set it
         self.rungs, self.reduction_factor = options.rungs(epochs), options.reduction_factor
         self.asked: dict[int, optuna.Trial] = {}
         self.deadline: float | None = None  # --timeout's end, on this node's clock
@@ -172,12 +172,11 @@ class SearchStudy:
         None once every point of a finite space has been tried."""
         held, repeated = self.held(), []
         while len(held) < self.space.size():
-            start = self.study.user_attrs.get("start_trials", 0)
-            self.study.sampler = sampler(self.space, self.options, start, len(self.study.trials))
+            self.study.sampler = sampler(self.space, self.options, self.start, len(self.study.trials))
             if len(repeated) < REPEATS_BEFORE_AN_UNTRIED_POINT:
                 trial = self.study.ask(dict(self.space.dimensions))
             else:  # the sampler keeps to the points it has: an untried one, drawn as the seed and count say
-                rng = np.random.default_rng([self.seed, len(self.study.trials)])
+                rng = np.random.default_rng([self.options.seed, len(self.study.trials)])
                 point = self.space.random_point(rng)
                 while self.space.point(point) in held:
                     point = self.space.random_point(rng)
@@ -279,11 +278,9 @@ class SearchStudy:
         self._tell(number, None if pruned else [metrics[name] for name in self.metrics], state=state)
         self._copies_of(number)
 
-    def fail(self, number: int, reason: str, cancelled: bool) -> None:
-        """A trial that did not land: failed on its own (FAIL, counted), or stopped by Ctrl-C, which
-        leaves it RUNNING, for the search run again to resume (and its copies waiting for it)."""
-        if cancelled:
-            return
+    def fail(self, number: int, reason: str) -> None:
+        """A trial that failed on its own: FAIL, counted. (One that Ctrl-C stopped is not told: it
+        stays RUNNING, for the search run again to resume, and its copies wait for it.)"""
         self.asked[number].set_user_attr("reason", reason)
         self._tell(number, state=TrialState.FAIL)
         self._copies_of(number)

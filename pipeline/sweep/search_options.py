@@ -102,12 +102,8 @@ def timeout_seconds(timeout: str | None) -> float | None:
     """--timeout in seconds: `90`, `90s`, `30m`, `2h`, `1h30m` (None: no budget)."""
     if timeout is None:
         return None
-    matched = DURATION.fullmatch(timeout.strip())
-    seconds = (
-        sum(float(matched[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
-        if matched and timeout.strip()
-        else 0
-    )
+    matched = DURATION.fullmatch(timeout.strip())  # an empty text matches, as 0 s
+    seconds = sum(float(matched[u] or 0) * scale for u, scale in (("h", 3600), ("m", 60), ("s", 1))) if matched else 0
     if seconds <= 0:
         raise PipelineError(f"--timeout takes a duration above 0, such as 90s, 30m, 2h or 1h30m, got '{timeout}'")
     return seconds

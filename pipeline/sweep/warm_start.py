@@ -11,17 +11,15 @@ nothing), and a pruned one is never promoted (its experiment is not at the rung 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import subprocess
 
 import optuna
 import yaml
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from pipeline.errors import PipelineError
-from pipeline.history import ACTIVE_UNITS, COLUMNS, EPOCH, EpochLosses, best_row, split_train_metrics
+from pipeline.git import git
+from pipeline.history import best_row, from_csv, split_train_metrics
 from pipeline.params import PARAMS_FILE, ParamsError, parse_params
 from pipeline.paths import RUN_FILE, TEST_METRICS, TRAIN_HISTORY, TRAIN_METRICS
 from pipeline.sweep import grid
@@ -32,13 +30,6 @@ from pipeline.sweep.space import Space
 # Params that may differ from the search's trial: the epochs (a rung reached is enough) and the
 # threads, which change a model's bytes but not what it is worth.
 MAY_DIFFER = {"train.epochs", "train.num_threads"}
-
-
-def git(*args: str) -> str:
-    done = subprocess.run(["git", *args], capture_output=True, text=True)
-    if done.returncode:
-        raise PipelineError(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def experiments() -> dict[str, tuple[str, str]]:
@@ -65,8 +56,8 @@ def _trial(name: str, ref: str, space: Space, options: SearchOptions, epochs: in
     """The study trial experiment `name` is, or why it is not one of this search's."""
     try:
         params = parse_params(yaml.safe_load(git("show", f"{ref}:{PARAMS_FILE}")))
-        trained = split_train_metrics(json.loads(git("show", f"{ref}:{TRAIN_METRICS}")))[0]
-        rows = list(csv.DictReader(io.StringIO(git("show", f"{ref}:{TRAIN_HISTORY}"))))
+        trained, metrics = split_train_metrics(json.loads(git("show", f"{ref}:{TRAIN_METRICS}")))
+        history = from_csv(git("show", f"{ref}:{TRAIN_HISTORY}"))
     except (PipelineError, ParamsError, json.JSONDecodeError, yaml.YAMLError):
         return "unreadable"
     flat = params.flat()
@@ -82,21 +73,15 @@ def _trial(name: str, ref: str, space: Space, options: SearchOptions, epochs: in
     rungs = options.rungs(epochs)
     if not rungs[0] <= trained <= epochs:
         return "with other epochs"
-    history = [
-        EpochLosses(int(row[EPOCH]), {c: float(row[c]) for c in COLUMNS}, (), int(float(row[ACTIVE_UNITS])))
-        for row in rows
-    ]
 
     def at(epoch: int) -> dict[str, float]:  # the metrics of the model the run kept after `epoch`
         seen = history[:epoch]
         return (best_row(seen, params.train.min_delta) if params.train.keep_epoch == "best" else seen[-1]).metrics
 
-    metrics = {}
-    for path in (TRAIN_METRICS, TEST_METRICS):
-        try:
-            metrics |= split_train_metrics(json.loads(git("show", f"{ref}:{path}")))[1]
-        except PipelineError:  # an experiment of the train stage alone has no test metrics
-            pass
+    try:
+        metrics |= json.loads(git("show", f"{ref}:{TEST_METRICS}"))
+    except PipelineError:  # an experiment of the train stage alone has no test metrics
+        pass
     metrics |= {name: value for name, value in at(trained).items() if name in options.metrics}
     try:
         run_id = json.loads(git("show", f"{ref}:{RUN_FILE}"))["run_id"]
