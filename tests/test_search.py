@@ -804,6 +804,7 @@ def test_a_search_out_of_time_lands_what_ran_and_the_same_command_goes_on_to_the
     assert spent.returncode == 0, spent.stdout + spent.stderr
     assert "--timeout 1 s is spent: no trial starts" in spent.stdout, spent.stdout
     assert "bud-2" not in spent.stdout, "no trial started after the budget"
+    assert re.search(r"^bud-1 stopped by --timeout at epoch 1, landed paused in ", spent.stdout, re.M), spent.stdout
     study = optuna.load_study(study_name="bud", storage=f"sqlite:///{project / search.SEARCH_STORE}")
     first = study.trials[0]
     assert (first.state, first.user_attrs[search.TIMED_OUT_ATTR], first.user_attrs["epochs"]) == (

@@ -203,7 +203,12 @@ def run_sweep(
                     if name in finished:  # a paused trial, promoted and landed again
                         outcome.paused.append(finished[name])
                     finished[name] = end
-                    how = f"pruned at epoch {end.epochs}, landed" if end.pruned else "finished"
+                    if end.timed_out:
+                        how = f"stopped by --timeout at epoch {end.epochs}, landed paused"
+                    elif end.pruned:
+                        how = f"pruned at epoch {end.epochs}, landed"
+                    else:
+                        how = "finished"
                     print(
                         f"{name} {how} in {end.seconds:.0f} s ({end.run_seconds:.0f} s of `dvc exp run`): "
                         f"{OBJECTIVE} {end.metrics.get(OBJECTIVE, float('nan')):.4f}",

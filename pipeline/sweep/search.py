@@ -269,14 +269,17 @@ class SearchStudy:
             return True
         return trial.should_prune()
 
-    def tell(self, number: int, metrics: dict[str, float], pruned: bool, attrs: dict) -> None:
+    def tell(self, number: int, metrics: dict[str, float], pruned: bool, attrs: dict) -> bool:
         """A landed trial, by its `metrics`: COMPLETE with its objectives, or PRUNED at its last
-        reported rung."""
+        reported rung. Returns whether it stopped there because --timeout was spent, not pruned."""
+        trial = self.asked[number]
+        timed_out = pruned and bool(trial.user_attrs.get(TIMED_OUT_ATTR))
         for key, attr in attrs.items():
-            self.asked[number].set_user_attr(key, attr)
+            trial.set_user_attr(key, attr)
         state = TrialState.PRUNED if pruned else TrialState.COMPLETE
         self._tell(number, None if pruned else [metrics[name] for name in self.metrics], state=state)
         self._copies_of(number)
+        return timed_out
 
     def fail(self, number: int, reason: str) -> None:
         """A trial that failed on its own: FAIL, counted. (One that Ctrl-C stopped is not told: it
@@ -322,8 +325,9 @@ def landed_before(study: optuna.Study) -> dict[str, tuple[grid.Trial, TrialResul
             0.0,
             0.0,
             attrs["epochs"],
-            trial.state == TrialState.PRUNED,
-            attrs.get("kept_epoch"),
+            pruned=trial.state == TrialState.PRUNED,
+            timed_out=trial.state == TrialState.PRUNED and bool(attrs.get(TIMED_OUT_ATTR)),
+            kept_epoch=attrs.get("kept_epoch"),
         )
         landed[name] = (grid.Trial(name, tuple(attrs["overrides"])), result)
     return landed

@@ -38,6 +38,7 @@ class TrialResult:
     run_seconds: float  # of which `dvc exp run`: the rest is what a trial costs over a plain run
     epochs: int = 0  # the epochs its model trained (a pruned trial's: fewer than the search's)
     pruned: bool = False
+    timed_out: bool = False  # pruned: stopped at its rung once --timeout was spent, not by its objective
     kept_epoch: int | None = None  # the epoch its model is, where not its last (`train.keep_epoch: best`)
 
 

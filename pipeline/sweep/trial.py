@@ -95,7 +95,7 @@ def push_and_report(
         metrics, run_id, kept = experiment_results(repo)
         epochs = json.loads((repo / TRAIN_METRICS).read_text())[EPOCHS]
         kept = None if kept == epochs else kept
-        result = TrialResult(name, metrics, run_id, time.monotonic() - started, run_seconds, epochs, pruned, kept)
+        timed_out = False
         if rungs is not None:
             landed = {
                 "experiment": name,
@@ -104,7 +104,9 @@ def push_and_report(
                 "mlflow_run_id": run_id,
                 "metrics": metrics,
             }
-            ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics, pruned, landed))
+            timed_out = ray.get(rungs.search.tell.remote(rungs.numbers[name], metrics, pruned, landed))
+        seconds = time.monotonic() - started
+        result = TrialResult(name, metrics, run_id, seconds, run_seconds, epochs, pruned, timed_out, kept_epoch=kept)
         ray.get(board.land.remote(result))  # before the driver can hear that the task ended
     return result
 
