@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -152,3 +154,10 @@ def artifact_sizes(client: mlflow.MlflowClient, run_id: str, path: str | None = 
             artifact_sizes(client, run_id, artifact.path) if artifact.is_dir else [(artifact.path, artifact.file_size)]
         )
     return found
+
+
+def logged_json(client: mlflow.MlflowClient, run_id: str, path: str):
+    """A JSON artifact of the run, downloaded into a folder removed after it is read
+    (`download_artifacts` without a destination leaves one in the system's temp folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(client.download_artifacts(run_id, path, folder)).read_text())

@@ -33,6 +33,7 @@ from pipeline.sweep.training import UNLANDED
 from pipeline.sweep.trial import experiment_results
 from tests.processes import owner_marker, processes_started_with
 from tests.projects import GIT_IDENTITY, make_project, project_env, run
+from tests.servers import logged_json
 from tests.synthetic import write_mirror
 
 SEARCH = [sys.executable, "-m", "pipeline.sweep"]
@@ -383,10 +384,10 @@ def test_the_parent_run_holds_the_history_and_the_importances(tmp_path):
         "search/optimization_history.png",
         "search/param_importances.png",
     }
-    table = json.loads(Path(client.download_artifacts(parent, "search/importances.json")).read_text())
+    table = logged_json(client, parent, "search/importances.json")
     importances = dict(table["data"])
     assert importances["train.learning_rate"] > importances["train.beta"], "the objective depends on it alone"
-    history = json.loads(Path(client.download_artifacts(parent, "search/history.json")).read_text())
+    history = logged_json(client, parent, "search/history.json")
     rows = [dict(zip(history["columns"], row)) for row in history["data"]]
     assert [row["best_so_far"] for row in rows] == [min(r[OBJECTIVE] for r in rows[: i + 1]) for i in range(len(rows))]
 
@@ -413,7 +414,7 @@ def test_a_two_objective_search_logs_its_rate_distortion_front(tmp_path):
         "search/front.json",
         "search/rate_distortion.png",
     }
-    table = json.loads(Path(client.download_artifacts(parent, "search/front.json")).read_text())
+    table = logged_json(client, parent, "search/front.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(row["train.beta"], row["rate"], row["distortion"]) for row in rows] == [
         (8, 1.25, 60.0),
@@ -578,7 +579,7 @@ def test_the_search_run_names_the_best_and_tags_each_trial_as_optuna_does(search
         "search/history.json",
         "search/optimization_history.png",
     }
-    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    table = logged_json(client, parent.info.run_id, "trials.json")
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert len(table["data"]) == 4, "a trial once, promoted or not"
     assert (rows["srch-1"]["epochs"], rows["srch-1"]["pruned"]) == (2, False)
@@ -744,12 +745,12 @@ def test_a_rate_distortion_search_lands_its_trials_and_logs_and_prints_their_fro
     parent = client.search_runs([experiment], filter_string="attributes.run_name = 'rd'")[0]
     assert parent.info.status == "FINISHED" and "best_trial" not in parent.data.tags
     assert (parent.data.params["sweep.objective"], parent.data.params["sweep.pruner"]) == ("rate,distortion", "none")
-    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    table = logged_json(client, parent.info.run_id, "trials.json")
     trials = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert sorted(t["trial"] for t in trials) == ["rd-1", "rd-2"] and {t["epochs"] for t in trials} == {2}
     points = [front.Point(t["trial"], t["val_kl"], t["val_reconstruction"], {}, False) for t in trials]
     expected = [point.trial for point in front.pareto_front(points)]
-    logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "search/front.json")).read_text())
+    logged = logged_json(client, parent.info.run_id, "search/front.json")
     assert [row[0] for row in logged["data"]] == expected
     assert parent.data.tags[front.FRONT_TAG] == " ".join(expected)
     assert "search/rate_distortion.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "search")}

@@ -30,7 +30,7 @@ from pipeline.history import OBJECTIVE
 from pipeline.params import flatten
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, ROOT, make_project, project_env, run
-from tests.servers import HeldDownloads, free_port, serve_mlflow
+from tests.servers import HeldDownloads, free_port, logged_json, serve_mlflow
 from tests.synthetic import write_mirror
 
 pytestmark = pytest.mark.slow
@@ -248,7 +248,7 @@ def test_a_grid_lands_as_pushed_dvc_experiments_nested_in_mlflow_though_a_node_i
             if metric != "epochs":
                 assert child.data.metrics[metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, metric)
 
-    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    table = logged_json(client, parent.info.run_id, "trials.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [row["trial"] for row in rows] == names
     assert {row["run_id"] for row in rows} == {child.info.run_id for child in finished}

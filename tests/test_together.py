@@ -26,6 +26,7 @@ from pipeline.sweep import grid
 from pipeline.sweep.groups import groups
 from tests.processes import owner_marker, processes_started_with, read_until
 from tests.projects import GIT_IDENTITY, edit_params, make_project, project_env, run
+from tests.servers import logged_json
 from tests.synthetic import write_mirror
 
 SWEEP = [sys.executable, "-m", "pipeline.sweep", "--together", "4", "-n", "tg"]
@@ -146,7 +147,7 @@ def test_repeats_over_the_seed_get_their_mean_and_spread_on_the_sweeps_run_and_s
     objectives = [
         next(r for r in all_runs if r.info.run_name == name).data.metrics[OBJECTIVE] for name in ("tg-1", "tg-3")
     ]
-    table = json.loads((Path(client.download_artifacts(parent, "repeats.json"))).read_text())
+    table = logged_json(client, parent, "repeats.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(row["train.learning_rate"], row["finished"]) for row in rows] == [("0.001", 2), ("1000000000.0", 0)]
     assert rows[0][f"{OBJECTIVE}_mean"] == pytest.approx(statistics.fmean(objectives))
