@@ -116,6 +116,11 @@ def _paused(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.PRUNED and not trial.user_attrs.get(IMPORTED_ATTR)
 
 
+def _stopped_by_timeout(trial: optuna.trial.FrozenTrial) -> bool:
+    """Paused at a rung because --timeout was spent, not pruned: the search run again continues it."""
+    return trial.state == TrialState.PRUNED and bool(trial.user_attrs.get(TIMED_OUT_ATTR))
+
+
 class SearchStudy:
     """The study, as every trial of the search reaches it: asked for a point, told a rung's value
     (and answered whether to stop there), told the trial's end. On Ray, the actor `Search`.
@@ -214,7 +219,7 @@ class SearchStudy:
         for trial in trained(self.study):
             if trial.state != TrialState.FAIL:
                 latest[trial.user_attrs["experiment"]] = trial
-        timed_out = [t for t in latest.values() if t.state == TrialState.PRUNED and t.user_attrs.get(TIMED_OUT_ATTR)]
+        timed_out = [t for t in latest.values() if _stopped_by_timeout(t)]
         if timed_out:
             paused = timed_out[0]
         else:
@@ -326,7 +331,7 @@ def landed_before(study: optuna.Study) -> dict[str, tuple[grid.Trial, TrialResul
             0.0,
             attrs["epochs"],
             pruned=trial.state == TrialState.PRUNED,
-            timed_out=trial.state == TrialState.PRUNED and bool(attrs.get(TIMED_OUT_ATTR)),
+            timed_out=_stopped_by_timeout(trial),
             kept_epoch=attrs.get("kept_epoch"),
         )
         landed[name] = (grid.Trial(name, tuple(attrs["overrides"])), result)
